@@ -1,0 +1,21 @@
+"""Checkpoint-compatible VGGT re-implementation."""
+
+from quantvggt.model.config import (
+    AggregatorConfig,
+    CameraHeadConfig,
+    DPTHeadConfig,
+    TrackHeadConfig,
+    VGGTConfig,
+)
+from quantvggt.model.loading import load_vggt
+from quantvggt.model.vggt import VGGT
+
+__all__ = [
+    "AggregatorConfig",
+    "CameraHeadConfig",
+    "DPTHeadConfig",
+    "TrackHeadConfig",
+    "VGGT",
+    "VGGTConfig",
+    "load_vggt",
+]

@@ -1,0 +1,182 @@
+"""Model configuration: one dataclass per part, holding that part's upstream constructor arguments."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from quantvggt.model.dinov2 import VIT_SIZES
+
+
+def _check_keys(cls: type, d: dict, where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known keys are {sorted(known)}")
+
+
+@dataclass
+class AggregatorConfig:
+    """Alternating-attention aggregator (upstream ``Aggregator``)."""
+
+    img_size: int = 518
+    patch_size: int = 14
+    embed_dim: int = 1024
+    depth: int = 24
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_register_tokens: int = 4
+    qkv_bias: bool = True
+    proj_bias: bool = True
+    ffn_bias: bool = True
+    patch_embed: str = "dinov2_vitl14_reg"
+    aa_order: list[str] = field(default_factory=lambda: ["frame", "global"])
+    aa_block_size: int = 1
+    qk_norm: bool = True
+    rope_freq: int = 100
+    init_values: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.depth % self.aa_block_size:
+            raise ValueError(f"depth {self.depth} must be divisible by aa_block_size {self.aa_block_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}")
+        if any(t not in ("frame", "global") for t in self.aa_order):
+            raise ValueError(f"aa_order entries must be 'frame' or 'global', got {self.aa_order}")
+        if "conv" not in self.patch_embed:
+            if self.patch_embed not in VIT_SIZES:
+                raise ValueError(f"unknown patch_embed {self.patch_embed!r}")
+            if VIT_SIZES[self.patch_embed][0] != self.embed_dim:
+                raise ValueError(f"{self.patch_embed} has width {VIT_SIZES[self.patch_embed][0]}, not embed_dim {self.embed_dim}")
+
+
+@dataclass
+class CameraHeadConfig:
+    """Iterative camera head (upstream ``CameraHead``)."""
+
+    dim_in: int = 2048
+    trunk_depth: int = 4
+    pose_encoding_type: str = "absT_quaR_FoV"
+    num_heads: int = 16
+    mlp_ratio: int = 4
+    init_values: float = 0.01
+    trans_act: str = "linear"
+    quat_act: str = "linear"
+    fl_act: str = "relu"
+
+    def __post_init__(self) -> None:
+        if self.pose_encoding_type != "absT_quaR_FoV":
+            raise ValueError(f"unsupported pose_encoding_type {self.pose_encoding_type!r}")
+
+
+@dataclass
+class DPTHeadConfig:
+    """Dense prediction head (upstream ``DPTHead``)."""
+
+    dim_in: int = 2048
+    patch_size: int = 14
+    output_dim: int = 4
+    activation: str = "inv_log"
+    conf_activation: str = "expp1"
+    features: int = 256
+    out_channels: list[int] = field(default_factory=lambda: [256, 512, 1024, 1024])
+    intermediate_layer_idx: list[int] = field(default_factory=lambda: [4, 11, 17, 23])
+    pos_embed: bool = True
+    feature_only: bool = False
+    down_ratio: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.out_channels) != 4 or len(self.intermediate_layer_idx) != 4:
+            raise ValueError("DPT head needs exactly 4 out_channels and 4 intermediate_layer_idx")
+
+
+def _depth_head_default() -> DPTHeadConfig:
+    return DPTHeadConfig(output_dim=2, activation="exp")
+
+
+@dataclass
+class TrackHeadConfig:
+    """Point tracking head (upstream ``TrackHead``)."""
+
+    dim_in: int = 2048
+    patch_size: int = 14
+    features: int = 128
+    iters: int = 4
+    predict_conf: bool = True
+    stride: int = 2
+    corr_levels: int = 7
+    corr_radius: int = 4
+    hidden_size: int = 384
+
+
+_PARTS: dict[str, type] = {
+    "aggregator": AggregatorConfig,
+    "camera_head": CameraHeadConfig,
+    "depth_head": DPTHeadConfig,
+    "point_head": DPTHeadConfig,
+    "track_head": TrackHeadConfig,
+}
+
+
+@dataclass
+class VGGTConfig:
+    """Whole-model config; the defaults are VGGT-1B. A part set to ``None`` is absent."""
+
+    aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
+    camera_head: Optional[CameraHeadConfig] = field(default_factory=CameraHeadConfig)
+    depth_head: Optional[DPTHeadConfig] = field(default_factory=_depth_head_default)
+    point_head: Optional[DPTHeadConfig] = field(default_factory=DPTHeadConfig)
+    track_head: Optional[TrackHeadConfig] = field(default_factory=TrackHeadConfig)
+
+    def __post_init__(self) -> None:
+        if self.aggregator is None:
+            raise ValueError("the aggregator is required")
+        width = 2 * self.aggregator.embed_dim
+        depth = self.aggregator.depth
+        for name in ("camera_head", "depth_head", "point_head", "track_head"):
+            part = getattr(self, name)
+            if part is not None and part.dim_in != width:
+                raise ValueError(f"{name}.dim_in is {part.dim_in}, expected 2*embed_dim = {width}")
+        for name in ("depth_head", "point_head"):
+            part = getattr(self, name)
+            if part is not None and any(not -depth <= i < depth for i in part.intermediate_layer_idx):
+                raise ValueError(f"{name}.intermediate_layer_idx {part.intermediate_layer_idx} out of range for depth {depth}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict with every argument filled in (``None`` for absent parts)."""
+        return {name: (None if getattr(self, name) is None else dataclasses.asdict(getattr(self, name))) for name in _PARTS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VGGTConfig":
+        """Build from a nested dict; missing arguments take upstream defaults, missing parts are absent."""
+        if "config" in d and isinstance(d["config"], dict) and "aggregator" in d["config"]:
+            d = d["config"]
+        unknown = set(d) - set(_PARTS)
+        if unknown:
+            raise ValueError(f"unknown model parts {sorted(unknown)}; expected {sorted(_PARTS)}")
+        kwargs: dict[str, Any] = {}
+        for name, part_cls in _PARTS.items():
+            sub = d.get(name)
+            if sub is None:
+                if name == "aggregator":
+                    raise ValueError("config has no 'aggregator' part")
+                kwargs[name] = None
+                continue
+            _check_keys(part_cls, sub, name)
+            base = _depth_head_default() if name == "depth_head" else part_cls()
+            kwargs[name] = dataclasses.replace(base, **sub)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_upstream(cls, img_size: int = 518, patch_size: int = 14, embed_dim: int = 1024) -> "VGGTConfig":
+        """Config of upstream ``VGGT(img_size, patch_size, embed_dim)`` (the hub ``config.json`` form)."""
+        agg = AggregatorConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim)
+        w = 2 * embed_dim
+        return cls(
+            aggregator=agg,
+            camera_head=CameraHeadConfig(dim_in=w),
+            depth_head=DPTHeadConfig(dim_in=w, patch_size=patch_size, output_dim=2, activation="exp"),
+            point_head=DPTHeadConfig(dim_in=w, patch_size=patch_size),
+            track_head=TrackHeadConfig(dim_in=w, patch_size=patch_size),
+        )

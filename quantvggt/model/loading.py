@@ -1,0 +1,175 @@
+"""Load VGGT weights from the Hugging Face hub, a local file or folder, an ``s3://`` URI, or a shipped name.
+
+Never unpickles code: safetensors, or ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from quantvggt.model.config import VGGTConfig
+from quantvggt.model.vggt import VGGT
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOURCE = "facebook/VGGT-1B"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+WEIGHT_NAMES = ("model.safetensors", "model.pt", "pytorch_model.bin", "weights.safetensors")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be found, read, or matched to the model."""
+
+
+def config_from_json(d: dict[str, Any]) -> VGGTConfig:
+    """Accept either our nested dict or upstream's hub form (``img_size``/``patch_size``/``embed_dim``)."""
+    if "config" in d and isinstance(d["config"], dict):
+        d = d["config"]
+    if "aggregator" in d:
+        return VGGTConfig.from_dict(d)
+    keys = {"img_size", "patch_size", "embed_dim"}
+    if set(d) & keys or not d:
+        return VGGTConfig.from_upstream(**{k: d[k] for k in keys if k in d})
+    raise CheckpointError(f"config.json has neither model parts nor img_size/patch_size/embed_dim: keys {sorted(d)}")
+
+
+def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+    """Read a safetensors or torch checkpoint file without executing pickled code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: checkpoint file is empty")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated or foreign files surface as many exception types
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    for key in ("model", "state_dict"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def _download_s3(uri: str) -> Path:
+    from quantvggt.storage import download_to_cache
+
+    return download_to_cache(uri)
+
+
+def _download_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError
+    except ImportError as e:  # pragma: no cover - dependency is declared
+        raise CheckpointError("huggingface_hub is not installed; pass a local checkpoint path instead") from e
+    try:
+        cfg = Path(hf_hub_download(repo_id, "config.json"))
+        for name in ("model.safetensors", "model.pt"):
+            try:
+                weights = Path(hf_hub_download(repo_id, name))
+                break
+            except EntryNotFoundError:
+                continue
+        else:
+            raise CheckpointError(f"hub repo {repo_id} has neither model.safetensors nor model.pt")
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
+            "The hub may be unreachable from this machine: download the checkpoint elsewhere and pass "
+            "a local path (a model.safetensors/model.pt file, or a folder with config.json + model.safetensors), "
+            "or an s3:// URI, e.g. `load_vggt('/models/VGGT-1B/model.pt')`."
+        ) from e
+    if cfg.parent != weights.parent:
+        raise CheckpointError(f"hub files for {repo_id} landed in different folders")
+    return weights.parent
+
+
+def resolve_source(source: str) -> tuple[Path, Optional[Path]]:
+    """Map a source to (weights file, config.json or None), downloading when needed."""
+    if source.startswith("s3://"):
+        local = _download_s3(source)
+        return resolve_source(str(local))
+    path = Path(os.path.expanduser(source))
+    if not path.exists() and (ASSETS_DIR / source).is_dir():
+        path = ASSETS_DIR / source
+    if path.is_dir():
+        for name in WEIGHT_NAMES:
+            if (path / name).is_file():
+                cfg = path / "config.json"
+                return path / name, cfg if cfg.is_file() else None
+        raise CheckpointError(f"{path}: folder has none of {', '.join(WEIGHT_NAMES)}")
+    if path.is_file():
+        cfg = path.parent / "config.json"
+        return path, cfg if cfg.is_file() else None
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        folder = _download_hub(source)
+        return resolve_source(str(folder))
+    raise CheckpointError(f"{source}: not a file, folder, s3:// URI, shipped model or hub repo id")
+
+
+def _strict_load(model: VGGT, sd: dict[str, torch.Tensor], origin: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
+    if missing or unexpected or wrong:
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if wrong:
+            parts.append("shape mismatch: " + show([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
+        raise CheckpointError(f"{origin}: checkpoint does not match the model config; " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True, assign=True)
+
+
+def build_model(config: VGGTConfig, sd: dict[str, torch.Tensor], origin: str = "state dict") -> VGGT:
+    """Instantiate ``VGGT(config)`` without initialising weights, then load ``sd`` strictly."""
+    with torch.device("meta"):
+        model = VGGT(config)
+    _strict_load(model, sd, origin)
+    model.aggregator.reset_buffers()
+    return model.eval()
+
+
+def load_vggt(
+    source: str = DEFAULT_SOURCE,
+    *,
+    device: Union[str, torch.device] = "cpu",
+    dtype: Optional[torch.dtype] = None,
+    config: Optional[VGGTConfig] = None,
+) -> VGGT:
+    """Load a VGGT from a hub id, local file/folder, ``s3://`` URI or shipped model name, in eval mode."""
+    weights, cfg_path = resolve_source(source)
+    if config is None:
+        if cfg_path is not None:
+            try:
+                config = config_from_json(json.loads(cfg_path.read_text()))
+            except (json.JSONDecodeError, ValueError, TypeError) as e:
+                raise CheckpointError(f"{cfg_path}: invalid model config ({e})") from e
+        else:
+            config = VGGTConfig()
+    log.info("loading VGGT weights from %s", weights)
+    model = build_model(config, read_state_dict(weights), str(weights))
+    model.source = source  # type: ignore[assignment]
+    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
