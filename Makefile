@@ -1,0 +1,19 @@
+# Both targets create .venv/ if missing, install torch 2.13.0 first (CPU build where that is the local wheel),
+# then the project, then do their job.
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: demo test
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/quantvggt demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q

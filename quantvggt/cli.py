@@ -1,0 +1,101 @@
+"""Command-line interface: ``quantvggt <command>``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+log = logging.getLogger("quantvggt")
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def _demo_model(seed: int = 0) -> "torch.nn.Module":
+    from quantvggt.model import VGGT, VGGTConfig
+
+    cfg = VGGTConfig.from_dict(json.loads((ASSETS / "vggt-tiny-config.json").read_text()))
+    torch.manual_seed(seed)
+    return VGGT(cfg).eval()
+
+
+def _summarise(preds: dict, names: Sequence[str]) -> str:
+    from quantvggt.geometry import pose_encoding_to_extri_intri
+
+    H, W = preds["images"].shape[-2:]
+    extr, K = pose_encoding_to_extri_intri(preds["pose_enc"][0], (H, W))
+    lines = [f"{'image':<16} {'t (x,y,z)':<26} {'fx':>8} {'fy':>8} {'depth min/med/max':>24} {'conf':>6}"]
+    for i, name in enumerate(names):
+        t = extr[i, :, 3].tolist()
+        d = preds["depth"][0, i, ..., 0]
+        c = preds["depth_conf"][0, i]
+        lines.append(
+            f"{name:<16} {'(' + ', '.join(f'{v:+.3f}' for v in t) + ')':<26} {K[i, 0, 0]:8.1f} {K[i, 1, 1]:8.1f} "
+            f"{f'{d.min():.3f}/{d.median():.3f}/{d.max():.3f}':>24} {c.mean():6.2f}"
+        )
+    return "\n".join(lines)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Run a model on image files and print the predicted cameras and depth statistics."""
+    from quantvggt.images import load_and_preprocess
+    from quantvggt.model import load_vggt
+
+    if args.model == "demo-random":
+        model, source = _demo_model(), "tiny config, seeded random weights (untrained)"
+    else:
+        model, source = load_vggt(args.model), args.model
+    paths = [Path(p) for p in args.images]
+    batch = load_and_preprocess(paths, mode=args.mode)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        preds = model(batch.images)
+    dt = time.perf_counter() - t0
+    print(f"model: {source}")
+    print(f"input: {len(paths)} images -> {tuple(batch.images.shape)}; forward {dt * 1000:.0f} ms on {batch.images.device}")
+    print(_summarise(preds, batch.names))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the embedded default model on the bundled sample images."""
+    samples = sorted((ASSETS / "samples").glob("*.png"))
+    ns = argparse.Namespace(model="demo-random", images=[str(p) for p in samples], mode="crop")
+    print("quantvggt demo: no trained model is shipped yet, so the numbers below come from seeded random weights;")
+    print("they show the full pipeline runs (preprocess -> VGGT -> cameras and depth), not reconstruction quality.")
+    return cmd_predict(ns)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for all subcommands."""
+    p = argparse.ArgumentParser(prog="quantvggt", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("demo", help="run the default model on the bundled sample images")
+    s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("predict", help="run a VGGT model on images and print cameras and depth statistics")
+    s.add_argument("images", nargs="+", help="image files")
+    s.add_argument("--model", default="facebook/VGGT-1B", help="hub id, local file/folder, s3:// URI, or 'demo-random'")
+    s.add_argument("--mode", choices=["crop", "pad"], default="crop")
+    s.set_defaults(func=cmd_predict)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``quantvggt`` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, RuntimeError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

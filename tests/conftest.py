@@ -1,0 +1,59 @@
+"""Shared fixtures: paths to ../shared and small seeded models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+PARITY = SHARED / "fixtures" / "vggt-tiny-parity"
+SPEC_1B = SHARED / "specs" / "vggt-1b-state-dict.json"
+
+
+def tiny_config_dict(**agg: object) -> dict:
+    """The parity fixture's config (conv patch embed, depth 4), with aggregator overrides."""
+    d = json.loads((REPO / "quantvggt" / "assets" / "vggt-tiny-config.json").read_text())
+    d["aggregator"].update(agg)
+    return d
+
+
+@pytest.fixture
+def tiny_model() -> torch.nn.Module:
+    """A seeded random tiny VGGT in eval mode."""
+    from quantvggt.model import VGGT, VGGTConfig
+
+    torch.manual_seed(0)
+    return VGGT(VGGTConfig.from_dict(tiny_config_dict())).eval()
+
+
+def require(path: Path) -> Path:
+    """Skip loudly when the shared fixtures are not mounted."""
+    if not path.exists():
+        pytest.fail(f"shared fixture {path} is missing (expected ../shared next to the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> object:
+    """A real S3 HTTP endpoint: moto in server mode on 127.0.0.1, for the whole session."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    old = {k: os.environ.get(k) for k in ("QUANTVGGT_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(QUANTVGGT_S3_ENDPOINT=url, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+    yield url
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

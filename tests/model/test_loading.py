@@ -1,0 +1,111 @@
+"""load_vggt over every source kind, and its errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from quantvggt.model import VGGT, VGGTConfig, load_vggt
+from quantvggt.model import loading
+from quantvggt.model.loading import CheckpointError
+from tests.conftest import tiny_config_dict
+
+
+def _tiny(seed: int = 0) -> VGGT:
+    torch.manual_seed(seed)
+    return VGGT(VGGTConfig.from_dict(tiny_config_dict())).eval()
+
+
+def _same(a: VGGT, b: VGGT) -> None:
+    x = torch.rand(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(a(x)["depth"], b(x)["depth"], rtol=0, atol=0)
+
+
+def test_folder_with_nested_config(tmp_path: Path) -> None:
+    m = _tiny()
+    save_file(m.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(m.config.to_dict()))
+    _same(m, load_vggt(str(tmp_path)))
+
+
+def test_pt_file_loads_weights_only(tmp_path: Path) -> None:
+    m = _tiny()
+    torch.save({"model": m.state_dict()}, tmp_path / "ckpt.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"config": m.config.to_dict()}))
+    _same(m, load_vggt(str(tmp_path / "ckpt.pt")))
+
+
+def test_pt_with_code_is_refused(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):  # noqa: D105
+            return (print, ("pwned",))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt: cannot read"):
+        loading.read_state_dict(tmp_path / "evil.pt")
+
+
+def test_upstream_hub_config_form() -> None:
+    cfg = loading.config_from_json({"img_size": 518, "patch_size": 14, "embed_dim": 1024})
+    assert cfg == VGGTConfig()
+
+
+def test_wrong_checkpoint_names_keys(tmp_path: Path) -> None:
+    m = _tiny()
+    sd = m.state_dict()
+    sd.pop("camera_head.embed_pose.weight")
+    sd["extra.weight"] = torch.zeros(1)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(m.config.to_dict()))
+    with pytest.raises(CheckpointError) as e:
+        load_vggt(str(tmp_path))
+    assert "missing keys: camera_head.embed_pose.weight" in str(e.value)
+    assert "unexpected keys: extra.weight" in str(e.value)
+    assert "model.safetensors" in str(e.value)
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    m = _tiny()
+    save_file(m.state_dict(), str(tmp_path / "model.safetensors"))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "config.json").write_text(json.dumps(m.config.to_dict()))
+    with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):
+        load_vggt(str(tmp_path))
+
+
+def test_offline_hub_error_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    def unreachable(*a: object, **k: object) -> str:
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
+    with pytest.raises(CheckpointError) as e:
+        load_vggt("facebook/VGGT-1B")
+    msg = str(e.value)
+    assert "unreachable" in msg and "local path" in msg and "facebook/VGGT-1B" in msg
+
+
+def test_unknown_source() -> None:
+    with pytest.raises(CheckpointError, match="not a file, folder"):
+        load_vggt("./does/not/exist.safetensors")
+
+
+def test_s3_uri(tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import boto3
+
+    m = _tiny()
+    save_file(m.state_dict(), str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(m.config.to_dict()))
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="models")
+    for name in ("model.safetensors", "config.json"):
+        s3.upload_file(str(tmp_path / name), "models", f"tiny/{name}")
+    monkeypatch.setenv("QUANTVGGT_CACHE", str(tmp_path / "cache"))
+    _same(m, load_vggt("s3://models/tiny"))
