@@ -105,3 +105,25 @@ def test_track_head_needs_depth_24() -> None:
     d["track_head"] = {"dim_in": 128}
     with pytest.raises(ValueError, match="too shallow"):
         VGGT(VGGTConfig.from_dict(d))
+
+
+def test_vit_patch_embed_interpolates_positions_for_non_square_input() -> None:
+    d = {
+        "aggregator": {"img_size": 70, "embed_dim": 384, "depth": 2, "num_heads": 6, "patch_embed": "dinov2_vits14_reg"},
+        "camera_head": {"dim_in": 768, "trunk_depth": 1, "num_heads": 4},
+        "depth_head": {"dim_in": 768, "features": 32, "out_channels": [16, 32, 64, 64], "intermediate_layer_idx": [0, 1, 1, 1]},
+        "point_head": None,
+    }
+    torch.manual_seed(0)
+    model = VGGT(VGGTConfig.from_dict(d)).eval()
+    vit = model.aggregator.patch_embed
+    x = torch.rand(1, 3, 70, 70)
+    tok = vit.prepare_tokens(x)
+    assert vit.interpolate_pos_encoding(tok[:, : 1 + 25], 70, 70) is vit.pos_embed  # native size: table as is
+    pe = vit.interpolate_pos_encoding(torch.zeros(1, 1 + 24, 384), 56, 84)  # 4 x 6 patches
+    assert pe.shape == (1, 25, 384)
+    torch.testing.assert_close(pe[:, 0], vit.pos_embed[:, 0])
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 56, 84))
+    assert out["depth"].shape == (1, 2, 56, 84, 1)
+    assert vit(torch.rand(2, 3, 56, 84)).shape == (2, 24, 384)
