@@ -1,0 +1,98 @@
+"""Quantized checkpoint format: a folder with ``model.safetensors`` (packed weights + the rest) and ``quant.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import quantvggt
+from quantvggt.model.config import VGGTConfig
+from quantvggt.model.loading import CheckpointError, _strict_load
+from quantvggt.model.vggt import VGGT
+from quantvggt.quant.calibrate import _set_module
+from quantvggt.quant.linear import QuantLinear
+
+FORMAT = "quantvggt-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_quantized(model: VGGT, path: Union[str, Path], extra: dict[str, Any] | None = None) -> Path:
+    """Write a quantized model to folder ``path`` atomically (temporary folder renamed into place)."""
+    meta = getattr(model, "quant_meta", None)
+    if not meta:
+        raise ValueError("model is not quantized (run quantize_ first)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(sd, str(tmp / "model.safetensors"))
+        doc = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "library_version": quantvggt.__version__,
+            "model_config": model.config.to_dict(),
+            "model_source": getattr(model, "source", None),
+            **meta,
+            **(extra or {}),
+        }
+        (tmp / "quant.json").write_text(json.dumps(doc, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def read_quant_meta(path: Union[str, Path]) -> dict[str, Any]:
+    """The ``quant.json`` of a quantized checkpoint folder."""
+    meta_path = Path(path) / "quant.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: not a quantized checkpoint (no quant.json)")
+    doc = json.loads(meta_path.read_text())
+    if doc.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: unknown format {doc.get('format')!r}")
+    if doc.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format version {doc['format_version']} is newer than this library supports")
+    return doc
+
+
+def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> VGGT:
+    """Load a folder written by :func:`save_quantized`; outputs are bit-identical to the saved model's."""
+    path = Path(path)
+    if str(path).startswith("s3://"):
+        from quantvggt.storage import download_to_cache
+
+        path = download_to_cache(str(path))
+    doc = read_quant_meta(path)
+    config = VGGTConfig.from_dict(doc["model_config"])
+    with torch.device("meta"):
+        model = VGGT(config)
+        for name, spec in doc["layers"].items():
+            ql = QuantLinear(spec["in_features"], spec["out_features"], spec["w_bits"], spec["a_bits"], spec["bias"], spec["rotate"])
+            _set_module(model, name, ql)
+    weights = path / "model.safetensors"
+    try:
+        sd = load_file(str(weights))
+    except Exception as e:
+        raise CheckpointError(f"{weights}: cannot read ({type(e).__name__}: {e})") from e
+    _strict_load(model, sd, str(weights))
+    model.aggregator.reset_buffers()
+    model.quant_meta = {k: doc[k] for k in ("config", "layers", "calibration_ids", "source_sha256")}  # type: ignore[assignment]
+    model.source = doc.get("model_source")  # type: ignore[assignment]
+    return model.eval().to(device)
+
+
+def count_quant_layers(model: nn.Module) -> int:
+    """Number of :class:`QuantLinear` modules in ``model``."""
+    return sum(isinstance(m, QuantLinear) for m in model.modules())

@@ -1,0 +1,194 @@
+"""Quantized linear layers: the calibration-time fake-quant wrapper and the deployable packed ``QuantLinear``.
+
+Deployable forward (per token ``x``):
+    h = (x R) * act_scale            # Hadamard rotation R = diag(signs) H / sqrt(n); act_scale = 1 / smoothing
+    q, s_tok = per_token_quant(h)    # symmetric, dynamic, clipped by act_clip
+    acc = q @ Wq^T                   # integer GEMM, int32 accumulation
+    y = acc * s_tok * w_scale + bias
+with ``Wq`` = per-output-channel quantized ``(W R) * smoothing``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quantvggt.quant import quantizer as qz
+from quantvggt.quant.hadamard import HadamardPlan, rotate
+
+BACKEND_ENV = "QUANTVGGT_QLINEAR_BACKEND"
+BACKENDS = ("auto", "int", "fake")
+
+
+class QuantLinear(nn.Module):
+    """A linear layer with packed low-bit weights and on-the-fly activation quantization."""
+
+    def __init__(self, in_features: int, out_features: int, w_bits: int, a_bits: int, bias: bool, rotate: bool) -> None:
+        super().__init__()
+        if w_bits not in (4, 6, 8) or a_bits not in (4, 6, 8, 16):
+            raise ValueError(f"unsupported bits w{w_bits}a{a_bits}")
+        if w_bits == 4 and in_features % 2:
+            raise ValueError(f"int4 packing needs an even in_features, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.w_bits, self.a_bits, self.rotate = w_bits, a_bits, rotate
+        self.plan = HadamardPlan.for_width(in_features) if rotate else None
+        if w_bits == 4:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_features))
+        self.register_buffer("act_scale", torch.ones(in_features))
+        self.register_buffer("act_clip", torch.ones(1))
+        self.register_buffer("signs", torch.ones(in_features, dtype=torch.int8))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.backend = "auto"
+
+    def extra_repr(self) -> str:
+        """Shape and format summary."""
+        return f"in={self.in_features}, out={self.out_features}, w{self.w_bits}a{self.a_bits}, rotate={self.rotate}"
+
+    # -- weights ---------------------------------------------------------------------------------------------
+    def int_weight(self) -> Tensor:
+        """Integer weight levels ``[out, in]`` (int8 container)."""
+        return qz.unpack_int4(self.qweight) if self.w_bits == 4 else self.qweight
+
+    def dequantized_weight(self) -> Tensor:
+        """Float weight ``Wq * w_scale`` in the rotated/smoothed basis ``[out, in]``."""
+        return self.int_weight().float() * self.w_scale[:, None]
+
+    def set_weight(self, w_levels: Tensor, w_scale: Tensor) -> None:
+        """Store integer levels (packed for 4-bit) and per-channel scales."""
+        lv = w_levels.to(torch.int8)
+        self.qweight = qz.pack_int4(lv) if self.w_bits == 4 else lv
+        self.w_scale = w_scale.float().contiguous()
+
+    # -- activations -----------------------------------------------------------------------------------------
+    def transform_input(self, x: Tensor) -> Tensor:
+        """Rotate and pre-scale activations into the quantization basis (float32)."""
+        h = x.float()
+        if self.rotate:
+            h = rotate(h, self.signs.float(), self.plan)
+        return h * self.act_scale
+
+    def quantize_input(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """-> (integer levels, per-token scale ``[..., 1]``) or (float h, None) for 16-bit activations."""
+        h = self.transform_input(x)
+        if self.a_bits >= 16:
+            return h, None
+        return qz.per_token_quant(h, self.a_bits, self.act_clip)
+
+    # -- forward paths ---------------------------------------------------------------------------------------
+    def forward_int(self, x: Tensor) -> Tensor:
+        """Reference integer path: exact integer GEMM (float64 holds int32 sums exactly), then dequantize."""
+        q, s = self.quantize_input(x)
+        if s is None:
+            y = F.linear(q, self.dequantized_weight())
+        else:
+            acc = torch.matmul(q.double(), self.int_weight().double().T).to(torch.int32)
+            y = acc.float() * s * self.w_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def forward_fake(self, x: Tensor) -> Tensor:
+        """Quantize-dequantize path in float (what calibration optimised)."""
+        q, s = self.quantize_input(x)
+        h = q if s is None else q * s
+        return F.linear(h, self.dequantized_weight(), self.bias).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Dispatch on ``backend`` (or the ``QUANTVGGT_QLINEAR_BACKEND`` environment variable)."""
+        backend = os.environ.get(BACKEND_ENV, self.backend)
+        if backend == "int":
+            return self.forward_int(x)
+        if backend in ("fake", "auto"):
+            from quantvggt.kernels import dispatch
+
+            fn = dispatch(self, x) if backend == "auto" else None
+            return fn(self, x) if fn is not None else self.forward_fake(x)
+        raise ValueError(f"unknown QuantLinear backend {backend!r}; choose from {BACKENDS}")
+
+    def weight_bytes(self) -> int:
+        """Bytes held by this layer's buffers (packed weights, scales, signs, bias)."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+class FakeQuantLinear(nn.Module):
+    """Calibration wrapper: rotation + learnable smoothing + learnable weight/activation clipping, fake-quantized."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        w_bits: int,
+        a_bits: int,
+        signs: Optional[Tensor],
+        smooth: Optional[Tensor] = None,
+        learn_smooth: bool = False,
+        lwc: bool = False,
+        lac: bool = False,
+        clip_init: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.w_bits, self.a_bits = w_bits, a_bits
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        dev = linear.weight.device
+        self.plan = HadamardPlan.for_width(self.in_features) if signs is not None else None
+        self.register_buffer("signs", None if signs is None else signs.float().to(dev))
+        w = linear.weight.detach().float()
+        w_rot = rotate(w, self.signs, self.plan) if signs is not None else w
+        self.register_buffer("w_rot", w_rot)  # W R, [out, in]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+        s = torch.ones(self.in_features, device=dev) if smooth is None else smooth.float().to(dev)
+        if learn_smooth:
+            self.log_s = nn.Parameter(s.log())
+        else:
+            self.register_buffer("log_s", s.log())
+        self.lwc = nn.Parameter(torch.full((self.out_features,), clip_init, device=dev)) if lwc else None
+        self.lac = nn.Parameter(torch.full((1,), clip_init, device=dev)) if (lac and a_bits < 16) else None
+
+    def scale_params(self) -> list[nn.Parameter]:
+        """Learnable smoothing parameters."""
+        return [self.log_s] if isinstance(self.log_s, nn.Parameter) else []
+
+    def clip_params(self) -> list[nn.Parameter]:
+        """Learnable clipping parameters."""
+        return [p for p in (self.lwc, self.lac) if p is not None]
+
+    def _weight_q(self) -> Tensor:
+        w = self.w_rot * self.log_s.exp()
+        clip = torch.sigmoid(self.lwc) if self.lwc is not None else 1.0
+        scale = qz.symmetric_scale(w.abs().amax(dim=1) * clip, self.w_bits)
+        return qz.fake_quant_ste(w, scale[:, None], self.w_bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Fake-quantized forward with gradients to smoothing and clipping parameters."""
+        h = x.float()
+        if self.signs is not None:
+            h = rotate(h, self.signs, self.plan)
+        h = h / self.log_s.exp()
+        if self.a_bits < 16:
+            clip = torch.sigmoid(self.lac) if self.lac is not None else 1.0
+            scale = qz.symmetric_scale(h.abs().amax(dim=-1, keepdim=True) * clip, self.a_bits)
+            h = qz.fake_quant_ste(h, scale, self.a_bits)
+        return F.linear(h, self._weight_q(), self.bias).to(x.dtype)
+
+    @torch.no_grad()
+    def to_quant_linear(self) -> QuantLinear:
+        """Fold smoothing, clipping and signs into a deployable :class:`QuantLinear`."""
+        ql = QuantLinear(self.in_features, self.out_features, self.w_bits, self.a_bits, self.bias is not None, self.signs is not None)
+        s = self.log_s.detach().exp()
+        w = self.w_rot * s
+        clip = torch.sigmoid(self.lwc.detach()) if self.lwc is not None else 1.0
+        levels, scale = qz.per_channel_weight_quant(w, self.w_bits, clip)
+        ql.set_weight(levels, scale)
+        ql.act_scale = (1.0 / s).float().contiguous()
+        ql.act_clip = (torch.sigmoid(self.lac.detach()) if self.lac is not None else torch.ones(1)).float().reshape(1)
+        if self.signs is not None:
+            ql.signs = self.signs.to(torch.int8)
+        if self.bias is not None:
+            ql.bias = self.bias.clone()
+        return ql.to(self.w_rot.device)
