@@ -44,12 +44,9 @@ def _summarise(preds: dict, names: Sequence[str]) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Run a model on image files and print the predicted cameras and depth statistics."""
     from quantvggt.images import load_and_preprocess
-    from quantvggt.model import load_vggt
 
-    if args.model == "demo-random":
-        model, source = _demo_model(), "tiny config, seeded random weights (untrained)"
-    else:
-        model, source = load_vggt(args.model), args.model
+    source = args.model if args.model != "demo-random" else "tiny config, seeded random weights (untrained)"
+    model = _load_any(args.model)
     paths = [Path(p) for p in args.images]
     batch = load_and_preprocess(paths, mode=args.mode)
     t0 = time.perf_counter()
@@ -71,6 +68,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_predict(ns)
 
 
+def _load_any(source: str) -> "torch.nn.Module":
+    """A float model source, a quantized checkpoint folder (has quant.json), or 'demo-random'."""
+    from quantvggt.model import load_vggt
+
+    if source == "demo-random":
+        return _demo_model()
+    if (Path(source) / "quant.json").is_file() or source.startswith("s3://") and source.rstrip("/").endswith("-quant"):
+        from quantvggt.quant import load_quantized
+
+        return load_quantized(source)
+    return load_vggt(source)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    """Calibrate and quantize a model, then write a quantized checkpoint folder."""
+    from quantvggt.calib import folder_samples
+    from quantvggt.quant import get_recipe, quantize_, save_quantized
+
+    model = _load_any(args.model)
+    overrides: dict = {"seed": args.seed}
+    if args.scope:
+        overrides["scope"] = tuple(args.scope)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    config = get_recipe(args.recipe, **overrides)
+    calib = []
+    for path in args.calibration:
+        if str(path).endswith(".parquet"):
+            from quantvggt.calib.nfds import load_selected
+
+            calib += load_selected(path)
+        else:
+            calib += folder_samples([path], frames=args.frames)
+    report = quantize_(model, config, calib)
+    out = save_quantized(model, args.out, extra={"report": report.to_dict()})
+    print(f"recipe {report.recipe}: {len(report.layers)} layers quantized in {report.seconds:.1f}s")
+    print(f"bytes: {report.quantized_bytes:,} ({report.bytes_16bit:,} with floats at 16 bit); "
+          f"fp16 {report.fp16_bytes:,} -> {report.compression_vs_fp16:.2f}x; fp32 {report.fp32_bytes:,} -> {report.compression_vs_fp32:.2f}x")
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands."""
     p = argparse.ArgumentParser(prog="quantvggt", description=__doc__)
@@ -83,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="facebook/VGGT-1B", help="hub id, local file/folder, s3:// URI, or 'demo-random'")
     s.add_argument("--mode", choices=["crop", "pad"], default="crop")
     s.set_defaults(func=cmd_predict)
+    s = sub.add_parser("quantize", help="calibrate + quantize a model and write a quantized checkpoint")
+    s.add_argument("--model", required=True, help="float model source (hub id, file, folder, s3://)")
+    s.add_argument("--calibration", nargs="+", required=True, help="scene image folders, or a selection manifest .parquet")
+    s.add_argument("--recipe", default="quantvggt-w4a4", help="e.g. rtn-w4a4, quarot-w4a4, quantvggt-w4a4, quantvggt-w8a8")
+    s.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
+    s.add_argument("--frames", type=int, default=10, help="frames per calibration sample")
+    s.add_argument("--scope", nargs="+", choices=["aggregator", "patch_embed", "camera_head"], help="parts to quantize")
+    s.add_argument("--epochs", type=int, help="block-reconstruction epochs (quantvggt recipes)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_quantize)
     return p
 
 

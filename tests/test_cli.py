@@ -20,3 +20,34 @@ def test_predict_reports_bad_image_clearly(tmp_path) -> None:  # noqa: ANN001
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "broken.png" in out.stderr and "empty" in out.stderr
+
+
+def test_quantize_command_writes_checkpoint(tmp_path) -> None:  # noqa: ANN001
+    import json as _json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from quantvggt.model import VGGT, VGGTConfig
+    from tests.conftest import tiny_config_dict
+
+    torch.manual_seed(0)
+    m = VGGT(VGGTConfig.from_dict(tiny_config_dict()))
+    (tmp_path / "model").mkdir()
+    save_file(m.state_dict(), str(tmp_path / "model" / "model.safetensors"))
+    (tmp_path / "model" / "config.json").write_text(_json.dumps(m.config.to_dict()))
+    from quantvggt.cli import ASSETS
+
+    out = subprocess.run(
+        [sys.executable, "-m", "quantvggt.cli", "quantize", "--model", str(tmp_path / "model"), "--calibration",
+         str(ASSETS / "samples"), "--recipe", "quantvggt-w4a4", "--epochs", "1", "--out", str(tmp_path / "q")],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "q" / "quant.json").is_file()
+    meta = _json.loads((tmp_path / "q" / "quant.json").read_text())
+    assert meta["calibration_ids"][0].startswith("samples:frame_00.png")
+    out = subprocess.run([sys.executable, "-m", "quantvggt.cli", "predict", str(ASSETS / "samples" / "frame_00.png"),
+                          str(ASSETS / "samples" / "frame_01.png"), "--model", str(tmp_path / "q")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "frame_01.png" in out.stdout
