@@ -110,6 +110,41 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    """Reconstruct scene folders and write COLMAP models; one bad scene does not stop the others."""
+    from tqdm import tqdm
+
+    from quantvggt.reconstruct import ReconstructionOptions, SceneError
+    from quantvggt.reconstruct import main as reconstruct_main
+
+    model = _load_any(args.quantized or args.model)
+    opts = ReconstructionOptions(
+        max_frames=args.max_frames, conf_percentile=args.conf_percentile, conf_threshold=args.conf_threshold,
+        max_points=args.max_points, text=args.text, points_from=args.points_from, mode=args.mode,
+    )
+    failed = 0
+    for scene in tqdm(args.scenes, desc="scenes", unit="scene"):
+        try:
+            out = reconstruct_main(model, scene, args.out, opts)
+            report = json.loads((out / "report.json").read_text())
+            tqdm.write(f"{Path(scene).name}: {report['images']} images, {report['points']['kept']} points -> {out / 'sparse' / '0'}")
+        except (SceneError, ValueError, RuntimeError) as e:
+            failed += 1
+            tqdm.write(f"{Path(scene).name}: FAILED: {e}")
+    print(f"{len(args.scenes) - failed} of {len(args.scenes)} scenes reconstructed into {args.out}")
+    return 1 if failed else 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Render synthetic scenes with ground truth."""
+    from quantvggt import synth
+
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    out = synth.main(args.out, scenes=args.scenes, frames=args.frames, seed=args.seed, size=(w, h), overwrite=args.overwrite)
+    print(f"wrote {args.scenes} scenes of {args.frames} frames ({w}x{h}) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands."""
     p = argparse.ArgumentParser(prog="quantvggt", description=__doc__)
@@ -132,6 +167,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, help="block-reconstruction epochs (quantvggt recipes)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_quantize)
+    s = sub.add_parser("reconstruct", help="reconstruct scene folders into COLMAP sparse models")
+    s.add_argument("scenes", nargs="+", help="scene folders of images")
+    s.add_argument("--out", required=True)
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--model", default="facebook/VGGT-1B", help="float model source")
+    g.add_argument("--quantized", help="quantized checkpoint folder")
+    s.add_argument("--max-frames", type=int, default=32)
+    s.add_argument("--conf-percentile", type=float, default=50.0)
+    s.add_argument("--conf-threshold", type=float, default=None, help="absolute confidence threshold (overrides the percentile)")
+    s.add_argument("--max-points", type=int, default=100_000)
+    s.add_argument("--points-from", choices=["depth", "point_map"], default="depth")
+    s.add_argument("--mode", choices=["crop", "pad"], default="crop")
+    s.add_argument("--text", action="store_true", help="also write COLMAP text files")
+    s.set_defaults(func=cmd_reconstruct)
+    s = sub.add_parser("synth", help="render synthetic scenes with ground truth")
+    s.add_argument("out")
+    s.add_argument("--scenes", type=int, default=3)
+    s.add_argument("--frames", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", default="224x168", help="WxH")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_synth)
     return p
 
 

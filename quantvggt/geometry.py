@@ -91,10 +91,13 @@ def pixel_grid(H: int, W: int, device: Optional[torch.device] = None, dtype: tor
     return torch.stack([u, v], -1)
 
 
-def depth_to_cam_points(depth: Tensor, K: Tensor) -> Tensor:
-    """Depth ``[..., H, W]`` + intrinsics ``[..., 3, 3]`` -> camera-frame points ``[..., H, W, 3]``."""
+def depth_to_cam_points(depth: Tensor, K: Tensor, pixel_offset: float = 0.0) -> Tensor:
+    """Depth ``[..., H, W]`` + intrinsics ``[..., 3, 3]`` -> camera-frame points ``[..., H, W, 3]``.
+
+    Pixel (i, j) sits at ``(j + pixel_offset, i + pixel_offset)``: 0 as upstream VGGT, 0.5 for pixel centres.
+    """
     H, W = depth.shape[-2:]
-    uv = pixel_grid(H, W, depth.device, depth.dtype)
+    uv = pixel_grid(H, W, depth.device, depth.dtype) + pixel_offset
     fx, fy = K[..., 0, 0, None, None], K[..., 1, 1, None, None]
     cx, cy = K[..., 0, 2, None, None], K[..., 1, 2, None, None]
     x = (uv[..., 0] - cx) * depth / fx
@@ -109,8 +112,8 @@ def cam_to_world(points: Tensor, extrinsics: Tensor) -> Tensor:
     return torch.einsum("...ij,...hwj->...hwi", R, points) + t[..., None, None, :]
 
 
-def unproject_depth(depth: Tensor, extrinsics: Tensor, K: Tensor) -> Tensor:
+def unproject_depth(depth: Tensor, extrinsics: Tensor, K: Tensor, pixel_offset: float = 0.0) -> Tensor:
     """Depth ``[..., H, W]`` (or ``[..., H, W, 1]``) -> world points ``[..., H, W, 3]``."""
     if depth.shape[-1] == 1 and depth.dim() >= 3:
         depth = depth[..., 0]
-    return cam_to_world(depth_to_cam_points(depth, K), extrinsics)
+    return cam_to_world(depth_to_cam_points(depth, K, pixel_offset), extrinsics)

@@ -43,6 +43,11 @@ class ImageTransform:
         A_inv = np.array([[1 / self.sx, 0, -self.ox / self.sx], [0, 1 / self.sy, -self.oy / self.sy], [0, 0, 1]])
         return A_inv @ np.asarray(K, dtype=np.float64)
 
+    def intrinsics_to_model(self, K: np.ndarray) -> np.ndarray:
+        """Pinhole intrinsics in original pixels -> intrinsics in model pixels."""
+        A = np.array([[self.sx, 0, self.ox], [0, self.sy, self.oy], [0, 0, 1]])
+        return A @ np.asarray(K, dtype=np.float64)
+
 
 @dataclass
 class PreprocessedImages:

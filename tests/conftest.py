@@ -57,3 +57,24 @@ def s3_endpoint() -> object:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def sane_tiny_model(seed: int = 0) -> torch.nn.Module:
+    """Tiny random VGGT whose camera head outputs near-identity poses and ~57 deg FoV (valid cameras)."""
+    from quantvggt.model import VGGT, VGGTConfig
+
+    torch.manual_seed(seed)
+    m = VGGT(VGGTConfig.from_dict(tiny_config_dict())).eval()
+    fc2 = m.camera_head.pose_branch.fc2
+    with torch.no_grad():
+        fc2.weight.mul_(0.01)
+        fc2.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]) / 4)  # 4 refinement iterations add up
+    return m
+
+
+@pytest.fixture(scope="session")
+def synth_scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two small synthetic scenes (10 frames, 112x84) with ground truth."""
+    from quantvggt import synth
+
+    return synth.main(tmp_path_factory.mktemp("synth"), scenes=2, frames=6, seed=0, size=(112, 84))
