@@ -98,9 +98,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if str(path).endswith(".parquet"):
             from quantvggt.calib.nfds import load_selected
 
-            calib += load_selected(path)
+            calib += load_selected(path, image_size=int(getattr(model, "image_size", 518)))
         else:
-            calib += folder_samples([path], frames=args.frames)
+            calib += folder_samples([path], frames=args.frames, image_size=int(getattr(model, "image_size", 518)))
     report = quantize_(model, config, calib)
     out = save_quantized(model, args.out, extra={"report": report.to_dict()})
     print(f"recipe {report.recipe}: {len(report.layers)} layers quantized in {report.seconds:.1f}s")
@@ -145,6 +145,24 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_select_calibration(args: argparse.Namespace) -> int:
+    """Run NFDS over a pool of scenes and write the selection manifest (+ PNG)."""
+    from tqdm import tqdm
+
+    from quantvggt.calib import nfds
+
+    model = _load_any(args.model)
+    out = nfds.main(model, args.pool, args.out, frames=args.frames, n_clusters=args.clusters, per_cluster=args.per_cluster,
+                    seed=args.seed, overwrite=True, progress=lambda xs: tqdm(xs, desc="statistics", unit="sample"))
+    rows = nfds.read_manifest(out)
+    print(f"{sum(r['selected'] for r in rows)} selected of {len(rows)} candidates; {sum(r['outlier'] for r in rows)} filtered as outliers")
+    for r in rows:
+        if r["outlier"]:
+            print(f"  filtered {r['sample_id']}: {r['outlier_reason']}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands."""
     p = argparse.ArgumentParser(prog="quantvggt", description=__doc__)
@@ -167,6 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, help="block-reconstruction epochs (quantvggt recipes)")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_quantize)
+    s = sub.add_parser("select-calibration", help="choose a calibration set with Noise-Filtered Diverse Sampling")
+    s.add_argument("pool", nargs="+", help="scene folders, folders of scene folders, or a .csv/.parquet manifest")
+    s.add_argument("--model", required=True)
+    s.add_argument("--out", required=True, help="manifest .parquet (a .png plot is written beside it)")
+    s.add_argument("--clusters", type=int, default=5)
+    s.add_argument("--per-cluster", type=int, default=4)
+    s.add_argument("--frames", type=int, default=10)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_select_calibration)
     s = sub.add_parser("reconstruct", help="reconstruct scene folders into COLMAP sparse models")
     s.add_argument("scenes", nargs="+", help="scene folders of images")
     s.add_argument("--out", required=True)

@@ -100,6 +100,8 @@ def preprocess_image(img: Image.Image, mode: Literal["crop", "pad"] = "crop", ta
     """Resize like upstream (518 px wide for crop; longest side 518 for pad; sides multiples of 14)."""
     if mode not in ("crop", "pad"):
         raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")
+    if target_size % PATCH or target_size < PATCH:
+        raise ValueError(f"target_size must be a positive multiple of {PATCH}, got {target_size}")
     width, height = img.size
     if mode == "pad" and height > width:
         new_h = target_size

@@ -31,6 +31,7 @@ class ReconstructionOptions:
 
     max_frames: int = 32
     mode: str = "crop"
+    image_size: Optional[int] = None  # preprocessing width; None = the model's own (518 for VGGT-1B)
     points_from: str = "depth"  # "depth" (unproject with predicted cameras) or "point_map"
     conf_percentile: float = 50.0  # keep points above this confidence percentile ...
     conf_threshold: Optional[float] = None  # ... or above this absolute confidence, when set
@@ -103,7 +104,8 @@ def reconstruct_scene(model: torch.nn.Module, scene: Union[str, Path], options: 
     scene = Path(scene)
     t0 = time.perf_counter()
     paths, skipped, dropped = scan_scene(scene, options.max_frames)
-    batch = load_and_preprocess(paths, mode=options.mode)  # type: ignore[arg-type]
+    size = options.image_size or int(getattr(model, "image_size", 518))
+    batch = load_and_preprocess(paths, mode=options.mode, target_size=size)  # type: ignore[arg-type]
     t1 = time.perf_counter()
     device = next(model.parameters(), torch.empty(0)).device
     if not any(True for _ in model.parameters()):

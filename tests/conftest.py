@@ -14,11 +14,7 @@ PARITY = SHARED / "fixtures" / "vggt-tiny-parity"
 SPEC_1B = SHARED / "specs" / "vggt-1b-state-dict.json"
 
 
-def tiny_config_dict(**agg: object) -> dict:
-    """The parity fixture's config (conv patch embed, depth 4), with aggregator overrides."""
-    d = json.loads((REPO / "quantvggt" / "assets" / "vggt-tiny-config.json").read_text())
-    d["aggregator"].update(agg)
-    return d
+from quantvggt.testing import tiny_config_dict  # noqa: E402
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ def pick_frames(n_images: int, k: int, seed: int | None = None) -> list[int]:
     return sorted(rng.choice(n_images, size=k, replace=False).tolist())
 
 
-def folder_sample(folder: Union[str, Path], frames: int = 10, seed: int | None = None, mode: str = "crop") -> dict:
+def folder_sample(folder: Union[str, Path], frames: int = 10, seed: int | None = None, mode: str = "crop", image_size: int = 518) -> dict:
     """One calibration sample from an image folder: ``{"id", "scene", "frame_ids", "images" [K,3,H,W]}``."""
     folder = Path(folder)
     paths = list_images(folder)
@@ -33,7 +33,7 @@ def folder_sample(folder: Union[str, Path], frames: int = 10, seed: int | None =
     idx = pick_frames(len(paths), frames, seed)
     chosen = [paths[i] for i in idx]
     try:
-        batch = load_and_preprocess(chosen, mode=mode)  # type: ignore[arg-type]
+        batch = load_and_preprocess(chosen, mode=mode, target_size=image_size)  # type: ignore[arg-type]
     except ImageLoadError as e:
         good = []
         for p in paths:
@@ -46,11 +46,11 @@ def folder_sample(folder: Union[str, Path], frames: int = 10, seed: int | None =
             raise ValueError(f"{folder}: fewer than 2 readable images") from e
         idx = pick_frames(len(good), frames, seed)
         chosen = [good[i] for i in idx]
-        batch = load_and_preprocess(chosen, mode=mode)  # type: ignore[arg-type]
+        batch = load_and_preprocess(chosen, mode=mode, target_size=image_size)  # type: ignore[arg-type]
     names = [p.name for p in chosen]
     return {"id": f"{folder.name}:{','.join(names)}", "scene": str(folder), "frame_ids": names, "images": batch.images}
 
 
-def folder_samples(folders: Sequence[Union[str, Path]], frames: int = 10, seed: int | None = None, mode: str = "crop") -> list[dict]:
+def folder_samples(folders: Sequence[Union[str, Path]], frames: int = 10, seed: int | None = None, mode: str = "crop", image_size: int = 518) -> list[dict]:
     """One calibration sample per folder (see :func:`folder_sample`)."""
-    return [folder_sample(f, frames, seed, mode) for f in folders]
+    return [folder_sample(f, frames, seed, mode, image_size) for f in folders]

@@ -30,6 +30,7 @@ class VGGT(nn.Module):
             raise ValueError(f"the track head reads aggregator layers {TRACK_LAYERS}; depth {config.aggregator.depth} is too shallow")
         self.track_head = TrackHead(config.track_head, TRACK_LAYERS) if config.track_head else None
         self.autocast_cuda = True
+        self.image_size = 518  # preprocessing target width; shipped small models override it
 
     def needed_layers(self, with_track: bool) -> set[int]:
         """Aggregator layers that the enabled heads read (so the others need not be kept)."""

@@ -41,6 +41,7 @@ def save_quantized(model: VGGT, path: Union[str, Path], extra: dict[str, Any] | 
             "library_version": quantvggt.__version__,
             "model_config": model.config.to_dict(),
             "model_source": getattr(model, "source", None),
+            "image_size": int(getattr(model, "image_size", 518)),
             **meta,
             **(extra or {}),
         }
@@ -90,6 +91,7 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
     model.aggregator.reset_buffers()
     model.quant_meta = {k: doc[k] for k in ("config", "layers", "calibration_ids", "source_sha256")}  # type: ignore[assignment]
     model.source = doc.get("model_source")  # type: ignore[assignment]
+    model.image_size = int(doc.get("image_size", 518))  # type: ignore[assignment]
     return model.eval().to(device)
 
 

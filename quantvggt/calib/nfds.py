@@ -1,0 +1,277 @@
+"""Noise-Filtered Diverse Sampling (NFDS): choose calibration samples by deep-layer statistics and frame-aware clustering.
+
+1. Candidate pool: one sample (K frames, seeded) per scene folder; a scene's group is its parent folder
+   (or a manifest column).
+2. Statistics (:func:`sample_stats`, a pure function of one sample): mean and std of the input of ``norm1`` in
+   the last few frame and global blocks, and a frame-aware feature: cosine similarities of frames 1..K-1 to frame 0
+   in the last aggregator layer (special tokens kept, patch tokens mean-pooled).
+3. Selection (:func:`select`, a pure function of the rows): per group and layer, a sample is an outlier when its mean
+   or std leaves ``[Q1 - 1.5 IQR, Q3 + 1.5 IQR]`` (groups under 4 samples are not filtered); the inliers are
+   clustered with KMeans and ``per_cluster`` samples are drawn from every cluster, topped up from the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from quantvggt.calib import pick_frames
+from quantvggt.images import ImageLoadError, list_images, load_and_preprocess, open_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One calibration candidate: ``frames`` of scene folder ``scene`` in group ``group``."""
+
+    sample_id: str
+    scene: str
+    group: str
+    frames: tuple[str, ...]
+
+
+def _scene_folders(path: Path) -> list[Path]:
+    """Folders holding images, found recursively (a scene folder's own subfolders are not searched)."""
+    if list_images(path):
+        return [path]
+    out: list[Path] = []
+    for p in sorted(path.iterdir()):
+        if p.is_dir() and not p.name.startswith("."):
+            out += _scene_folders(p)
+    return out
+
+
+def candidate_pool(pool: Sequence[Union[str, Path]], frames: int = 10, seed: int = 0, group_column: str = "group") -> list[Candidate]:
+    """Candidates from scene folders, folders of scene folders, or a CSV/Parquet manifest with ``scene`` [+ group] columns."""
+    scenes: list[tuple[Path, str]] = []
+    for item in pool:
+        p = Path(item)
+        if p.suffix in (".csv", ".parquet"):
+            import pyarrow.csv as pcsv
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(p) if p.suffix == ".parquet" else pcsv.read_csv(p)
+            rows = table.to_pylist()
+            if not rows or "scene" not in rows[0]:
+                raise ValueError(f"{p}: a pool manifest needs a 'scene' column")
+            scenes += [(Path(r["scene"]), str(r.get(group_column) or Path(r["scene"]).parent.name)) for r in rows]
+        elif p.is_dir():
+            scenes += [(s, s.parent.name) for s in _scene_folders(p)]
+        else:
+            raise ValueError(f"{p}: not a folder or a .csv/.parquet manifest")
+    out = []
+    for i, (scene, group) in enumerate(scenes):
+        names = []
+        for img in list_images(scene):
+            try:
+                open_image(img, name=str(img))
+                names.append(img.name)
+            except ImageLoadError as e:
+                log.warning("NFDS pool: skipping %s", e)
+        if len(names) < 2:
+            log.warning("NFDS pool: %s has fewer than 2 readable images; not a candidate", scene)
+            continue
+        idx = pick_frames(len(names), frames, seed=seed * 7919 + i)
+        chosen = tuple(names[j] for j in idx)
+        out.append(Candidate(f"{scene.name}#{seed}", str(scene), group, chosen))
+    return out
+
+
+def load_candidate(c: Candidate, image_size: int = 518, mode: str = "crop") -> torch.Tensor:
+    """The candidate's frames preprocessed for the model: ``[K, 3, H, W]``."""
+    return load_and_preprocess([Path(c.scene) / f for f in c.frames], mode=mode, target_size=image_size).images  # type: ignore[arg-type]
+
+
+def stat_layers(model: torch.nn.Module, last: int = 4) -> list[str]:
+    """Names of the ``norm1`` modules of the last ``last`` frame and global blocks."""
+    depth = model.aggregator.cfg.depth
+    return [f"aggregator.{kind}_blocks.{i}.norm1" for kind in ("frame", "global") for i in range(max(0, depth - last), depth)]
+
+
+@torch.no_grad()
+def sample_stats(model: torch.nn.Module, images: torch.Tensor, layers: Optional[list[str]] = None) -> dict[str, Any]:
+    """Deep-layer statistics and the frame-similarity feature of one sample (pure: same input, same output)."""
+    layers = layers or stat_layers(model)
+    seen: dict[str, tuple[float, float]] = {}
+    hooks = []
+    for name in layers:
+        def hook(mod: torch.nn.Module, args: tuple, name: str = name) -> None:
+            x = args[0].float()
+            seen[name] = (float(x.mean()), float(x.std()))
+
+        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        x = images if images.dim() == 5 else images[None]
+        tokens, psi = model.aggregator(x, keep_layers=[-1])
+    finally:
+        for h in hooks:
+            h.remove()
+    last = tokens[-1][0]  # [S, P, 2C]
+    desc = torch.cat([last[:, :psi].flatten(1), last[:, psi:].mean(1)], dim=-1)  # special tokens kept, patches pooled
+    desc = torch.nn.functional.normalize(desc, dim=-1)
+    feature = (desc[1:] @ desc[0]).tolist()
+    return {"layer_mean": [seen[n][0] for n in layers], "layer_std": [seen[n][1] for n in layers], "layers": layers, "feature": feature}
+
+
+def iqr_outliers(values: np.ndarray, k: float = 1.5) -> np.ndarray:
+    """Boolean mask of values outside ``[Q1 - k IQR, Q3 + k IQR]``."""
+    q1, q3 = np.percentile(values, [25, 75])
+    iqr = q3 - q1
+    return (values < q1 - k * iqr) | (values > q3 + k * iqr)
+
+
+def _fixed_length(features: list[list[float]]) -> np.ndarray:
+    n = max(len(f) for f in features)
+    # samples with fewer frames are padded with their own mean similarity
+    return np.array([f + [float(np.mean(f)) if f else 0.0] * (n - len(f)) for f in features])
+
+
+def select(rows: list[dict[str, Any]], n_clusters: int = 5, per_cluster: int = 4, seed: int = 0, n_init: int = 10, filter_outliers: bool = True) -> list[dict[str, Any]]:
+    """Mark outliers (with reasons), cluster inliers, and mark the selected samples. Rows are copied, not mutated."""
+    from sklearn.cluster import KMeans
+
+    rows = [dict(r, outlier=False, outlier_reason="", cluster=-1, selected=False) for r in rows]
+    if filter_outliers:
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r["group"], []).append(i)
+        for g, idx in groups.items():
+            if len(idx) < 4:
+                continue
+            n_layers = len(rows[idx[0]]["layer_mean"])
+            for li in range(n_layers):
+                for stat in ("layer_mean", "layer_std"):
+                    vals = np.array([rows[i][stat][li] for i in idx])
+                    for i, bad in zip(idx, iqr_outliers(vals)):
+                        if bad:
+                            rows[i]["outlier"] = True
+                            reason = f"{rows[i]['layers'][li]} {stat.split('_')[1]}={rows[i][stat][li]:.4g} outside IQR fence of group {g}"
+                            rows[i]["outlier_reason"] = "; ".join(filter(None, [rows[i]["outlier_reason"], reason]))
+        for r in rows:
+            if r["outlier"]:
+                log.info("NFDS: dropping %s (%s)", r["sample_id"], r["outlier_reason"])
+    inliers = [i for i, r in enumerate(rows) if not r["outlier"]]
+    if not inliers:
+        raise ValueError("NFDS: every candidate was filtered as an outlier")
+    feats = _fixed_length([rows[i]["feature"] for i in inliers])
+    k = min(n_clusters, len(inliers))
+    labels = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(feats) if k > 1 else np.zeros(len(inliers), int)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for c in range(k):
+        members = [inliers[j] for j in np.flatnonzero(labels == c)]
+        take = rng.permutation(members)[:per_cluster].tolist()
+        chosen += take
+    want = min(n_clusters * per_cluster, len(inliers))
+    rest = [i for i in inliers if i not in set(chosen)]
+    chosen += rng.permutation(rest)[: max(0, want - len(chosen))].tolist() if rest else []
+    for j, i in enumerate(inliers):
+        rows[i]["cluster"] = int(labels[j])
+    for i in chosen:
+        rows[i]["selected"] = True
+    return rows
+
+
+def write_manifest(rows: list[dict[str, Any]], path: Union[str, Path]) -> Path:
+    """Write the selection manifest (Parquet) atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = ["sample_id", "scene", "group", "frames", "layers", "layer_mean", "layer_std", "outlier", "outlier_reason", "feature", "cluster", "selected"]
+    table = pa.Table.from_pylist([{c: (list(r[c]) if c == "frames" else r[c]) for c in cols} for r in rows])
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def read_manifest(path: Union[str, Path]) -> list[dict[str, Any]]:
+    """Rows of a selection manifest."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def load_selected(path: Union[str, Path], image_size: int = 518, mode: str = "crop") -> list[dict[str, Any]]:
+    """The selected samples of a manifest as calibration items ``{"id", "images"}`` for ``quantize_``."""
+    return list(iter_selected(path, image_size, mode))
+
+
+def iter_selected(path: Union[str, Path], image_size: int = 518, mode: str = "crop") -> Iterator[dict[str, Any]]:
+    """Lazily yield the selected samples (see :func:`load_selected`)."""
+    for r in read_manifest(path):
+        if r["selected"]:
+            c = Candidate(r["sample_id"], r["scene"], r["group"], tuple(r["frames"]))
+            yield {"id": r["sample_id"], "images": load_candidate(c, image_size, mode)}
+
+
+def plot_selection(rows: list[dict[str, Any]], png: Union[str, Path]) -> Path:
+    """PCA of the features to 2-D, coloured by cluster; outliers as crosses, selected samples ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    feats = _fixed_length([r["feature"] for r in rows])
+    centred = feats - feats.mean(0)
+    if centred.shape[1] >= 2 and len(rows) >= 2:
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        xy = centred @ vt[:2].T
+    else:
+        xy = np.concatenate([centred[:, :1], np.zeros((len(rows), 1))], 1)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    inl = np.array([not r["outlier"] for r in rows])
+    clusters = np.array([r["cluster"] for r in rows])
+    sc = ax.scatter(xy[inl, 0], xy[inl, 1], c=clusters[inl], cmap="tab10", s=30, label="candidates")
+    if (~inl).any():
+        ax.scatter(xy[~inl, 0], xy[~inl, 1], marker="x", c="k", s=40, label="filtered (outlier)")
+    sel = np.array([r["selected"] for r in rows])
+    ax.scatter(xy[sel, 0], xy[sel, 1], facecolors="none", edgecolors="r", s=110, linewidths=1.5, label="selected")
+    ax.set_title(f"NFDS: {int(sel.sum())} selected of {len(rows)} ({int((~inl).sum())} filtered)")
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(loc="best", fontsize=8)
+    fig.colorbar(sc, ax=ax, label="cluster")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return Path(png)
+
+
+def main(
+    model: torch.nn.Module,
+    pool: Sequence[Union[str, Path]],
+    out: Union[str, Path],
+    frames: int = 10,
+    n_clusters: int = 5,
+    per_cluster: int = 4,
+    seed: int = 0,
+    n_init: int = 10,
+    overwrite: bool = False,
+    progress: Optional[Any] = None,
+) -> Path:
+    """Collect statistics over the pool, select, write the manifest (+ PNG beside it); returns the manifest path."""
+    out = Path(out)
+    if out.is_file() and not overwrite:
+        return out
+    cands = candidate_pool(pool, frames, seed)
+    if not cands:
+        raise ValueError(f"NFDS: no candidate scenes found in {list(map(str, pool))}")
+    size = int(getattr(model, "image_size", 518))
+    rows = []
+    it: Iterable[Candidate] = progress(cands) if progress else cands
+    for c in it:
+        stats = sample_stats(model, load_candidate(c, size))
+        rows.append({"sample_id": c.sample_id, "scene": c.scene, "group": c.group, "frames": list(c.frames), **stats})
+    rows = select(rows, n_clusters, per_cluster, seed, n_init)
+    write_manifest(rows, out)
+    plot_selection(rows, out.with_suffix(".png"))
+    return out

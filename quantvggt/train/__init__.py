@@ -1,0 +1,1 @@
+"""Training a small VGGT on synthetic scenes (the shipped ``vggt-tiny-synthetic`` model)."""

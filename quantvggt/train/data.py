@@ -1,0 +1,75 @@
+"""Synthetic training data: a pool of rendered scenes, sampled into normalised multi-view batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from quantvggt import synth
+from quantvggt.geometry import extri_intri_to_pose_encoding, unproject_depth
+
+TRAIN_SEED_BASE = 1_000_000  # evaluation scenes use seeds < TRAIN_SEED_BASE, so training never sees them
+
+
+@dataclass
+class RenderedScene:
+    """One rendered scene: images uint8 ``[K,H,W,3]``, z-depth ``[K,H,W]``, extrinsics ``[K,3,4]``, intrinsics ``[K,3,3]``."""
+
+    images: np.ndarray
+    depth: np.ndarray
+    extrinsics: np.ndarray
+    intrinsics: np.ndarray
+
+
+def render_scene(seed: int, frames: int, width: int, height: int) -> RenderedScene:
+    """Render a synthetic scene with ground truth."""
+    rng = np.random.default_rng(seed)
+    world = synth.make_world(rng)
+    extr, K = synth.scene_cameras(rng, frames, width, height)
+    imgs, depths = zip(*(synth.render(world, extr[i], K[i], width, height) for i in range(frames)))
+    return RenderedScene(np.stack(imgs), np.stack(depths).astype(np.float16), extr.astype(np.float32), K.astype(np.float32))
+
+
+def normalise(scene: RenderedScene, idx: list[int]) -> dict[str, Tensor]:
+    """Frames ``idx`` (first = reference) as a training sample in VGGT's convention.
+
+    The world is moved so the first camera is the identity and scaled so the mean distance of valid points
+    from the origin is 1; depth and translations are scaled alike.
+    """
+    H, W = scene.images.shape[1:3]
+    extr = torch.from_numpy(scene.extrinsics[idx]).double()
+    K = torch.from_numpy(scene.intrinsics[idx]).double()
+    depth = torch.from_numpy(scene.depth[idx].astype(np.float32)).double()
+    ref = torch.cat([extr[0], torch.tensor([[0, 0, 0, 1.0]], dtype=torch.float64)])
+    ref_inv = torch.linalg.inv(ref)
+    extr = extr @ ref_inv  # camera-from-(reference camera)
+    pts = unproject_depth(depth, extr, K, pixel_offset=0.5)
+    valid = depth > 0
+    scale = pts[valid].norm(dim=-1).mean().clamp(min=1e-6)
+    extr[..., 3] /= scale
+    depth, pts = depth / scale, pts / scale
+    enc = extri_intri_to_pose_encoding(extr[None], K[None], (H, W))[0]
+    return {
+        "images": torch.from_numpy(scene.images[idx]).permute(0, 3, 1, 2).float() / 255.0,
+        "pose_enc": enc.float(),
+        "depth": depth.float(),
+        "world_points": pts.float(),
+        "valid": valid,
+    }
+
+
+class ScenePool:
+    """Pre-rendered training scenes; each draw is a random frame subset with a random reference frame."""
+
+    def __init__(self, n_scenes: int, frames_per_scene: int, width: int, height: int, seed: int = 0) -> None:
+        self.scenes = [render_scene(TRAIN_SEED_BASE + seed * 100_000 + i, frames_per_scene, width, height) for i in range(n_scenes)]
+
+    def sample(self, rng: np.random.Generator, frames: int) -> dict[str, Tensor]:
+        """One normalised sample of ``frames`` frames."""
+        scene = self.scenes[int(rng.integers(len(self.scenes)))]
+        k = scene.images.shape[0]
+        idx = rng.choice(k, size=min(frames, k), replace=False).tolist()
+        return normalise(scene, idx)

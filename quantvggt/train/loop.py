@@ -1,0 +1,171 @@
+"""Resumable, seeded training loop for a small VGGT on synthetic scenes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from quantvggt.model import VGGT, VGGTConfig
+from quantvggt.train.data import ScenePool
+from quantvggt.train.losses import camera_loss, conf_regression_loss
+
+log = logging.getLogger(__name__)
+
+TINY_SYNTHETIC_CONFIG: dict[str, Any] = {
+    "aggregator": {"img_size": 112, "patch_size": 14, "embed_dim": 128, "depth": 6, "num_heads": 4, "patch_embed": "conv"},
+    "camera_head": {"dim_in": 256, "trunk_depth": 2, "num_heads": 4},
+    "depth_head": {"dim_in": 256, "output_dim": 2, "activation": "exp", "features": 32, "out_channels": [16, 32, 64, 64], "intermediate_layer_idx": [1, 3, 4, 5]},
+    "point_head": {"dim_in": 256, "output_dim": 4, "activation": "inv_log", "features": 32, "out_channels": [16, 32, 64, 64], "intermediate_layer_idx": [1, 3, 4, 5]},
+    "track_head": None,
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved beside its checkpoints)."""
+
+    model: dict[str, Any] = field(default_factory=lambda: json.loads(json.dumps(TINY_SYNTHETIC_CONFIG)))
+    steps: int = 20000
+    batch_size: int = 4
+    frames: tuple[int, int] = (3, 8)  # frames per sample, drawn uniformly in [lo, hi]
+    width: int = 112
+    height: int = 84
+    pool_scenes: int = 800
+    pool_frames: int = 12
+    lr: float = 3e-4
+    warmup: int = 300
+    weight_decay: float = 0.05
+    camera_weight: float = 5.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    threads: int = 1
+    save_every: int = 250
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        self.frames = tuple(self.frames)  # type: ignore[assignment]
+        if self.frames[0] < 2 or self.frames[1] < self.frames[0] or self.frames[1] > self.pool_frames:
+            raise ValueError(f"frames range {self.frames} must be within [2, pool_frames={self.pool_frames}]")
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+def save_checkpoint(out: Path, model: VGGT, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, rng: np.random.Generator) -> None:
+    """Write weights, config and optimiser state atomically (``*.tmp`` then rename)."""
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors.tmp"))
+    (out / "config.json.tmp").write_text(json.dumps(model.config.to_dict(), indent=1))
+    state = {"optimizer": opt.state_dict(), "step": torch.tensor(step), "torch_rng": torch.get_rng_state(),
+             "np_rng": json.dumps(rng.bit_generator.state)}
+    torch.save(state, out / "train_state.pt.tmp")
+    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    for name in ("model.safetensors", "config.json", "train_state.pt"):
+        os.replace(out / f"{name}.tmp", out / name)
+
+
+def plot_losses(log_path: Path, png: Path) -> None:
+    """Loss curves (total and per term, smoothed) from ``log.jsonl`` to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("loss", "camera", "depth", "points"):
+        ax.plot(steps, [r[key] for r in rows], label=key)
+    ax.set_yscale("symlog")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: Optional[float] = None) -> Path:
+    """Train (or resume) into ``out``; stops at ``cfg.steps`` or after ``max_minutes``. Returns ``out``."""
+    out = Path(out)
+    if (out / "train_config.json").is_file():
+        saved = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+        if cfg is not None and asdict(cfg) != asdict(saved):
+            log.warning("resuming with the saved train_config.json (the one passed differs)")
+        cfg = saved
+    cfg = cfg or TrainConfig()
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = VGGT(VGGTConfig.from_dict(cfg.model))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step = 0
+    if (out / "train_state.pt").is_file():
+        model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+        state = torch.load(out / "train_state.pt", weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.bit_generator.state = json.loads(state["np_rng"])
+        log.info("resumed at step %d", step)
+    t_pool = time.perf_counter()
+    pool = ScenePool(cfg.pool_scenes, cfg.pool_frames, cfg.width, cfg.height, cfg.seed)
+    log.info("rendered %d training scenes in %.0fs", cfg.pool_scenes, time.perf_counter() - t_pool)
+    model.train()
+    t0 = time.perf_counter()
+    log_path = out / "log.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    acc: dict[str, float] = {}
+    while step < cfg.steps:
+        if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
+            break
+        frames = int(rng.integers(cfg.frames[0], cfg.frames[1] + 1))
+        batch = [pool.sample(rng, frames) for _ in range(cfg.batch_size)]
+        b = {k: torch.stack([s[k] for s in batch]) for k in batch[0]}
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        tokens, psi = model.aggregator(b["images"])
+        poses = model.camera_head(tokens)
+        depth, depth_conf = model.depth_head(tokens, b["images"], psi)
+        pts, pts_conf = model.point_head(tokens, b["images"], psi)
+        l_cam = camera_loss(poses, b["pose_enc"])
+        l_depth = conf_regression_loss(depth, depth_conf, b["depth"][..., None], b["valid"])
+        l_pts = conf_regression_loss(pts, pts_conf, b["world_points"], b["valid"])
+        loss = cfg.camera_weight * l_cam + l_depth + l_pts
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        for k, v in (("loss", loss), ("camera", l_cam), ("depth", l_depth), ("points", l_pts)):
+            acc[k] = acc.get(k, 0.0) + float(v)
+        if step % cfg.log_every == 0:
+            row = {"step": step, **{k: v / cfg.log_every for k, v in acc.items()}, "lr": _lr_at(step, cfg),
+                   "elapsed_s": round(time.perf_counter() - t0, 1)}
+            with log_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("step %d loss %.4f (cam %.4f depth %.4f pts %.4f)", step, row["loss"], row["camera"], row["depth"], row["points"])
+            acc = {}
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            save_checkpoint(out, model, opt, step, cfg, rng)
+            plot_losses(log_path, out / "loss.png")
+    save_checkpoint(out, model, opt, step, cfg, rng)
+    if log_path.is_file():
+        plot_losses(log_path, out / "loss.png")
+    return out
