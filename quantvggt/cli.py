@@ -163,6 +163,34 @@ def cmd_select_calibration(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Float vs quantization recipes on a synthetic evaluation set; writes table.md/.csv, results.json, auc.png."""
+    from quantvggt import evaluate, synth
+    from quantvggt.calib import nfds
+
+    out = Path(args.out)
+    model = _load_any(args.model)
+    pool = Path(args.calibration_pool) if args.calibration_pool else synth.main(out / "calibration-pool", scenes=args.pool_scenes, frames=args.frames, seed=args.pool_seed, size=(224, 168))
+    manifest = nfds.main(model, [pool], out / "calibration.parquet", frames=args.frames, n_clusters=args.clusters,
+                         per_cluster=args.per_cluster, seed=args.seed, overwrite=True)
+    calib = nfds.load_selected(manifest, image_size=int(getattr(model, "image_size", 518)))
+    overrides = {"quantvggt": {"epochs": args.epochs}} if args.epochs is not None else {}
+    evaluate.main(lambda: _load_any(args.model), args.scenes, out, [r.strip() for r in args.recipes.split(",")], calib, overrides)
+    print((out / "table.md").read_text())
+    print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'auc.png'}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) the small synthetic-scene VGGT."""
+    from quantvggt.train.loop import TrainConfig, main as train_main
+
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads)
+    out = train_main(args.out, cfg, max_minutes=args.max_minutes)
+    print(f"checkpoint in {out} (loss curve: {out / 'loss.png'})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for all subcommands."""
     p = argparse.ArgumentParser(prog="quantvggt", description=__doc__)
@@ -194,6 +222,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=int, default=10)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_select_calibration)
+    s = sub.add_parser("evaluate", help="Table 1: float vs quantized recipes on synthetic scenes with ground truth")
+    s.add_argument("--model", required=True)
+    s.add_argument("--scenes", required=True, help="evaluation set (from `quantvggt synth`)")
+    s.add_argument("--recipes", default=",".join(__import__("quantvggt.evaluate", fromlist=["x"]).DEFAULT_RECIPES))
+    s.add_argument("--out", required=True)
+    s.add_argument("--calibration-pool", help="scene folders for NFDS (default: a fresh synthetic pool, seed --pool-seed)")
+    s.add_argument("--pool-scenes", type=int, default=40)
+    s.add_argument("--pool-seed", type=int, default=7)
+    s.add_argument("--frames", type=int, default=8)
+    s.add_argument("--clusters", type=int, default=5)
+    s.add_argument("--per-cluster", type=int, default=4)
+    s.add_argument("--epochs", type=int, help="block-reconstruction epochs for quantvggt recipes")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_evaluate)
+    s = sub.add_parser("train", help="train the small synthetic-scene VGGT (resumable)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--steps", type=int, default=12000)
+    s.add_argument("--max-minutes", type=float, default=None)
+    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_train)
     s = sub.add_parser("reconstruct", help="reconstruct scene folders into COLMAP sparse models")
     s.add_argument("scenes", nargs="+", help="scene folders of images")
     s.add_argument("--out", required=True)
