@@ -1,4 +1,7 @@
-"""Fast low-bit kernels, registered per device; ``dispatch`` returns ``None`` to use the plain-torch path."""
+"""Low-bit kernels, registered per device type. ``QuantLinear`` asks :func:`dispatch` for the device's forward;
+a kernel may return ``None`` for a layer it does not support, and the plain-torch path runs instead.
+Set ``QUANTVGGT_QLINEAR_BACKEND=fake`` (or ``int``) to force a reference path.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,31 @@ from typing import Callable, Optional
 
 from torch import Tensor, nn
 
-KernelFn = Callable[[nn.Module, Tensor], Tensor]
+KernelFn = Callable[[nn.Module, Tensor], Optional[Tensor]]
 _REGISTRY: dict[str, KernelFn] = {}
 
 
 def register(device_type: str, fn: KernelFn) -> None:
     """Register a QuantLinear forward implementation for a device type ("cuda", "cpu")."""
     _REGISTRY[device_type] = fn
+
+
+def _cuda(layer: nn.Module, x: Tensor) -> Optional[Tensor]:
+    try:
+        from quantvggt.kernels.triton_w4a4 import qlinear_forward
+    except ImportError:  # triton missing: torch path
+        return None
+    return qlinear_forward(layer, x)
+
+
+def _cpu(layer: nn.Module, x: Tensor) -> Optional[Tensor]:
+    from quantvggt.kernels.cpu import qlinear_forward
+
+    return qlinear_forward(layer, x)
+
+
+register("cuda", _cuda)
+register("cpu", _cpu)
 
 
 def dispatch(layer: nn.Module, x: Tensor) -> Optional[KernelFn]:

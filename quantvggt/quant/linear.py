@@ -105,11 +105,14 @@ class QuantLinear(nn.Module):
         backend = os.environ.get(BACKEND_ENV, self.backend)
         if backend == "int":
             return self.forward_int(x)
-        if backend in ("fake", "auto"):
+        if backend == "fake":
+            return self.forward_fake(x)
+        if backend == "auto":
             from quantvggt.kernels import dispatch
 
-            fn = dispatch(self, x) if backend == "auto" else None
-            return fn(self, x) if fn is not None else self.forward_fake(x)
+            fn = dispatch(self, x)
+            y = fn(self, x) if fn is not None else None
+            return y if y is not None else self.forward_fake(x)
         raise ValueError(f"unknown QuantLinear backend {backend!r}; choose from {BACKENDS}")
 
     def weight_bytes(self) -> int:

@@ -1,0 +1,152 @@
+"""Triton kernels: fused rotate-smooth-quantize of activations, and an int4/int8 weight GEMM with int32 accumulation.
+
+Each has a plain-torch reference in :mod:`quantvggt.kernels.reference`. Under ``TRITON_INTERPRET=1`` (CI, no GPU)
+loads are cast to fp32 and the kernels run on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _round_half_even(v):
+    r = tl.floor(v + 0.5)
+    tie = (r - v) == 0.5
+    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
+    return tl.where(tie & odd, r - 1.0, r)
+
+
+@triton.jit
+def _act_prep_kernel(x_ptr, signs_ptr, ascale_ptr, q_ptr, s_ptr, M, clip, sqrt_k,
+                     K: tl.constexpr, LOG2K: tl.constexpr, ROTATE: tl.constexpr, QMAX: tl.constexpr, BLOCK_M: tl.constexpr):
+    # x [M, K] -> q [M, K] int8, s [M] fp32 ; one program handles BLOCK_M full rows
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, K)
+    mask = rows[:, None] < M
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if ROTATE:
+        sg = tl.load(signs_ptr + cols).to(tl.float32)
+        x = x * sg[None, :]
+        for st in tl.static_range(LOG2K):  # Walsh-Hadamard butterflies, h = 1, 2, 4, ...
+            h: tl.constexpr = 1 << st
+            y = tl.reshape(x, (BLOCK_M, K // (2 * h), 2, h))
+            y = tl.permute(y, (0, 1, 3, 2))
+            a, b = tl.split(y)
+            y = tl.join(a + b, a - b)
+            y = tl.permute(y, (0, 1, 3, 2))
+            x = tl.reshape(y, (BLOCK_M, K))
+        x = x / sqrt_k
+    x = x * tl.load(ascale_ptr + cols).to(tl.float32)[None, :]
+    amax = tl.max(tl.abs(x), axis=1) * clip
+    scale = tl.maximum(amax, 1e-8) / QMAX
+    q = _round_half_even(x / scale[:, None])
+    q = tl.minimum(tl.maximum(q, -QMAX - 1.0), QMAX * 1.0)
+    tl.store(q_ptr + rows[:, None] * K + cols[None, :], q.to(tl.int8), mask=mask)
+    tl.store(s_ptr + rows, scale, mask=rows < M)
+
+
+def act_prep(x: Tensor, signs: Optional[Tensor], act_scale: Tensor, act_clip: float, bits: int, block_m: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """Fused Hadamard rotation (power-of-two widths) + pre-scale + per-token quantization -> (int8 ``[M,K]``, fp32 ``[M]``)."""
+    M, K = x.shape
+    if block_m is None:
+        block_m = 16 if INTERPRET else max(1, 4096 // K)  # keep a program's row tile within the register file
+    if K & (K - 1):
+        raise ValueError(f"the Triton activation kernel needs a power-of-two width, got {K}")
+    q = torch.empty((M, K), dtype=torch.int8, device=x.device)
+    s = torch.empty((M,), dtype=torch.float32, device=x.device)
+    sg = signs if signs is not None else act_scale  # dummy pointer when not rotating
+    grid = (triton.cdiv(M, block_m),)
+    _act_prep_kernel[grid](x.contiguous(), sg.contiguous(), act_scale.contiguous().float(), q, s, M, float(act_clip),
+                           math.sqrt(K), K=K, LOG2K=int(math.log2(K)), ROTATE=signs is not None, QMAX=2 ** (bits - 1) - 1, BLOCK_M=block_m)
+    return q, s
+
+
+def _gemm_configs() -> list:
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}, num_warps=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
+            (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 3),
+        ]
+    ]
+
+
+@triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _gemm_kernel(a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, M_BUCKET,
+                 PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CAST_F32: tl.constexpr):
+    # a [M, K] int8, w [N, K/2] uint8 (two int4 per byte, low nibble = even k) or [N, K] int8 -> out [M, N]
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
+        if PACKED:
+            rkh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            p = tl.load(w_ptr + rn[:, None] * (K // 2) + rkh[None, :], mask=(rn[:, None] < N) & (rkh[None, :] < K // 2), other=0)
+            p = p.to(tl.int32)
+            lo = ((p & 0xF) ^ 8) - 8
+            hi = (((p >> 4) & 0xF) ^ 8) - 8
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(tl.int8)  # unpack in registers (no int4 MMA on Hopper)
+        else:
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
+        if CAST_F32:  # interpreter: exact integer products in fp32 (|sum| < 2^24 for these tile sizes)
+            acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32))).to(tl.int32)
+        else:
+            acc += tl.dot(a, tl.trans(w))
+    a_s = tl.load(as_ptr + rm, mask=rm < M, other=0.0)
+    w_s = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+    y = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    omask = (rm[:, None] < M) & (rn[None, :] < N)
+    if OUT_BF16:
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(tl.bfloat16), mask=omask)
+    else:
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], y, mask=omask)
+
+
+def gemm(q: Tensor, w: Tensor, a_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor], packed: bool, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Quantized activations x (packed int4 | int8) weights with int32 accumulation and a scale/bias epilogue."""
+    M, K = q.shape
+    N = w.shape[0]
+    out = torch.empty((M, N), dtype=out_dtype, device=q.device)
+    bucket = 1 << max(0, (M - 1).bit_length())  # autotune per power-of-two M bucket
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
+
+    _gemm_kernel[grid](q.contiguous(), w.contiguous(), a_scale.contiguous().float(), w_scale.contiguous().float(),
+                       bias.float().contiguous() if bias is not None else w_scale, out, M, N, K, bucket,
+                       PACKED=packed, HAS_BIAS=bias is not None, OUT_BF16=out_dtype == torch.bfloat16, CAST_F32=INTERPRET)
+    return out
+
+
+def qlinear_forward(layer: torch.nn.Module, x: Tensor) -> Optional[Tensor]:
+    """QuantLinear forward on CUDA with the two kernels; ``None`` when the layer is not supported (torch path)."""
+    K = layer.in_features
+    if layer.a_bits >= 16 or (K & (K - 1)) or K % 64:
+        return None
+    shape = x.shape
+    x2 = x.reshape(-1, K)
+    q, s = act_prep(x2, layer.signs if layer.rotate else None, layer.act_scale, float(layer.act_clip), layer.a_bits)
+    y = gemm(q, layer.qweight, s, layer.w_scale, layer.bias, packed=layer.w_bits == 4,
+             out_dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
+    return y.reshape(*shape[:-1], layer.out_features).to(x.dtype)
