@@ -59,26 +59,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the embedded default model on the bundled sample images."""
-    samples = sorted((ASSETS / "samples").glob("*.png"))
-    ns = argparse.Namespace(model="demo-random", images=[str(p) for p in samples], mode="crop")
-    print("quantvggt demo: no trained model is shipped yet, so the numbers below come from seeded random weights;")
-    print("they show the full pipeline runs (preprocess -> VGGT -> cameras and depth), not reconstruction quality.")
-    return cmd_predict(ns)
-
-
 def _load_any(source: str) -> "torch.nn.Module":
-    """A float model source, a quantized checkpoint folder (has quant.json), or 'demo-random'."""
-    from quantvggt.model import load_vggt
+    """A float model source, a quantized checkpoint (folder or s3://, has quant.json), or 'demo-random'."""
+    from quantvggt.pipeline import load_model
 
     if source == "demo-random":
         return _demo_model()
-    if (Path(source) / "quant.json").is_file() or source.startswith("s3://") and source.rstrip("/").endswith("-quant"):
-        from quantvggt.quant import load_quantized
-
-        return load_quantized(source)
-    return load_vggt(source)
+    return load_model(source)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -196,8 +183,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="quantvggt", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("demo", help="run the default model on the bundled sample images")
-    s.set_defaults(func=cmd_demo)
     s = sub.add_parser("predict", help="run a VGGT model on images and print cameras and depth statistics")
     s.add_argument("images", nargs="+", help="image files")
     s.add_argument("--model", default="facebook/VGGT-1B", help="hub id, local file/folder, s3:// URI, or 'demo-random'")

@@ -1,17 +1,34 @@
-"""Object storage access (``s3://bucket/key``) through boto3; endpoint and credentials from the AWS chain.
+"""One storage interface over local folders and ``s3://bucket/prefix`` (boto3; S3-compatible endpoints work).
 
-``QUANTVGGT_S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL``) points at S3-compatible services such as MinIO or moto.
+Endpoint, region and credentials come from the standard AWS chain; ``QUANTVGGT_S3_ENDPOINT`` (or
+``AWS_ENDPOINT_URL``) points at MinIO, moto or another S3-compatible service.
+
+Writes are atomic: an object is first written under a temporary key and then copied into place (locally: a
+temporary file renamed). A result folder counts as done only when its completion record ``_COMPLETE.json``
+exists, written last, listing every file with its SHA-256; downloads verify the SHA-256 stored with each object.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
-from pathlib import Path
-from typing import Any
+import shutil
+import time
+import uuid
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Optional, TypeVar, Union
+
+from quantvggt.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+COMPLETE = "_COMPLETE.json"
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed after retries, or data failed verification."""
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -25,12 +42,281 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def s3_client() -> Any:
-    """A boto3 S3 client honouring ``QUANTVGGT_S3_ENDPOINT`` / ``AWS_ENDPOINT_URL`` and adaptive retries."""
+    """A boto3 S3 client honouring ``QUANTVGGT_S3_ENDPOINT`` / ``AWS_ENDPOINT_URL`` with adaptive retries."""
     import boto3
     from botocore.config import Config
 
     endpoint = os.environ.get("QUANTVGGT_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
     return boto3.client("s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 8, "mode": "adaptive"}))
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    """Streaming SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
+    """Call ``fn`` with exponential backoff on transient errors (connection problems, 5xx, throttling)."""
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, EndpointConnectionError
+
+    for i in range(attempts):
+        try:
+            return fn()
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+            if status < 500 and code not in ("Throttling", "SlowDown", "RequestTimeout") or i == attempts - 1:
+                raise
+            err: Exception = e
+        except (EndpointConnectionError, BotoConnectionError, ChecksumMismatch) as e:
+            if i == attempts - 1:
+                raise StorageError(f"{what}: {e}") from e
+            err = e
+        delay = base_delay * 2**i
+        log.warning("%s failed (%s); retrying in %.1fs", what, err, delay)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+class ChecksumMismatch(StorageError):
+    """Downloaded bytes do not match the stored SHA-256."""
+
+
+class Storage:
+    """Base interface; keys are '/'-separated paths relative to the storage root."""
+
+    root_uri: str
+
+    def uri(self, key: str = "") -> str:
+        """Full URI of ``key``."""
+        return self.root_uri.rstrip("/") + ("/" + key.lstrip("/") if key else "")
+
+    def list(self, prefix: str = "") -> list[str]:
+        """All keys under ``prefix`` (recursive), sorted."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        """Whether ``key`` exists."""
+        raise NotImplementedError
+
+    def read_bytes(self, key: str) -> bytes:
+        """Whole object."""
+        raise NotImplementedError
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Atomic write of a small object."""
+        raise NotImplementedError
+
+    def download(self, key: str, dest: Union[str, Path]) -> Path:
+        """Stream an object to a local file (checksum verified), written atomically."""
+        raise NotImplementedError
+
+    def upload(self, src: Union[str, Path], key: str) -> str:
+        """Stream a local file to ``key`` atomically; returns its SHA-256."""
+        raise NotImplementedError
+
+    def delete_prefix(self, prefix: str) -> None:
+        """Remove every key under ``prefix``."""
+        raise NotImplementedError
+
+    # -- folders with completion records ---------------------------------------------------------------------
+    def is_complete(self, prefix: str) -> bool:
+        """Whether ``prefix`` holds a finished result (its completion record exists)."""
+        return self.exists(f"{prefix.rstrip('/')}/{COMPLETE}")
+
+    def upload_dir(self, local: Union[str, Path], prefix: str, extra: Optional[dict] = None) -> dict:
+        """Upload a folder, then write its completion record last; returns the record."""
+        local = Path(local)
+        prefix = prefix.rstrip("/")
+        files = {}
+        for p in sorted(local.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(local).as_posix()
+                files[rel] = self.upload(p, f"{prefix}/{rel}")
+        record = {"files": files, "completed_at": time.time(), **(extra or {})}
+        self.write_bytes(f"{prefix}/{COMPLETE}", json.dumps(record, indent=1).encode())
+        return record
+
+    def download_dir(self, prefix: str, local: Union[str, Path]) -> Path:
+        """Download every object under ``prefix`` (keeping relative paths)."""
+        local = Path(local)
+        prefix = prefix.rstrip("/")
+        for key in self.list(prefix + "/"):
+            self.download(key, local / key[len(prefix) + 1 :])
+        return local
+
+
+class LocalStorage(Storage):
+    """A local folder."""
+
+    def __init__(self, root: Union[str, Path]) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root_uri = str(self.root)
+
+    def _p(self, key: str) -> Path:
+        return self.root / key.lstrip("/")
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = self._p(prefix)
+        start = base if base.is_dir() else base.parent
+        if not start.exists():
+            return []
+        keys = [p.relative_to(self.root).as_posix() for p in start.rglob("*") if p.is_file()]
+        return sorted(k for k in keys if k.startswith(prefix.lstrip("/")) and not PurePosixPath(k).name.startswith(".tmp-"))
+
+    def exists(self, key: str) -> bool:
+        return self._p(key).is_file()
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._p(key).read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        dest = self._p(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+    def download(self, key: str, dest: Union[str, Path]) -> Path:
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
+        shutil.copyfile(self._p(key), tmp)
+        os.replace(tmp, dest)
+        return dest
+
+    def upload(self, src: Union[str, Path], key: str) -> str:
+        dest = self._p(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
+        shutil.copyfile(src, tmp)
+        digest = sha256_file(tmp)
+        os.replace(tmp, dest)
+        return digest
+
+    def delete_prefix(self, prefix: str) -> None:
+        p = self._p(prefix)
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.is_file():
+            p.unlink()
+
+
+class S3Storage(Storage):
+    """``s3://bucket/prefix``."""
+
+    def __init__(self, uri: str) -> None:
+        self.bucket, base = parse_s3_uri(uri)
+        self.base = base.strip("/")
+        self.root_uri = f"s3://{self.bucket}/{self.base}".rstrip("/")
+        self.client = s3_client()
+
+    def _k(self, key: str) -> str:
+        key = key.lstrip("/")
+        return f"{self.base}/{key}" if self.base else key
+
+    def list(self, prefix: str = "") -> list[str]:
+        out = []
+        full = self._k(prefix)
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in retry(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)), f"list {self.uri(prefix)}"):
+            for obj in page.get("Contents", []):
+                k = obj["Key"][len(self.base) + 1 :] if self.base else obj["Key"]
+                if not k.startswith(".tmp/"):
+                    out.append(k)
+        return sorted(out)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            retry(lambda: self.client.head_object(Bucket=self.bucket, Key=self._k(key)), f"head {self.uri(key)}")
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def read_bytes(self, key: str) -> bytes:
+        return retry(lambda: self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read(), f"get {self.uri(key)}")
+
+    def _commit(self, tmp_key: str, key: str) -> None:
+        retry(lambda: self.client.copy_object(Bucket=self.bucket, Key=self._k(key), CopySource={"Bucket": self.bucket, "Key": tmp_key},
+                                              MetadataDirective="COPY"), f"commit {self.uri(key)}")
+        retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=tmp_key), f"cleanup {tmp_key}")
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        tmp_key = self._k(f".tmp/{uuid.uuid4().hex}")
+        digest = hashlib.sha256(data).hexdigest()
+        retry(lambda: self.client.put_object(Bucket=self.bucket, Key=tmp_key, Body=data, Metadata={"sha256": digest}), f"put {self.uri(key)}")
+        self._commit(tmp_key, key)
+
+    def download(self, key: str, dest: Union[str, Path]) -> Path:
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def once() -> Path:
+            tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
+            self.client.download_file(self.bucket, self._k(key), str(tmp))  # streamed, multipart for large objects
+            want = self.client.head_object(Bucket=self.bucket, Key=self._k(key)).get("Metadata", {}).get("sha256")
+            if want and sha256_file(tmp) != want:
+                tmp.unlink(missing_ok=True)
+                raise ChecksumMismatch(f"{self.uri(key)}: SHA-256 mismatch after download")
+            os.replace(tmp, dest)
+            return dest
+
+        return retry(once, f"download {self.uri(key)}")
+
+    def upload(self, src: Union[str, Path], key: str) -> str:
+        digest = sha256_file(src)
+        tmp_key = self._k(f".tmp/{uuid.uuid4().hex}")
+        retry(lambda: self.client.upload_file(str(src), self.bucket, tmp_key, ExtraArgs={"Metadata": {"sha256": digest}}), f"upload {self.uri(key)}")
+        self._commit(tmp_key, key)
+        return digest
+
+    def delete_prefix(self, prefix: str) -> None:
+        for k in self.list(prefix):
+            retry(lambda k=k: self.client.delete_object(Bucket=self.bucket, Key=self._k(k)), f"delete {k}")
+
+
+def open_storage(uri: Union[str, Path]) -> Storage:
+    """Storage for a local folder or an ``s3://`` URI."""
+    uri = str(uri)
+    return S3Storage(uri) if uri.startswith("s3://") else LocalStorage(uri)
+
+
+def split_uri(uri: str) -> tuple[Storage, str]:
+    """(storage of the parent, last path component) — e.g. a scene URI into its inbox and scene name."""
+    uri = str(uri).rstrip("/")
+    parent, _, name = uri.rpartition("/")
+    if not name:
+        raise ValueError(f"{uri}: cannot split into parent and name")
+    return open_storage(parent or "/"), name
+
+
+def find_scenes(storage: Storage, prefix: str = "") -> list[str]:
+    """Scene prefixes under ``prefix``: folders that directly hold image files (case-insensitive extensions)."""
+    scenes = set()
+    for key in storage.list(prefix):
+        p = PurePosixPath(key)
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith((".", "_")) for part in p.parts[:-1]):
+            scenes.add(str(p.parent))
+    return sorted(scenes)
+
+
+def fetch_scene(storage: Storage, scene: str, local: Union[str, Path]) -> Path:
+    """Download the files directly inside ``scene`` (not its subfolders) into folder ``local``."""
+    local = Path(local)
+    local.mkdir(parents=True, exist_ok=True)
+    for key in storage.list(scene.rstrip("/") + "/"):
+        rel = key[len(scene.rstrip("/")) + 1 :]
+        if "/" not in rel:
+            storage.download(key, local / rel)
+    return local
 
 
 def cache_dir() -> Path:
@@ -41,32 +327,22 @@ def cache_dir() -> Path:
 def download_to_cache(uri: str) -> Path:
     """Download an object, or every object under a prefix, into the cache; return the local path.
 
-    Files are fetched to a temporary name and renamed, so an interrupted download is never reused.
+    A cached copy is reused only when its recorded SHA-256 matches the stored object's.
     """
     bucket, key = parse_s3_uri(uri)
-    client = s3_client()
-    root = cache_dir() / "s3" / bucket
-    keys: list[str] = []
-    paginator = client.get_paginator("list_objects_v2")
-    prefix = key.rstrip("/")
-    for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            k = obj["Key"]
-            if k == prefix or k.startswith(prefix + "/"):
-                keys.append(k)
+    st = S3Storage(f"s3://{bucket}")
+    key = key.rstrip("/")
+    keys = [k for k in st.list(key) if k == key or k.startswith(key + "/")]
     if not keys:
         raise FileNotFoundError(f"{uri}: no such object or prefix")
+    root = cache_dir() / "s3" / bucket
     for k in keys:
         dest = root / k
-        head = client.head_object(Bucket=bucket, Key=k)
-        etag = head.get("ETag", "").strip('"')
-        stamp = dest.with_name(dest.name + ".etag")
-        if dest.is_file() and stamp.is_file() and stamp.read_text() == etag:
+        stamp = dest.with_name(dest.name + ".sha256")
+        head = retry(lambda k=k: st.client.head_object(Bucket=bucket, Key=k), f"head {k}")
+        want = head.get("Metadata", {}).get("sha256") or head.get("ETag", "").strip('"')
+        if dest.is_file() and stamp.is_file() and stamp.read_text() == want:
             continue
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.{hashlib.sha1(os.urandom(8)).hexdigest()[:8]}.part")
-        log.info("downloading s3://%s/%s", bucket, k)
-        client.download_file(bucket, k, str(tmp))
-        tmp.replace(dest)
-        stamp.write_text(etag)
-    return root / prefix
+        st.download(k, dest)
+        stamp.write_text(want)
+    return root / key

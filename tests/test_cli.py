@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 
-def test_demo_runs_and_prints_predictions() -> None:
-    out = subprocess.run([sys.executable, "-m", "quantvggt.cli", "demo"], capture_output=True, text=True, timeout=300)
+def test_predict_runs_on_bundled_samples() -> None:
+    from quantvggt.cli import ASSETS
+
+    imgs = [str(p) for p in sorted((ASSETS / "samples").glob("*.png"))]
+    out = subprocess.run([sys.executable, "-m", "quantvggt.cli", "predict", *imgs, "--model", "demo-random"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "frame_00.png" in out.stdout and "frame_02.png" in out.stdout
     assert "random weights" in out.stdout

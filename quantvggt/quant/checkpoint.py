@@ -70,11 +70,11 @@ def read_quant_meta(path: Union[str, Path]) -> dict[str, Any]:
 
 def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> VGGT:
     """Load a folder written by :func:`save_quantized`; outputs are bit-identical to the saved model's."""
-    path = Path(path)
     if str(path).startswith("s3://"):
         from quantvggt.storage import download_to_cache
 
         path = download_to_cache(str(path))
+    path = Path(path)
     doc = read_quant_meta(path)
     config = VGGTConfig.from_dict(doc["model_config"])
     with torch.device("meta"):

@@ -19,10 +19,11 @@ def test_kron_hadamard_equals_fwht(K: int) -> None:
 
 @pytest.mark.parametrize("bits", [(4, 4), (4, 8), (6, 6), (8, 8), (4, 16)])
 @pytest.mark.parametrize("K", [128, 96])  # 96: Paley construction falls back to the structured transform
-def test_cpu_path_matches_integer_reference(bits: tuple[int, int], K: int) -> None:
+@pytest.mark.parametrize("tokens", [33, 300])  # below / above the fbgemm threshold
+def test_cpu_path_matches_integer_reference(bits: tuple[int, int], K: int, tokens: int) -> None:
     torch.manual_seed(0)
     ql = FakeQuantLinear(nn.Linear(K, 48), *bits, random_signs(K, 0), torch.rand(K) + 0.5).to_quant_linear()
-    x = torch.randn(3, 11, K)
+    x = torch.randn(3, tokens // 3, K)
     y, want = qlinear_forward(ql, x), ql.forward_int(x)
     # the two rotations round differently, so a near-tie level may flip; compare by relative error
     rel = (y - want).norm() / want.norm()

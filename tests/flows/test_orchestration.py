@@ -1,0 +1,106 @@
+"""End to end over a real S3 endpoint (moto server): quantize once, reconstruct on Ray, skip finished, retry dead workers."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import boto3
+import pycolmap
+import pyarrow.parquet as pq
+import pytest
+
+from quantvggt.storage import open_storage
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():  # noqa: ANN201
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield
+
+
+@pytest.fixture(scope="module")
+def ray_local():  # noqa: ANN201
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A bucket with two good synthetic scenes, one broken scene, and a quantized tiny checkpoint."""
+    from quantvggt import synth
+    from quantvggt.quant import get_recipe, quantize_, save_quantized
+    from tests.conftest import sane_tiny_model
+
+    tmp = tmp_path_factory.mktemp("orch")
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="lake")
+    st = open_storage("s3://lake")
+    scenes = synth.main(tmp / "inbox", scenes=2, frames=4, seed=11, size=(112, 84))
+    for p in sorted(scenes.rglob("*.png")):
+        st.upload(p, f"inbox/{p.relative_to(scenes).as_posix()}")
+    st.write_bytes("inbox/scene_broken/corrupt.png", (scenes / "scene_000" / "frame_000.png").read_bytes()[:64])
+    st.write_bytes("inbox/scene_broken/empty.jpg", b"")
+    model = sane_tiny_model()
+    model.image_size = 112
+    quantize_(model, get_recipe("quarot-w4a4"))
+    ckpt = save_quantized(model, tmp / "ckpt")
+    st.upload_dir(ckpt, "models/tiny-w4a4")
+    return "s3://lake"
+
+
+def _rows(manifest: str) -> dict[str, dict]:
+    st = open_storage(manifest.rpartition("/_manifests/")[0])
+    key = "_manifests/" + manifest.rpartition("/_manifests/")[2]
+    return {r["scene"]: r for r in pq.read_table(io.BytesIO(st.read_bytes(key))).to_pylist()}
+
+
+def test_reconstruct_flow_over_s3(bucket: str, prefect_harness, ray_local, tmp_path: Path) -> None:  # noqa: ANN001
+    from flows.reconstruct import reconstruct
+
+    out = f"{bucket}/out"
+    empty = tmp_path / "empty_scene"
+    empty.mkdir()
+    manifest = reconstruct(scenes=[f"{bucket}/inbox", str(empty)], checkpoint=f"{bucket}/models/tiny-w4a4", out=out,
+                           options={"max_points": 300}, num_workers=2)
+    rows = _rows(manifest)
+    assert rows["scene_000"]["status"] == rows["scene_001"]["status"] == "done", {k: v["error"] for k, v in rows.items()}
+    assert rows["scene_broken"]["status"] == "failed" and "needs at least 2 usable images" in rows["scene_broken"]["error"]
+    assert rows["empty_scene"]["status"] == "failed"
+    st = open_storage(out)
+    assert st.is_complete("scene_000") and st.is_complete("scene_001") and not st.is_complete("scene_broken")
+    local = st.download_dir("scene_000", tmp_path / "dl")
+    rec = pycolmap.Reconstruction(str(local / "sparse" / "0"))
+    assert rec.num_reg_images() == 4 and rec.num_points3D() == 300
+    # rerun: finished scenes are skipped, not recomputed
+    again = _rows(reconstruct(scenes=[f"{bucket}/inbox"], checkpoint=f"{bucket}/models/tiny-w4a4", out=out, num_workers=2))
+    assert again["scene_000"]["status"] == "skipped" and again["scene_001"]["status"] == "skipped"
+    assert again["scene_broken"]["status"] == "failed"
+
+
+def test_dead_worker_scene_is_retried_and_written_once(bucket: str, ray_local) -> None:  # noqa: ANN001
+    import ray
+
+    from workers.reconstruct import run_scenes
+
+    killed = []
+
+    def kill_first(actor, scene: str, attempt: int) -> None:  # noqa: ANN001
+        if not killed:
+            killed.append(scene)
+            ray.kill(actor, no_restart=True)  # the worker dies while its scene is in flight
+
+    out = f"{bucket}/out-retry"
+    rows = run_scenes([f"{bucket}/inbox/scene_000", f"{bucket}/inbox/scene_001"], f"{bucket}/models/tiny-w4a4", out,
+                      num_workers=2, on_dispatch=kill_first)
+    by = {r["scene"]: r for r in rows}
+    victim = killed[0].rpartition("/")[2]
+    assert len(rows) == 2 and by[victim]["status"] == "done" and by[victim]["attempt"] == 2
+    st = open_storage(out)
+    assert st.is_complete(victim)
+    assert [k for k in st.list(victim + "/") if k.endswith("_COMPLETE.json")] == [f"{victim}/_COMPLETE.json"]

@@ -1,0 +1,67 @@
+"""Local and S3 (moto server on 127.0.0.1) storage behind one interface."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+
+from quantvggt.storage import COMPLETE, StorageError, find_scenes, fetch_scene, open_storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
+    if request.param == "local":
+        return open_storage(tmp_path / "root")
+    endpoint = request.getfixturevalue("s3_endpoint")
+    bucket = f"b{abs(hash(str(tmp_path))) % 10**8}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+    return open_storage(f"s3://{bucket}/base")
+
+
+def test_bytes_files_and_listing(store, tmp_path: Path) -> None:  # noqa: ANN001
+    store.write_bytes("a/b.txt", b"hello")
+    assert store.read_bytes("a/b.txt") == b"hello" and store.exists("a/b.txt") and not store.exists("a/c.txt")
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * 40_000)  # 10 MB: multipart on S3
+    digest = store.upload(big, "x/big.bin")
+    back = store.download("x/big.bin", tmp_path / "dl" / "big.bin")
+    assert back.read_bytes() == big.read_bytes() and len(digest) == 64
+    assert store.list() == ["a/b.txt", "x/big.bin"]  # temporary keys are never listed
+    store.delete_prefix("x/")
+    assert store.list() == ["a/b.txt"]
+
+
+def test_completion_record_written_last(store, tmp_path: Path) -> None:  # noqa: ANN001
+    d = tmp_path / "res"
+    (d / "sparse" / "0").mkdir(parents=True)
+    (d / "sparse" / "0" / "cameras.bin").write_bytes(b"cam")
+    (d / "report.json").write_text("{}")
+    assert not store.is_complete("scene1")
+    rec = store.upload_dir(d, "scene1", extra={"images": 3})
+    assert store.is_complete("scene1") and rec["images"] == 3
+    assert set(json.loads(store.read_bytes(f"scene1/{COMPLETE}"))["files"]) == {"sparse/0/cameras.bin", "report.json"}
+
+
+def test_scene_discovery_and_fetch(store, tmp_path: Path) -> None:  # noqa: ANN001
+    for k in ("inbox/s1/a.JPG", "inbox/s1/b.png", "inbox/s1/gt/depth.npy", "inbox/s2/c.webp", "inbox/_tmp/x.png", "inbox/readme.txt"):
+        store.write_bytes(k, b"data")
+    assert find_scenes(store, "inbox/") == ["inbox/s1", "inbox/s2"]
+    local = fetch_scene(store, "inbox/s1", tmp_path / "s1")
+    assert sorted(p.name for p in local.iterdir()) == ["a.JPG", "b.png"]
+
+
+def test_s3_checksum_mismatch_detected(s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="corrupt")
+    st = open_storage("s3://corrupt")
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"original")
+    st.upload(f, "f.bin")
+    s3.put_object(Bucket="corrupt", Key="f.bin", Body=b"tampered", Metadata={"sha256": "0" * 64})
+    monkeypatch.setattr("quantvggt.storage.time.sleep", lambda s: None)
+    with pytest.raises(StorageError, match="SHA-256 mismatch"):
+        st.download("f.bin", tmp_path / "out.bin")
+    assert not (tmp_path / "out.bin").exists()
