@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/quantvggt demo
+	$(VENV)/bin/quantvggt demo --out demo-out
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -22,8 +22,9 @@ from quantvggt.train.losses import camera_loss, conf_regression_loss
 log = logging.getLogger(__name__)
 
 TINY_SYNTHETIC_CONFIG: dict[str, Any] = {
-    "aggregator": {"img_size": 112, "patch_size": 14, "embed_dim": 128, "depth": 6, "num_heads": 4, "patch_embed": "conv"},
-    "camera_head": {"dim_in": 256, "trunk_depth": 2, "num_heads": 4},
+    # layer scale 0.1 (upstream 0.01): a small model trained briefly from scratch needs its blocks to matter early
+    "aggregator": {"img_size": 112, "patch_size": 14, "embed_dim": 128, "depth": 6, "num_heads": 4, "patch_embed": "conv", "init_values": 0.1},
+    "camera_head": {"dim_in": 256, "trunk_depth": 2, "num_heads": 4, "init_values": 0.1},
     "depth_head": {"dim_in": 256, "output_dim": 2, "activation": "exp", "features": 32, "out_channels": [16, 32, 64, 64], "intermediate_layer_idx": [1, 3, 4, 5]},
     "point_head": {"dim_in": 256, "output_dim": 4, "activation": "inv_log", "features": 32, "out_channels": [16, 32, 64, 64], "intermediate_layer_idx": [1, 3, 4, 5]},
     "track_head": None,
@@ -42,7 +43,7 @@ class TrainConfig:
     height: int = 84
     pool_scenes: int = 800
     pool_frames: int = 12
-    lr: float = 3e-4
+    lr: float = 5e-4
     warmup: int = 300
     weight_decay: float = 0.05
     camera_weight: float = 5.0
