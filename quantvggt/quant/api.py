@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from quantvggt.quant.calibrate import as_batch, collect_input_absmax, reconstruct_aggregator, smoothing_scales, _set_module
 from quantvggt.quant.config import QuantConfig, QuantVGGTConfig
 from quantvggt.quant.hadamard import HadamardPlan, random_signs, rotate
-from quantvggt.quant.linear import FakeQuantLinear, QuantLinear
+from quantvggt.quant.linear import FakeQuantLinear, QuantConv2d, QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,21 @@ def select_targets(model: nn.Module, config: QuantConfig) -> dict[str, tuple[nn.
             if fnmatch.fnmatch(name, pattern):
                 w, a = bits
         out[name] = (mod, w, a)
-    if not out:
+    if not out and "dpt_heads" not in config.scope:
         raise ValueError(f"scope {config.scope} selects no linear layers in this model")
     return out
+
+
+def select_convs(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
+    """Convolutions of the DPT heads (depth, point, track feature extractor) when ``dpt_heads`` is in scope."""
+    if "dpt_heads" not in config.scope:
+        return {}
+    prefixes = ("depth_head.", "point_head.", "track_head.feature_extractor.")
+    return {
+        n: m for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and n.startswith(prefixes) and m.groups == 1 and tuple(m.dilation) == (1, 1)
+        and (not isinstance(m, nn.ConvTranspose2d) or tuple(m.output_padding) == (0, 0))
+    }
 
 
 @torch.no_grad()
@@ -217,6 +229,14 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Itera
             "bias": ql.bias is not None, "rotate": ql.rotate,
             "block_loss": list(block_loss[blk]) if blk in block_loss else None,
         }
+    conv_bits = 8 if config.w_bits == 8 else 4
+    convs: dict[str, dict[str, Any]] = {}
+    for n, conv in select_convs(model, config).items():
+        qc = QuantConv2d.from_float(conv, conv_bits)
+        _set_module(model, n, qc)
+        convs[n] = {"in_channels": qc.in_channels, "out_channels": qc.out_channels, "kernel_size": list(qc.kernel_size),
+                    "stride": list(qc.stride), "padding": list(qc.padding), "bias": qc.bias is not None, "w_bits": conv_bits,
+                    "transposed": qc.transposed}
     model.train(was_training)
     by_comp = model_bytes(model)
     report = QuantReport(
@@ -224,6 +244,6 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Itera
         fp32_bytes=fp32_bytes, fp16_bytes=fp32_bytes // 2, quantized_bytes=sum(by_comp.values()), bytes_16bit=bytes_at_16bit(model),
         calibration_ids=ids, seconds=time.perf_counter() - t0,
     )
-    model.quant_meta = {"config": config.to_dict(), "layers": layers, "calibration_ids": ids, "source_sha256": sha}  # type: ignore[assignment]
+    model.quant_meta = {"config": config.to_dict(), "layers": layers, "convs": convs, "calibration_ids": ids, "source_sha256": sha}  # type: ignore[assignment]
     log.info("quantized %d layers with %s in %.1fs (%.2fx smaller than fp16)", len(layers), config.name, report.seconds, report.compression_vs_fp16)
     return report

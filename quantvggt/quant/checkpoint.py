@@ -18,7 +18,7 @@ from quantvggt.model.config import VGGTConfig
 from quantvggt.model.loading import CheckpointError, _strict_load
 from quantvggt.model.vggt import VGGT
 from quantvggt.quant.calibrate import _set_module
-from quantvggt.quant.linear import QuantLinear
+from quantvggt.quant.linear import QuantConv2d, QuantLinear
 
 FORMAT = "quantvggt-checkpoint"
 FORMAT_VERSION = 1
@@ -82,6 +82,10 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
         for name, spec in doc["layers"].items():
             ql = QuantLinear(spec["in_features"], spec["out_features"], spec["w_bits"], spec["a_bits"], spec["bias"], spec["rotate"])
             _set_module(model, name, ql)
+        for name, spec in doc.get("convs", {}).items():
+            qc = QuantConv2d(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]), tuple(spec["stride"]),
+                             tuple(spec["padding"]), spec["bias"], spec["w_bits"], spec["transposed"])
+            _set_module(model, name, qc)
     weights = path / "model.safetensors"
     try:
         sd = load_file(str(weights))
@@ -89,7 +93,7 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
         raise CheckpointError(f"{weights}: cannot read ({type(e).__name__}: {e})") from e
     _strict_load(model, sd, str(weights))
     model.aggregator.reset_buffers()
-    model.quant_meta = {k: doc[k] for k in ("config", "layers", "calibration_ids", "source_sha256")}  # type: ignore[assignment]
+    model.quant_meta = {k: doc.get(k, {}) for k in ("config", "layers", "convs", "calibration_ids", "source_sha256")}  # type: ignore[assignment]
     model.source = doc.get("model_source")  # type: ignore[assignment]
     model.image_size = int(doc.get("image_size", 518))  # type: ignore[assignment]
     return model.eval().to(device)

@@ -7,7 +7,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-SCOPES = ("aggregator", "patch_embed", "camera_head")
+SCOPES = ("aggregator", "patch_embed", "camera_head", "dpt_heads")
 VALID_BITS = (4, 6, 8, 16)
 
 

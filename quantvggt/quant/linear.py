@@ -195,3 +195,57 @@ class FakeQuantLinear(nn.Module):
         if self.bias is not None:
             ql.bias = self.bias.clone()
         return ql.to(self.w_rot.device)
+
+
+class QuantConv2d(nn.Module):
+    """Weight-only quantized (transposed) 2-D convolution: packed int4/int8 weights per output channel, float activations.
+
+    Used for the DPT heads, whose cost is memory rather than GEMM time; weights are dequantized per call.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
+                 padding: tuple[int, int], bias: bool, w_bits: int, transposed: bool) -> None:
+        super().__init__()
+        if w_bits not in (4, 8):
+            raise ValueError(f"QuantConv2d supports 4 or 8 weight bits, got {w_bits}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
+        self.w_bits, self.transposed = w_bits, transposed
+        fan = in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self.fan = fan
+        padded = fan + (fan % 2 if w_bits == 4 else 0)
+        self.register_buffer("qweight", torch.zeros(out_channels, padded // 2 if w_bits == 4 else padded, dtype=torch.uint8 if w_bits == 4 else torch.int8))
+        self.register_buffer("w_scale", torch.ones(out_channels))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+
+    @staticmethod
+    def from_float(conv: nn.Module, w_bits: int) -> "QuantConv2d":
+        """Quantize an ``nn.Conv2d`` / ``nn.ConvTranspose2d`` (groups=1, dilation=1) per output channel (RTN)."""
+        transposed = isinstance(conv, nn.ConvTranspose2d)
+        w = conv.weight.detach().float()
+        if transposed:
+            w = w.transpose(0, 1)  # [in, out, kh, kw] -> [out, in, kh, kw]
+        q = QuantConv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.bias is not None, w_bits, transposed)
+        flat = w.reshape(w.shape[0], -1)
+        levels, scale = qz.per_channel_weight_quant(flat, w_bits)
+        if flat.shape[1] != q.qweight.shape[1] * (2 if w_bits == 4 else 1):
+            levels = F.pad(levels, (0, 1))
+        q.qweight = qz.pack_int4(levels.to(torch.int8)) if w_bits == 4 else levels.to(torch.int8)
+        q.w_scale = scale.float()
+        if conv.bias is not None:
+            q.bias = conv.bias.detach().float().clone()
+        return q.to(conv.weight.device)
+
+    def weight(self) -> Tensor:
+        """Dequantized weight in the float module's layout."""
+        lv = qz.unpack_int4(self.qweight) if self.w_bits == 4 else self.qweight
+        w = (lv[:, : self.fan].float() * self.w_scale[:, None]).reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        return w.transpose(0, 1) if self.transposed else w
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Convolution with transiently dequantized weights."""
+        w = self.weight().to(x.dtype)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        if self.transposed:
+            return F.conv_transpose2d(x, w, b, self.stride, self.padding)
+        return F.conv2d(x, w, b, self.stride, self.padding)

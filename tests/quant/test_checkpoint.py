@@ -39,3 +39,23 @@ def test_load_errors(tmp_path: Path) -> None:
         load_quantized(tmp_path)
     with pytest.raises(ValueError, match="not quantized"):
         save_quantized(torch.nn.Module(), tmp_path / "x")  # type: ignore[arg-type]
+
+
+def test_dpt_heads_weight_only_round_trip(tiny_model: VGGT, tmp_path: Path) -> None:
+    import copy
+
+    from quantvggt.quant.linear import QuantConv2d
+
+    ref = copy.deepcopy(tiny_model)
+    rep = quantize_(tiny_model, get_recipe("rtn-w4a16", scope=("aggregator", "dpt_heads")))
+    convs = [m for m in tiny_model.modules() if isinstance(m, QuantConv2d)]
+    assert len(convs) == 2 * 32 and any(c.transposed for c in convs)  # every conv of both DPT heads, incl. ConvTranspose
+    assert rep.bytes_by_component["depth_head"] < 0.4 * 4 * sum(p.numel() for p in ref.depth_head.parameters())
+    x = torch.rand(2, 3, 28, 42)
+    with torch.no_grad():
+        a, want = tiny_model(x), ref(x)
+    rel = float((a["depth"] - want["depth"]).norm() / want["depth"].norm())
+    assert rel < 0.05, rel
+    loaded = load_quantized(save_quantized(tiny_model, tmp_path / "q"))
+    with torch.no_grad():
+        assert torch.equal(loaded(x)["world_points"], a["world_points"])
