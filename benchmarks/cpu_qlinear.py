@@ -46,13 +46,13 @@ def layers(M: int, repeat: int) -> None:
         with torch.no_grad():
             t_fp = bench(lambda: F.linear(x, lin.weight, lin.bias), repeat)
             t_q = bench(lambda: ql(x), repeat)
-            t_r = bench(lambda: ref(x), repeat)
+            t_r = bench(lambda: ref(x), repeat) if ref is not None else float("nan")
         wb = K * N * 4
         qb = ql.qweight.numel() + 4 * N + 4 * K + K
         print(f"| {K}x{N} | {t_fp * 1e3:.1f} | {t_q * 1e3:.1f} | {t_r * 1e3:.1f} | {t_fp / t_q:.2f}x | {t_r / t_q:.2f}x | {wb / 1e6:.1f} MB / {qb / 1e6:.2f} MB |")
 
 
-def whole_model(arch: str, frames_list: list[int], side: int, repeat: int) -> None:
+def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, with_reference: bool = True) -> None:
     """Whole-model latency for float, ours (quantvggt-w4a4 weights, RTN-speed identical) and the reference approach."""
     torch.manual_seed(0)
     if arch == "tiny":
@@ -62,9 +62,9 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int) -> No
     base = VGGT(cfg).eval()
     q = copy.deepcopy(base)
     quantize_(q, get_recipe("quarot-w4a4", scope=("aggregator", "patch_embed") if arch == "1b" else ("aggregator",)))
-    ref = to_reference(copy.deepcopy(q))
+    ref = to_reference(copy.deepcopy(q)) if with_reference else None
     print(f"whole model {arch}, {side}x{side} px, threads={torch.get_num_threads()}; state MB: float {state_bytes(base) / 1e6:.1f}, "
-          f"ours {state_bytes(q) / 1e6:.1f}, reference {state_bytes(ref) / 1e6:.1f}")
+          f"ours {state_bytes(q) / 1e6:.1f}" + (f", reference {state_bytes(ref) / 1e6:.1f}" if ref is not None else ""))
     print("| frames | fp32 s | 4-bit (ours) s | reference s | ours vs fp32 | ours vs reference | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     import resource
@@ -74,7 +74,7 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int) -> No
         with torch.no_grad():
             t_fp = bench(lambda: base(x), repeat)
             t_q = bench(lambda: q(x), repeat)
-            t_r = bench(lambda: ref(x), repeat)
+            t_r = bench(lambda: ref(x), repeat) if ref is not None else float("nan")
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"| {S} | {t_fp:.3f} | {t_q:.3f} | {t_r:.3f} | {t_fp / t_q:.2f}x | {t_r / t_q:.2f}x | {rss:.0f} |")
 
@@ -89,6 +89,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference approach (it needs ~2x the float model's memory)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,7 +97,7 @@ def main() -> None:
         layers(args.tokens, args.repeat)
     if args.model:
         side = args.side or (224 if args.model == "tiny" else 112)
-        whole_model(args.model, [int(f) for f in args.frames.split(",")], side, args.repeat)
+        whole_model(args.model, [int(f) for f in args.frames.split(",")], side, args.repeat, not args.no_reference)
 
 
 if __name__ == "__main__":

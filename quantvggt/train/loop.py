@@ -47,6 +47,7 @@ class TrainConfig:
     warmup: int = 300
     weight_decay: float = 0.05
     camera_weight: float = 5.0
+    dense_weight: float = 1.0
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 1
@@ -148,7 +149,7 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
         l_cam = camera_loss(poses, b["pose_enc"])
         l_depth = conf_regression_loss(depth, depth_conf, b["depth"][..., None], b["valid"])
         l_pts = conf_regression_loss(pts, pts_conf, b["world_points"], b["valid"])
-        loss = cfg.camera_weight * l_cam + l_depth + l_pts
+        loss = cfg.camera_weight * l_cam + cfg.dense_weight * (l_depth + l_pts)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
