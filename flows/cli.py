@@ -5,13 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from typing import Optional, Sequence
 
 from quantvggt import cli as lib_cli
-
-log = logging.getLogger("quantvggt")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -105,14 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, RuntimeError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
+    """Entry point of the ``quantvggt`` console script."""
+    return lib_cli.main(argv, build_parser())
 
 
 if __name__ == "__main__":

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +12,7 @@ from typing import Any, Optional, Union
 import numpy as np
 import torch
 
+from quantvggt.fsutil import atomic_dir
 from quantvggt.geometry import pose_encoding_to_extri_intri, unproject_depth
 from quantvggt.images import ImageLoadError, ImageTransform, list_images, load_and_preprocess, open_image
 
@@ -245,11 +243,8 @@ def to_colmap(pred: ScenePrediction, options: Optional[ReconstructionOptions] = 
 def write_scene(pred: ScenePrediction, rec: Any, out_root: Union[str, Path], options: Optional[ReconstructionOptions] = None) -> Path:
     """Write ``OUT/<scene>/sparse/0`` and ``report.json`` via a temporary folder renamed into place."""
     options = options or ReconstructionOptions()
-    out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
-    final = out_root / pred.scene
-    tmp = Path(tempfile.mkdtemp(prefix=f".{pred.scene}.", suffix=".partial", dir=out_root))
-    try:
+    final = Path(out_root) / pred.scene
+    with atomic_dir(final) as tmp:
         sparse = tmp / "sparse" / "0"
         sparse.mkdir(parents=True)
         rec.write(str(sparse))
@@ -259,17 +254,6 @@ def write_scene(pred: ScenePrediction, rec: Any, out_root: Union[str, Path], opt
         report["options"] = asdict(options)
         report["images"] = len(pred.names)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
-        if final.exists():
-            old = out_root / f".{pred.scene}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image
+
+from quantvggt.fsutil import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +159,7 @@ def make_scene(out: Path, seed: int, frames: int, width: int, height: int) -> Pa
     rng = np.random.default_rng(seed)
     world = make_world(rng)
     extr, K = scene_cameras(rng, frames, width, height)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         (tmp / "gt" / "depth").mkdir(parents=True)
         names = []
         for i in range(frames):
@@ -175,12 +172,6 @@ def make_scene(out: Path, seed: int, frames: int, width: int, height: int) -> Pa
             {"names": names, "width": width, "height": height, "extrinsics": extr.tolist(), "intrinsics": K.tolist(), "seed": seed}
         ))
         write_gt_colmap(tmp / "gt" / "sparse" / "0", names, extr, K, width, height)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

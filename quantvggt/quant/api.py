@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from quantvggt.quant.calibrate import as_batch, collect_input_absmax, reconstruct_aggregator, smoothing_scales, _set_module
 from quantvggt.quant.config import QuantConfig, QuantVGGTConfig
 from quantvggt.quant.hadamard import HadamardPlan, random_signs, rotate
-from quantvggt.quant.linear import FakeQuantLinear, QuantConv2d, QuantLinear
+from quantvggt.quant.linear import FakeQuantLinear, QuantConv2d
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -14,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import quantvggt
+from quantvggt.fsutil import atomic_dir
 from quantvggt.model.config import VGGTConfig
 from quantvggt.model.loading import CheckpointError, _strict_load
 from quantvggt.model.vggt import VGGT
@@ -30,9 +28,7 @@ def save_quantized(model: VGGT, path: Union[str, Path], extra: dict[str, Any] | 
     if not meta:
         raise ValueError("model is not quantized (run quantize_ first)")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / "model.safetensors"))
         doc = {
@@ -46,12 +42,6 @@ def save_quantized(model: VGGT, path: Union[str, Path], extra: dict[str, Any] | 
             **(extra or {}),
         }
         (tmp / "quant.json").write_text(json.dumps(doc, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
