@@ -40,7 +40,7 @@ def main(out: str = "demo-out", model: str = DEFAULT_MODEL, scenes: int = 3, fra
     pool = synth.main(root / "calibration-pool", scenes=8, frames=frames, seed=7, size=(224, 168))
     print(f"[1/4] synthetic scenes in {inbox} (+ calibration pool {pool})")
     ckpt = quantize(model=model, calibration_pool=[str(pool)], recipe=recipe, seed=0, out=str(root / "store"), frames=frames,
-                    clusters=3, per_cluster=2, epochs=epochs)
+                    clusters=3, per_cluster=2, epochs=epochs, scope=["aggregator", "camera_head", "dpt_heads"])
     print(f"[2/4] quantized checkpoint: {ckpt}")
     opts = {"max_points": 20000}
     manifest = reconstruct(scenes=[str(inbox)], checkpoint=ckpt, out=str(root / "reconstructions"), options=opts, num_workers=workers)

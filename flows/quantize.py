@@ -74,6 +74,7 @@ def quantize(
     clusters: int = 5,
     per_cluster: int = 4,
     epochs: Optional[int] = None,
+    scope: Optional[list[str]] = None,
 ) -> str:
     """Return the URI of the quantized checkpoint for these inputs, computing it only if it is not stored yet."""
     from quantvggt.quant import get_recipe, quantize_, save_quantized
@@ -83,7 +84,8 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix="quantvggt-quantize-") as tmp:
         work = Path(tmp)
         pool_dirs = _local_pool(calibration_pool, work)
-        params = {"recipe": recipe, "seed": seed, "frames": frames, "clusters": clusters, "per_cluster": per_cluster, "epochs": epochs}
+        params = {"recipe": recipe, "seed": seed, "frames": frames, "clusters": clusters, "per_cluster": per_cluster, "epochs": epochs,
+                  "scope": list(scope) if scope else None}
         key = f"quantized/{inputs_hash(model, pool_dirs, params)}"
         if store.is_complete(key):
             logger.info("quantized checkpoint already stored at %s; not recomputing", store.uri(key))
@@ -99,6 +101,8 @@ def quantize(
         m = load_model(model, device="cpu")
         calib = nfds.load_selected(manifest, image_size=int(getattr(m, "image_size", 518)))
         overrides: dict[str, Any] = {"seed": seed}
+        if scope:
+            overrides["scope"] = tuple(scope)
         if epochs is not None and recipe.startswith("quantvggt"):
             overrides["epochs"] = epochs
         report = quantize_(m, get_recipe(recipe, **overrides), calib)

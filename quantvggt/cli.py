@@ -257,6 +257,9 @@ def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.Argumen
     """Parse, configure logging, run the subcommand; user errors exit 2 with a one-line message."""
     args = (parser or build_parser()).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for noisy in ("httpx", "werkzeug", "matplotlib"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except (ValueError, RuntimeError, FileNotFoundError) as e:
