@@ -54,3 +54,26 @@ def test_quantize_command_writes_checkpoint(tmp_path) -> None:  # noqa: ANN001
                           str(ASSETS / "samples" / "frame_01.png"), "--model", str(tmp_path / "q")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert "frame_01.png" in out.stdout
+
+
+def test_synth_and_reconstruct_commands(tmp_path) -> None:  # noqa: ANN001
+    import json as _json
+
+    from safetensors.torch import save_file
+
+    from tests.conftest import sane_tiny_model
+
+    m = sane_tiny_model()
+    (tmp_path / "model").mkdir()
+    save_file(m.state_dict(), str(tmp_path / "model" / "model.safetensors"))
+    (tmp_path / "model" / "config.json").write_text(_json.dumps({**m.config.to_dict(), "image_size": 112}))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "flows.cli", *a], capture_output=True, text=True, timeout=600)  # noqa: E731
+    out = run("synth", str(tmp_path / "scenes"), "--scenes", "2", "--frames", "3", "--size", "112x84")
+    assert out.returncode == 0, out.stderr
+    (tmp_path / "scenes" / "scene_empty").mkdir()
+    out = run("reconstruct", str(tmp_path / "scenes" / "scene_000"), str(tmp_path / "scenes" / "scene_empty"),
+              str(tmp_path / "scenes" / "scene_001"), "--model", str(tmp_path / "model"), "--out", str(tmp_path / "out"),
+              "--max-points", "100", "--text")
+    assert out.returncode == 1  # one scene failed, the others were still reconstructed
+    assert "scene_empty: FAILED" in out.stdout and "2 of 3 scenes reconstructed" in out.stdout
+    assert (tmp_path / "out" / "scene_001" / "sparse" / "0" / "images.txt").is_file()
