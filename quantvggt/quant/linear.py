@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantvggt.kernels import dispatch
 from quantvggt.quant import quantizer as qz
 from quantvggt.quant.hadamard import HadamardPlan, rotate
 
@@ -108,8 +109,6 @@ class QuantLinear(nn.Module):
         if backend == "fake":
             return self.forward_fake(x)
         if backend == "auto":
-            from quantvggt.kernels import dispatch
-
             fn = dispatch(self, x)
             y = fn(self, x) if fn is not None else None
             return y if y is not None else self.forward_fake(x)
