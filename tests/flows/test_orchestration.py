@@ -104,3 +104,34 @@ def test_dead_worker_scene_is_retried_and_written_once(bucket: str, ray_local) -
     st = open_storage(out)
     assert st.is_complete(victim)
     assert [k for k in st.list(victim + "/") if k.endswith("_COMPLETE.json")] == [f"{victim}/_COMPLETE.json"]
+
+
+def test_quantize_flow_runs_once_per_inputs(prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    import json
+
+    from safetensors.torch import save_file
+
+    import quantvggt.quant as qpkg
+    from flows.quantize import quantize
+    from quantvggt import synth
+    from tests.conftest import sane_tiny_model
+
+    m = sane_tiny_model()
+    (tmp_path / "model").mkdir()
+    save_file(m.state_dict(), str(tmp_path / "model" / "model.safetensors"))
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**m.config.to_dict(), "image_size": 56}))
+    pool = synth.main(tmp_path / "pool", scenes=4, frames=3, seed=5, size=(56, 42))
+    kw = dict(model=str(tmp_path / "model"), calibration_pool=[str(pool)], recipe="quantvggt-w4a4", out=str(tmp_path / "store"),
+              frames=3, clusters=2, per_cluster=1, epochs=1)
+    first = quantize(**kw)
+    assert (Path(first) / "quant.json").is_file() and (Path(first) / "calibration.parquet").is_file()
+    meta = json.loads((Path(first) / "quant.json").read_text())
+    assert len(meta["calibration_ids"]) == 2 and meta["report"]["recipe"] == "quantvggt-w4a4"
+
+    def must_not_run(*a: object, **k: object) -> None:
+        raise AssertionError("quantize_ ran again for identical inputs")
+
+    monkeypatch.setattr(qpkg, "quantize_", must_not_run)
+    assert quantize(**kw) == first  # same inputs: the stored artifact, no recomputation
+    monkeypatch.undo()
+    assert quantize(**{**kw, "seed": 1}) != first  # different inputs: a different artifact
