@@ -162,3 +162,28 @@ def list_images(folder: Union[str, Path]) -> list[Path]:
     """Image files directly in ``folder`` (by extension, case-insensitive), in a stable sorted order."""
     folder = Path(folder)
     return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
+
+
+def pick_frames(n_images: int, k: int, seed: int | None = None) -> list[int]:
+    """``k`` frame indices out of ``n_images``: evenly spaced (``seed=None``) or a seeded random sorted subset."""
+    if n_images < 1:
+        return []
+    k = min(k, n_images)
+    if seed is None:
+        return sorted({int(round(i)) for i in np.linspace(0, n_images - 1, k)})
+    rng = np.random.default_rng(seed)
+    return sorted(rng.choice(n_images, size=k, replace=False).tolist())
+
+
+def readable_images(folder: Union[str, Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Image files of ``folder`` that decode, and the skipped ones as ``{"name", "reason"}`` (each logged)."""
+    folder = Path(folder)
+    good, skipped = [], []
+    for p in list_images(folder):
+        try:
+            open_image(p, name=p.name)
+            good.append(p)
+        except ImageLoadError as e:
+            log.warning("%s: skipping %s", folder.name, e)
+            skipped.append({"name": p.name, "reason": str(e)})
+    return good, skipped

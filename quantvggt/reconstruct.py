@@ -14,7 +14,7 @@ import torch
 
 from quantvggt.fsutil import atomic_dir
 from quantvggt.geometry import pose_encoding_to_extri_intri, unproject_depth
-from quantvggt.images import ImageLoadError, ImageTransform, list_images, load_and_preprocess, open_image
+from quantvggt.images import ImageTransform, load_and_preprocess, pick_frames, readable_images
 
 log = logging.getLogger(__name__)
 
@@ -67,29 +67,15 @@ class ScenePrediction:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def sample_indices(n: int, k: int) -> list[int]:
-    """``k`` evenly spaced indices out of ``n`` (all when ``n <= k``)."""
-    if n <= k:
-        return list(range(n))
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
-
-
 def scan_scene(scene: Union[str, Path], max_frames: int) -> tuple[list[Path], list[dict], list[str]]:
     """Readable images (subsampled to ``max_frames``), skipped files with reasons, and names dropped by subsampling."""
     scene = Path(scene)
     if not scene.is_dir():
         raise SceneError(f"{scene}: not a folder")
-    good, skipped = [], []
-    for p in list_images(scene):
-        try:
-            open_image(p, name=p.name)
-            good.append(p)
-        except ImageLoadError as e:
-            log.warning("%s: skipping %s", scene.name, e)
-            skipped.append({"name": p.name, "reason": str(e)})
+    good, skipped = readable_images(scene)
     if len(good) < 2:
         raise SceneError(f"{scene}: needs at least 2 usable images, found {len(good)}" + (f" ({len(skipped)} unreadable)" if skipped else ""))
-    keep = sample_indices(len(good), max_frames)
+    keep = pick_frames(len(good), max_frames)
     dropped = [good[i].name for i in range(len(good)) if i not in set(keep)]
     if dropped:
         log.info("%s: %d images over the %d-frame cap; dropped %d evenly", scene.name, len(good), max_frames, len(dropped))
@@ -105,9 +91,7 @@ def reconstruct_scene(model: torch.nn.Module, scene: Union[str, Path], options: 
     size = options.image_size or int(getattr(model, "image_size", 518))
     batch = load_and_preprocess(paths, mode=options.mode, target_size=size)  # type: ignore[arg-type]
     t1 = time.perf_counter()
-    device = next(model.parameters(), torch.empty(0)).device
-    if not any(True for _ in model.parameters()):
-        device = next(model.buffers()).device
+    device = model.aggregator.camera_token.device
     with torch.no_grad():
         preds = model(batch.images.to(device))
     t2 = time.perf_counter()

@@ -20,8 +20,7 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from quantvggt.calib import pick_frames
-from quantvggt.images import ImageLoadError, list_images, load_and_preprocess, open_image
+from quantvggt.images import list_images, load_and_preprocess, pick_frames, readable_images
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +66,7 @@ def candidate_pool(pool: Sequence[Union[str, Path]], frames: int = 10, seed: int
             raise ValueError(f"{p}: not a folder or a .csv/.parquet manifest")
     out = []
     for i, (scene, group) in enumerate(scenes):
-        names = []
-        for img in list_images(scene):
-            try:
-                open_image(img, name=str(img))
-                names.append(img.name)
-            except ImageLoadError as e:
-                log.warning("NFDS pool: skipping %s", e)
+        names = [img.name for img in readable_images(scene)[0]]
         if len(names) < 2:
             log.warning("NFDS pool: %s has fewer than 2 readable images; not a candidate", scene)
             continue
