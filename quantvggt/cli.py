@@ -172,9 +172,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) the small synthetic-scene VGGT."""
     from quantvggt.train.loop import TrainConfig, main as train_main
 
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads)
-    out = train_main(args.out, cfg, max_minutes=args.max_minutes)
+    from quantvggt.train.loop import export_model
+
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads, init_from=args.init_from)
+    for name in ("lr", "batch_size", "pool_scenes", "warmup"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    if args.patch_embed:
+        cfg.model["aggregator"]["patch_embed"] = args.patch_embed
+    out = train_main(args.out, cfg, max_minutes=args.max_minutes, device=args.device, workers=args.workers,
+                     schedule_by_time=args.schedule_by_time)
     print(f"checkpoint in {out} (loss curve: {out / 'loss.png'})")
+    if args.export:
+        print(f"exported {export_model(out, args.export)} (float16 weights)")
     return 0
 
 
@@ -227,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-minutes", type=float, default=None)
     s.add_argument("--threads", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    s.add_argument("--workers", type=int, default=0, help="data-loading processes (also render the pool in parallel)")
+    s.add_argument("--init-from", help="model folder (same config) whose weights start a new run")
+    s.add_argument("--lr", type=float)
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--pool-scenes", type=int)
+    s.add_argument("--warmup", type=int)
+    s.add_argument("--schedule-by-time", action="store_true", help="decay the learning rate over --max-minutes")
+    s.add_argument("--patch-embed", help="'conv' or a ViT name such as vit_tiny14_reg (new runs only)")
+    s.add_argument("--export", help="after training, write a float16 model folder here (what ships as an asset)")
     s.set_defaults(func=cmd_train)
     s = sub.add_parser("reconstruct", help="reconstruct scene folders into COLMAP sparse models")
     s.add_argument("scenes", nargs="+", help="scene folders of images")

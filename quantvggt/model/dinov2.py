@@ -15,6 +15,9 @@ VIT_SIZES: dict[str, tuple[int, int, int]] = {
     "dinov2_vits14_reg": (384, 12, 6),
     "dinov2_vitb14_reg": (768, 12, 12),
     "dinov2_vitl14_reg": (1024, 24, 16),
+    # not a DINOv2 release: a 2-block ViT for small models trained from scratch. Unlike the conv patch embed it gives
+    # every token an absolute position in its value vectors, which cross-frame matching needs to recover poses
+    "vit_tiny14_reg": (128, 2, 4),
 }
 
 

@@ -147,6 +147,8 @@ def build_model(config: VGGTConfig, sd: dict[str, torch.Tensor], origin: str = "
     """Instantiate ``VGGT(config)`` without initialising weights, then load ``sd`` strictly."""
     with torch.device("meta"):
         model = VGGT(config)
+    # 16-bit checkpoints (the shipped small model) load as float32 like the official one; compute dtype is the caller's
+    sd = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in sd.items()}
     _strict_load(model, sd, origin)
     model.aggregator.reset_buffers()
     return model.eval()

@@ -64,12 +64,27 @@ def normalise(scene: RenderedScene, idx: list[int]) -> dict[str, Tensor]:
 class ScenePool:
     """Pre-rendered training scenes; each draw is a random frame subset with a random reference frame."""
 
-    def __init__(self, n_scenes: int, frames_per_scene: int, width: int, height: int, seed: int = 0) -> None:
-        self.scenes = [render_scene(TRAIN_SEED_BASE + seed * 100_000 + i, frames_per_scene, width, height) for i in range(n_scenes)]
+    def __init__(self, n_scenes: int, frames_per_scene: int, width: int, height: int, seed: int = 0, workers: int = 1) -> None:
+        jobs = [(TRAIN_SEED_BASE + seed * 100_000 + i, frames_per_scene, width, height) for i in range(n_scenes)]
+        if workers > 1:
+            import multiprocessing
+
+            # fork: the workers only need this module; rendering is pure numpy, so the pool is identical to serial
+            with multiprocessing.get_context("fork").Pool(workers) as mp:
+                self.scenes = mp.starmap(render_scene, jobs, chunksize=8)
+        else:
+            self.scenes = [render_scene(*job) for job in jobs]
+
+    def draw(self, rng: np.random.Generator, frames: int) -> tuple[int, tuple[int, ...]]:
+        """A random (scene index, frame indices) pair; the first frame is the reference."""
+        si = int(rng.integers(len(self.scenes)))
+        k = self.scenes[si].images.shape[0]
+        return si, tuple(rng.choice(k, size=min(frames, k), replace=False).tolist())
+
+    def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> dict[str, Tensor]:
+        """The normalised sample for a key from :meth:`draw`."""
+        return normalise(self.scenes[key[0]], list(key[1]))
 
     def sample(self, rng: np.random.Generator, frames: int) -> dict[str, Tensor]:
         """One normalised sample of ``frames`` frames."""
-        scene = self.scenes[int(rng.integers(len(self.scenes)))]
-        k = scene.images.shape[0]
-        idx = rng.choice(k, size=min(frames, k), replace=False).tolist()
-        return normalise(scene, idx)
+        return self[self.draw(rng, frames)]

@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from quantvggt.model import VGGT, VGGTConfig
 from quantvggt.train.data import ScenePool
 from quantvggt.train.losses import camera_loss, conf_regression_loss
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class TrainConfig:
     threads: int = 1
     save_every: int = 250
     log_every: int = 25
+    init_from: Optional[str] = None  # model folder whose weights start a new run (same config); optimiser starts fresh
 
     def __post_init__(self) -> None:
         self.frames = tuple(self.frames)  # type: ignore[assignment]
@@ -60,17 +62,71 @@ class TrainConfig:
             raise ValueError(f"frames range {self.frames} must be within [2, pool_frames={self.pool_frames}]")
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
+def _lr_at(step: int, cfg: TrainConfig, progress: Optional[float] = None) -> float:
+    """Linear warm-up, then cosine to 10% of ``cfg.lr``; ``progress`` in [0, 1] overrides the step-based position."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     p = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
+    if progress is not None:
+        p = max(p, progress)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+class _Batches:
+    """Endless batch plans (lists of pool keys, one frame count per batch) drawn from the run's generator."""
+
+    def __init__(self, pool: ScenePool, rng: np.random.Generator, cfg: TrainConfig) -> None:
+        self.pool, self.rng, self.cfg = pool, rng, cfg
+
+    def __iter__(self) -> Iterator[list[tuple[int, tuple[int, ...]]]]:
+        while True:
+            frames = int(self.rng.integers(self.cfg.frames[0], self.cfg.frames[1] + 1))
+            yield [self.pool.draw(self.rng, frames) for _ in range(self.cfg.batch_size)]
+
+
+def _collate(samples: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+def _one_thread(_: int) -> None:
+    torch.set_num_threads(1)
+
+
+def _batches(pool: ScenePool, rng: np.random.Generator, cfg: TrainConfig, workers: int, pin: bool) -> Iterator[dict[str, Tensor]]:
+    """Collated batches; with ``workers`` > 0 they are built in DataLoader processes.
+
+    With workers the generator runs ahead of training by the prefetched batches, so a resumed run continues the
+    stream rather than replaying it exactly (single-process runs resume exactly).
+    """
+    plans = _Batches(pool, rng, cfg)
+    if workers <= 0:
+        return (_collate([pool[k] for k in plan]) for plan in plans)
+    loader = torch.utils.data.DataLoader(pool, batch_sampler=plans, num_workers=workers, collate_fn=_collate,  # type: ignore[arg-type]
+                                         pin_memory=pin, prefetch_factor=4, worker_init_fn=_one_thread, persistent_workers=True)
+    return iter(loader)
+
+
+def export_model(run: Union[str, Path], dest: Union[str, Path], dtype: torch.dtype = torch.float16) -> Path:
+    """Write a run's weights (cast to ``dtype``) and config as a loadable model folder ``dest`` (atomically)."""
+    from quantvggt.fsutil import atomic_dir
+
+    run, dest = Path(run), Path(dest)
+    sd = load_file(str(run / "model.safetensors"))
+    with atomic_dir(dest) as tmp:
+        save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
+        config = json.loads((run / "config.json").read_text())
+        if (run / "train_config.json").is_file():
+            train_cfg = (run / "train_config.json").read_text()
+            config["image_size"] = json.loads(train_cfg)["width"]  # the resolution it was trained at
+            (tmp / "train_config.json").write_text(train_cfg)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    return dest
 
 
 def save_checkpoint(out: Path, model: VGGT, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, rng: np.random.Generator) -> None:
     """Write weights, config and optimiser state atomically (``*.tmp`` then rename)."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors.tmp"))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors.tmp"))
     (out / "config.json.tmp").write_text(json.dumps(model.config.to_dict(), indent=1))
     state = {"optimizer": opt.state_dict(), "step": torch.tensor(step), "torch_rng": torch.get_rng_state(),
              "np_rng": json.dumps(rng.bit_generator.state)}
@@ -103,8 +159,15 @@ def plot_losses(log_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: Optional[float] = None) -> Path:
-    """Train (or resume) into ``out``; stops at ``cfg.steps`` or after ``max_minutes``. Returns ``out``."""
+def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: Optional[float] = None, device: str = "cpu",
+         workers: int = 0, schedule_by_time: bool = False) -> Path:
+    """Train (or resume) into ``out``; stops at ``cfg.steps`` or after ``max_minutes``. Returns ``out``.
+
+    ``device``/``workers`` (DataLoader processes) only change speed. ``schedule_by_time`` decays the learning rate
+    over ``max_minutes`` of wall time (for a fixed time budget on a lent GPU) as well as over ``cfg.steps``.
+    """
+    if schedule_by_time and max_minutes is None:
+        raise ValueError("schedule_by_time needs max_minutes")
     out = Path(out)
     if (out / "train_config.json").is_file():
         saved = TrainConfig(**json.loads((out / "train_config.json").read_text()))
@@ -115,33 +178,49 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model = VGGT(VGGTConfig.from_dict(cfg.model))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
-    if (out / "train_state.pt").is_file():
+    resume = (out / "train_state.pt").is_file()
+    if resume:
         model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
-        state = torch.load(out / "train_state.pt", weights_only=True)
+    elif cfg.init_from:
+        init = Path(cfg.init_from)
+        saved_model = {k: v for k, v in json.loads((init / "config.json").read_text()).items() if k != "image_size"}
+        if VGGTConfig.from_dict(saved_model).to_dict() != model.config.to_dict():
+            raise ValueError(f"{init / 'config.json'}: model config differs from this run's; init_from needs the same architecture")
+        model.load_state_dict({k: v.float() for k, v in load_file(str(init / "model.safetensors")).items()}, strict=True)
+        log.info("initialised from %s", init)
+    model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume:
+        state = torch.load(out / "train_state.pt", weights_only=True, map_location=dev)
         opt.load_state_dict(state["optimizer"])
         step = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
         rng.bit_generator.state = json.loads(state["np_rng"])
         log.info("resumed at step %d", step)
     t_pool = time.perf_counter()
-    pool = ScenePool(cfg.pool_scenes, cfg.pool_frames, cfg.width, cfg.height, cfg.seed)
+    pool = ScenePool(cfg.pool_scenes, cfg.pool_frames, cfg.width, cfg.height, cfg.seed, workers=max(workers, 1))
     log.info("rendered %d training scenes in %.0fs", cfg.pool_scenes, time.perf_counter() - t_pool)
     model.train()
     t0 = time.perf_counter()
     log_path = out / "log.jsonl"
     out.mkdir(parents=True, exist_ok=True)
-    acc: dict[str, float] = {}
+    acc: dict[str, Tensor] = {}
+    batches = _batches(pool, rng, cfg, workers, pin=dev.type == "cuda")
     while step < cfg.steps:
-        if max_minutes is not None and time.perf_counter() - t0 > 60 * max_minutes:
+        elapsed = time.perf_counter() - t0
+        if max_minutes is not None and elapsed > 60 * max_minutes:
             break
-        frames = int(rng.integers(cfg.frames[0], cfg.frames[1] + 1))
-        batch = [pool.sample(rng, frames) for _ in range(cfg.batch_size)]
-        b = {k: torch.stack([s[k] for s in batch]) for k in batch[0]}
+        b = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
+        progress = elapsed / (60 * max_minutes) if schedule_by_time and max_minutes else None
+        lr = _lr_at(step, cfg, progress)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = lr
         tokens, psi = model.aggregator(b["images"])
         poses = model.camera_head(tokens)
         depth, depth_conf = model.depth_head(tokens, b["images"], psi)
@@ -156,9 +235,9 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
         opt.step()
         step += 1
         for k, v in (("loss", loss), ("camera", l_cam), ("depth", l_depth), ("points", l_pts)):
-            acc[k] = acc.get(k, 0.0) + float(v)
+            acc[k] = acc.get(k, 0.0) + v.detach()  # summed on the device: no per-step host sync on a GPU
         if step % cfg.log_every == 0:
-            row = {"step": step, **{k: v / cfg.log_every for k, v in acc.items()}, "lr": _lr_at(step, cfg),
+            row = {"step": step, **{k: float(v) / cfg.log_every for k, v in acc.items()}, "lr": lr,
                    "elapsed_s": round(time.perf_counter() - t0, 1)}
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")

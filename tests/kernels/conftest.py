@@ -1,5 +1,8 @@
-"""Run Triton kernels in the interpreter (CI has no GPU); must be set before triton is imported."""
+"""Run Triton kernels in the interpreter when there is no GPU (CI); must be set before triton is imported."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

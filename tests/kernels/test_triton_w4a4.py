@@ -15,6 +15,8 @@ from quantvggt.quant.hadamard import random_signs  # noqa: E402
 if not tk.INTERPRET and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
 
+DEV = "cpu" if tk.INTERPRET else "cuda"  # the interpreter runs on host tensors; real kernels on the GPU
+
 
 @pytest.mark.parametrize("K,rot,bits", [(64, True, 4), (128, True, 8), (64, False, 4), (256, True, 6)])
 def test_act_prep_matches_reference_exactly(K: int, rot: bool, bits: int) -> None:
@@ -23,7 +25,8 @@ def test_act_prep_matches_reference_exactly(K: int, rot: bool, bits: int) -> Non
     x[:, 5] *= 20  # an outlier channel
     signs = random_signs(K, 1).to(torch.int8) if rot else None
     ascale = torch.rand(K, generator=g) + 0.5
-    q, s = tk.act_prep(x, signs, ascale, 0.9, bits)
+    q, s = tk.act_prep(x.to(DEV), None if signs is None else signs.to(DEV), ascale.to(DEV), 0.9, bits)
+    q, s = q.cpu(), s.cpu()
     q_ref, s_ref = ref.act_prep_ref(x, signs, ascale, torch.tensor([0.9]), bits)
     torch.testing.assert_close(s, s_ref, rtol=1e-6, atol=0)
     mismatch = (q.int() != q_ref.int()).float().mean()
@@ -38,10 +41,10 @@ def test_gemm_matches_reference_exactly(packed: bool) -> None:
     w_levels = torch.randint(-8, 8, (N, K), generator=g, dtype=torch.int8)
     w = qz.pack_int4(w_levels) if packed else w_levels
     a_s, w_s, bias = torch.rand(M, generator=g), torch.rand(N, generator=g), torch.randn(N, generator=g)
-    y = tk.gemm(q, w, a_s, w_s, bias, packed=packed)
+    y = tk.gemm(q.to(DEV), w.to(DEV), a_s.to(DEV), w_s.to(DEV), bias.to(DEV), packed=packed).cpu()
     torch.testing.assert_close(y, ref.gemm_ref(q, w, a_s, w_s, bias, packed), rtol=1e-6, atol=1e-6)
     # integer accumulation is exact: dividing the scales out recovers integers
-    acc = tk.gemm(q, w, torch.ones(M), torch.ones(N), None, packed=packed)
+    acc = tk.gemm(q.to(DEV), w.to(DEV), torch.ones(M, device=DEV), torch.ones(N, device=DEV), None, packed=packed).cpu()
     assert torch.equal(acc, (q.double() @ w_levels.double().T).float())
 
 
@@ -54,5 +57,5 @@ def test_qlinear_forward_matches_integer_reference() -> None:
     lin = nn.Linear(128, 64)
     ql = FakeQuantLinear(lin, 4, 4, random_signs(128, 0), torch.rand(128) + 0.5).to_quant_linear()
     x = torch.randn(2, 9, 128)
-    y = tk.qlinear_forward(ql, x)
-    torch.testing.assert_close(y, ql.forward_int(x), rtol=1e-5, atol=1e-5)
+    y = tk.qlinear_forward(ql.to(DEV), x.to(DEV)).float().cpu()
+    torch.testing.assert_close(y, ql.cpu().forward_int(x), rtol=1e-5, atol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from quantvggt.model import load_vggt
@@ -58,3 +59,46 @@ def test_losses_zero_error_and_gradients() -> None:
     loss = conf_regression_loss(pred, conf, pred.detach() + 1, torch.ones(1, 2, 5, 6, dtype=torch.bool))
     loss.backward()
     assert pred.grad is not None and float(loss) > 0
+
+
+def test_init_from_export_and_parallel_data(tmp_path: Path) -> None:
+    """A run started from another's weights begins where it left off; export writes a loadable float16 model."""
+    from safetensors.torch import load_file
+
+    from quantvggt.train.loop import export_model
+
+    cfg = _cfg(2)
+    cfg.model["aggregator"]["patch_embed"] = "vit_tiny14_reg"  # absolute positions in the tokens
+    main(tmp_path / "a", cfg)
+    exported = export_model(tmp_path / "a", tmp_path / "a-export")
+    sd = load_file(str(exported / "model.safetensors"))
+    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
+    assert json.loads((exported / "config.json").read_text())["image_size"] == 56
+    m = load_vggt(str(exported))
+    assert m.config.aggregator.patch_embed == "vit_tiny14_reg"
+    src = load_file(str(tmp_path / "a" / "model.safetensors"))
+    for k, v in m.state_dict().items():
+        torch.testing.assert_close(v, src[k].half().float())  # float16 round trip only
+    cfg2 = _cfg(1)
+    cfg2.model = cfg.model
+    cfg2.init_from = str(exported)
+    main(tmp_path / "b", cfg2, workers=2)  # DataLoader worker processes
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert any(not torch.equal(b[k], src[k]) for k in src)  # one step was taken from the initial weights
+    assert max(float((b[k] - src[k]).abs().max()) for k in src) < 0.05
+    other = _cfg(1)  # a different architecture cannot start from these weights
+    other.init_from = str(exported)
+    with pytest.raises(ValueError, match="config differs"):
+        main(tmp_path / "c", other)
+
+
+def test_lr_schedule_by_time() -> None:
+    from quantvggt.train.loop import _lr_at
+
+    cfg = TrainConfig(steps=1000, warmup=10, lr=1.0)
+    assert _lr_at(5, cfg) == pytest.approx(0.6)
+    assert _lr_at(10, cfg) == pytest.approx(1.0)
+    assert _lr_at(10, cfg, progress=1.0) == pytest.approx(0.1)  # time ran out: fully decayed
+    assert _lr_at(1000, cfg, progress=0.0) == pytest.approx(0.1)  # steps ran out first
+    with pytest.raises(ValueError, match="max_minutes"):
+        main("/nonexistent", cfg, schedule_by_time=True)
