@@ -12,13 +12,13 @@ OUT=${OUT:-/tmp/device-out}
 TOTAL_S=${TOTAL_S:-560}
 KERNEL_CHECKS=${KERNEL_CHECKS:-1}
 VARIANTS=${VARIANTS:-"a|--lr 5e-4"}
-mkdir -p "$OUT"
+mkdir -p "$OUT" runs
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   if [ "$KERNEL_CHECKS" = 1 ]; then
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_w4a4.py
-    timeout 240 python3 benchmarks/gpu_w4a4.py
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_w4a4.py
+    timeout 180 python3 benchmarks/gpu_w4a4.py
   fi
 } 2>&1 | tee "$OUT/kernels.log"
 

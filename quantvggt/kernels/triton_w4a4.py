@@ -38,9 +38,9 @@ def _act_prep_kernel(x_ptr, signs_ptr, ascale_ptr, q_ptr, s_ptr, M, clip, sqrt_k
     if ROTATE:
         sg = tl.load(signs_ptr + cols).to(tl.float32)
         x = x * sg[None, :]
-        for st in tl.static_range(LOG2K):  # Walsh-Hadamard butterflies, h = 1, 2, 4, ...
-            h: tl.constexpr = 1 << st
-            y = tl.reshape(x, (BLOCK_M, K // (2 * h), 2, h))
+        for st in tl.static_range(LOG2K):  # Walsh-Hadamard butterflies of half-width 1 << st = 1, 2, 4, ...
+            # (shapes written inline: a constexpr name cannot be re-bound inside a static loop on real GPUs)
+            y = tl.reshape(x, (BLOCK_M, K // (2 << st), 2, 1 << st))
             y = tl.permute(y, (0, 1, 3, 2))
             a, b = tl.split(y)
             y = tl.join(a + b, a - b)
