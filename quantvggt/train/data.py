@@ -12,6 +12,7 @@ from quantvggt import synth
 from quantvggt.geometry import extri_intri_to_pose_encoding, unproject_depth
 
 TRAIN_SEED_BASE = 1_000_000  # evaluation scenes use seeds < TRAIN_SEED_BASE, so training never sees them
+VAL_SEED_BASE = 3_000_000  # held-out validation scenes: above every training pool with seed < 20
 
 
 @dataclass
@@ -64,8 +65,9 @@ def normalise(scene: RenderedScene, idx: list[int]) -> dict[str, Tensor]:
 class ScenePool:
     """Pre-rendered training scenes; each draw is a random frame subset with a random reference frame."""
 
-    def __init__(self, n_scenes: int, frames_per_scene: int, width: int, height: int, seed: int = 0, workers: int = 1) -> None:
-        jobs = [(TRAIN_SEED_BASE + seed * 100_000 + i, frames_per_scene, width, height) for i in range(n_scenes)]
+    def __init__(self, n_scenes: int, frames_per_scene: int, width: int, height: int, seed: int = 0, workers: int = 1,
+                 seed_base: int = TRAIN_SEED_BASE) -> None:
+        jobs = [(seed_base + seed * 100_000 + i, frames_per_scene, width, height) for i in range(n_scenes)]
         if workers > 1:
             import multiprocessing
 

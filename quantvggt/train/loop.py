@@ -14,11 +14,11 @@ from typing import Any, Iterator, Optional, Union
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from quantvggt.model import VGGT, VGGTConfig
-from quantvggt.train.data import ScenePool
+from quantvggt.train.data import VAL_SEED_BASE, ScenePool
 from quantvggt.train.losses import camera_loss, conf_regression_loss
-from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ class TrainConfig:
     save_every: int = 250
     log_every: int = 25
     init_from: Optional[str] = None  # model folder whose weights start a new run (same config); optimiser starts fresh
+    val_every: int = 500  # held-out validation (val.jsonl) every this many steps; 0 disables
+    val_samples: int = 32
 
     def __post_init__(self) -> None:
         self.frames = tuple(self.frames)  # type: ignore[assignment]
@@ -104,6 +106,40 @@ def _batches(pool: ScenePool, rng: np.random.Generator, cfg: TrainConfig, worker
     loader = torch.utils.data.DataLoader(pool, batch_sampler=plans, num_workers=workers, collate_fn=_collate,  # type: ignore[arg-type]
                                          pin_memory=pin, prefetch_factor=4, worker_init_fn=_one_thread, persistent_workers=True)
     return iter(loader)
+
+
+def validation_set(cfg: TrainConfig, frames: int = 6) -> list[dict[str, Tensor]]:
+    """Fixed held-out samples (scenes from ``VAL_SEED_BASE``, never in a training pool or an evaluation set)."""
+    pool = ScenePool(cfg.val_samples, cfg.pool_frames, cfg.width, cfg.height, seed=0, seed_base=VAL_SEED_BASE)
+    rng = np.random.default_rng(0)
+    k = cfg.pool_frames
+    return [pool[(i, tuple(rng.choice(k, size=min(frames, k), replace=False).tolist()))] for i in range(cfg.val_samples)]
+
+
+@torch.no_grad()
+def validate(model: VGGT, samples: list[dict[str, Tensor]], device: torch.device, batch: int = 8) -> dict[str, float]:
+    """Held-out camera L1 (last refinement) next to the best constant guess's, and depth abs-rel.
+
+    ``val_camera`` below ``val_camera_const`` means the model infers poses from the images; equal means it predicts
+    the average pose (memorised training poses show up as a falling training loss with no change here).
+    """
+    was_training = model.training
+    model.eval()
+    poses, depths = [], []
+    for i in range(0, len(samples), batch):
+        images = torch.stack([s["images"] for s in samples[i:i + batch]]).to(device)
+        tokens, psi = model.aggregator(images)
+        poses.append(model.camera_head(tokens)[-1].cpu())
+        depths.append(model.depth_head(tokens, images, psi)[0][..., 0].cpu())
+    model.train(was_training)
+    gt = torch.stack([s["pose_enc"] for s in samples])
+    const = gt.clone()
+    const[:, 1:] = gt[:, 1:].reshape(-1, gt.shape[-1]).median(0).values
+    d_gt = torch.stack([s["depth"] for s in samples])
+    valid = torch.stack([s["valid"] for s in samples])
+    d = torch.cat(depths)
+    return {"val_camera": float(camera_loss([torch.cat(poses)], gt)), "val_camera_const": float(camera_loss([const], gt)),
+            "val_depth_absrel": float(((d - d_gt).abs() / d_gt.clamp(min=1e-6))[valid].mean())}
 
 
 def export_model(run: Union[str, Path], dest: Union[str, Path], dtype: torch.dtype = torch.float16) -> Path:
@@ -212,6 +248,7 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
     out.mkdir(parents=True, exist_ok=True)
     acc: dict[str, Tensor] = {}
     batches = _batches(pool, rng, cfg, workers, pin=dev.type == "cuda")
+    val_set: Optional[list[dict[str, Tensor]]] = None
     while step < cfg.steps:
         elapsed = time.perf_counter() - t0
         if max_minutes is not None and elapsed > 60 * max_minutes:
@@ -243,6 +280,14 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
                 f.write(json.dumps(row) + "\n")
             log.info("step %d loss %.4f (cam %.4f depth %.4f pts %.4f)", step, row["loss"], row["camera"], row["depth"], row["points"])
             acc = {}
+        if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+            if val_set is None:
+                val_set = validation_set(cfg)
+            row = {"step": step, **validate(model, val_set, dev)}
+            with (out / "val.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            log.info("step %d held-out camera L1 %.4f (constant guess %.4f), depth abs-rel %.4f", step, row["val_camera"],
+                     row["val_camera_const"], row["val_depth_absrel"])
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(out, model, opt, step, cfg, rng)
             plot_losses(log_path, out / "loss.png")

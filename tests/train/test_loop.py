@@ -16,7 +16,7 @@ from quantvggt.train.losses import camera_loss, conf_regression_loss
 
 def _cfg(steps: int) -> TrainConfig:
     return TrainConfig(steps=steps, batch_size=1, frames=(2, 3), width=56, height=42, pool_scenes=2, pool_frames=4,
-                       save_every=2, log_every=1, warmup=2)
+                       save_every=2, log_every=1, warmup=2, val_samples=3, val_every=2)
 
 
 def test_train_and_resume(tmp_path: Path) -> None:
@@ -25,6 +25,9 @@ def test_train_and_resume(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert (tmp_path / "loss.png").is_file() and not list(tmp_path.glob("*.tmp"))
+    val = [json.loads(x) for x in (tmp_path / "val.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in val] == [2, 3]  # every val_every steps and at the last step
+    assert all(r["val_camera"] > 0 and r["val_camera_const"] > 0 and r["val_depth_absrel"] > 0 for r in val)
     state = torch.load(tmp_path / "train_state.pt", weights_only=True)
     assert int(state["step"]) == 3
     # resuming continues the step count (the saved config wins; only steps is raised)
