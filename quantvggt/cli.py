@@ -175,7 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from quantvggt.train.loop import export_model
 
     cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads, init_from=args.init_from)
-    for name in ("lr", "batch_size", "pool_scenes", "warmup"):
+    for name in ("lr", "batch_size", "pool_scenes", "warmup", "pool_refresh_every"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.patch_embed:
@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int)
     s.add_argument("--pool-scenes", type=int)
     s.add_argument("--warmup", type=int)
+    s.add_argument("--pool-refresh-every", type=int, help="render a new scene into the pool every N samples (0: fixed pool)")
     s.add_argument("--schedule-by-time", action="store_true", help="decay the learning rate over --max-minutes")
     s.add_argument("--patch-embed", help="'conv' or a ViT name such as vit_tiny14_reg (new runs only)")
     s.add_argument("--export", help="after training, write a float16 model folder here (what ships as an asset)")

@@ -13,6 +13,7 @@ from quantvggt.geometry import extri_intri_to_pose_encoding, unproject_depth
 
 TRAIN_SEED_BASE = 1_000_000  # evaluation scenes use seeds < TRAIN_SEED_BASE, so training never sees them
 VAL_SEED_BASE = 3_000_000  # held-out validation scenes: above every training pool with seed < 20
+FRESH_SEED_BASE = 1 << 32  # scenes rendered during training (pool refresh): disjoint from every seed above
 
 
 @dataclass
@@ -63,10 +64,19 @@ def normalise(scene: RenderedScene, idx: list[int]) -> dict[str, Tensor]:
 
 
 class ScenePool:
-    """Pre-rendered training scenes; each draw is a random frame subset with a random reference frame."""
+    """Pre-rendered training scenes; each draw is a random frame subset with a random reference frame.
+
+    With ``refresh_every`` > 0, every that many samples served one scene is replaced by a newly rendered one, so a
+    long run keeps seeing new scenes and cannot memorise poses per scene. Replacement happens in whichever process
+    serves the samples (each DataLoader worker refreshes its own copy); new seeds come from (``seed``,
+    ``stream``, worker id, counter), so a resumed run passing its start step as ``stream`` gets new scenes.
+    """
 
     def __init__(self, n_scenes: int, frames_per_scene: int, width: int, height: int, seed: int = 0, workers: int = 1,
-                 seed_base: int = TRAIN_SEED_BASE) -> None:
+                 seed_base: int = TRAIN_SEED_BASE, refresh_every: int = 0, stream: int = 0) -> None:
+        self.size, self.seed, self.stream, self.refresh_every = (width, height), seed, stream, refresh_every
+        self.frames_per_scene = frames_per_scene
+        self._served = self._fresh = 0
         jobs = [(seed_base + seed * 100_000 + i, frames_per_scene, width, height) for i in range(n_scenes)]
         if workers > 1:
             import multiprocessing
@@ -84,8 +94,21 @@ class ScenePool:
         return si, tuple(rng.choice(k, size=min(frames, k), replace=False).tolist())
 
     def __getitem__(self, key: tuple[int, tuple[int, ...]]) -> dict[str, Tensor]:
-        """The normalised sample for a key from :meth:`draw`."""
-        return normalise(self.scenes[key[0]], list(key[1]))
+        """The normalised sample for a key from :meth:`draw` (may then refresh one scene, see the class note)."""
+        sample = normalise(self.scenes[key[0]], list(key[1]))
+        if self.refresh_every:
+            self._served += 1
+            if self._served % self.refresh_every == 0:
+                self._replace_one()
+        return sample
+
+    def _replace_one(self) -> None:
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        self._fresh += 1
+        entropy = np.random.SeedSequence([self.seed, self.stream, wid, self._fresh]).generate_state(1, np.uint32)[0]
+        slot = (self._fresh * 7919 + wid * 104729) % len(self.scenes)  # spread workers' replacements over the pool
+        self.scenes[slot] = render_scene(FRESH_SEED_BASE + int(entropy), self.frames_per_scene, *self.size)
 
     def sample(self, rng: np.random.Generator, frames: int) -> dict[str, Tensor]:
         """One normalised sample of ``frames`` frames."""

@@ -55,6 +55,7 @@ class TrainConfig:
     save_every: int = 250
     log_every: int = 25
     init_from: Optional[str] = None  # model folder whose weights start a new run (same config); optimiser starts fresh
+    pool_refresh_every: int = 0  # replace one pool scene every this many samples served (0: fixed pool)
     val_every: int = 500  # held-out validation (val.jsonl) every this many steps; 0 disables
     val_samples: int = 32
 
@@ -240,7 +241,8 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
         rng.bit_generator.state = json.loads(state["np_rng"])
         log.info("resumed at step %d", step)
     t_pool = time.perf_counter()
-    pool = ScenePool(cfg.pool_scenes, cfg.pool_frames, cfg.width, cfg.height, cfg.seed, workers=max(workers, 1))
+    pool = ScenePool(cfg.pool_scenes, cfg.pool_frames, cfg.width, cfg.height, cfg.seed, workers=max(workers, 1),
+                     refresh_every=cfg.pool_refresh_every, stream=step)
     log.info("rendered %d training scenes in %.0fs", cfg.pool_scenes, time.perf_counter() - t_pool)
     model.train()
     t0 = time.perf_counter()

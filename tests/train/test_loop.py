@@ -105,3 +105,30 @@ def test_lr_schedule_by_time() -> None:
     assert _lr_at(1000, cfg, progress=0.0) == pytest.approx(0.1)  # steps ran out first
     with pytest.raises(ValueError, match="max_minutes"):
         main("/nonexistent", cfg, schedule_by_time=True)
+
+
+def test_pool_refresh_replaces_scenes_with_unseen_ones() -> None:
+    import numpy as np
+
+    from quantvggt.train.data import ScenePool
+
+    fixed = ScenePool(3, 3, 28, 28, seed=0)
+    pool = ScenePool(3, 3, 28, 28, seed=0, refresh_every=2)
+    before = [s.images.copy() for s in pool.scenes]
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        pool.sample(rng, 2)
+    changed = [not np.array_equal(a, s.images) for a, s in zip(before, pool.scenes)]
+    assert sum(changed) == 2  # 4 samples served, one new scene every 2
+    again = ScenePool(3, 3, 28, 28, seed=0, refresh_every=2)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        again.sample(rng, 2)
+    assert all(np.array_equal(a.images, b.images) for a, b in zip(pool.scenes, again.scenes))  # deterministic
+    other = ScenePool(3, 3, 28, 28, seed=0, refresh_every=2, stream=100)  # a resumed run draws other new scenes
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        other.sample(rng, 2)
+    fresh = [i for i, c in enumerate(changed) if c]
+    assert all(not np.array_equal(pool.scenes[i].images, other.scenes[i].images) for i in fresh)
+    assert all(not np.array_equal(pool.scenes[i].images, fixed.scenes[i].images) for i in fresh)
