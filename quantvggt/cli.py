@@ -174,7 +174,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from quantvggt.train.loop import export_model
 
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads, init_from=args.init_from)
+    cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads, init_from=args.init_from,
+                      init_partial=args.init_partial)
     for name in ("lr", "batch_size", "pool_scenes", "warmup", "pool_refresh_every"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
@@ -240,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     s.add_argument("--workers", type=int, default=0, help="data-loading processes (also render the pool in parallel)")
     s.add_argument("--init-from", help="model folder (same config) whose weights start a new run")
+    s.add_argument("--init-partial", action="store_true", help="with --init-from: copy only tensors whose names and shapes match")
     s.add_argument("--lr", type=float)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--pool-scenes", type=int)

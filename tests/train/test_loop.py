@@ -93,6 +93,14 @@ def test_init_from_export_and_parallel_data(tmp_path: Path) -> None:
     other.init_from = str(exported)
     with pytest.raises(ValueError, match="config differs"):
         main(tmp_path / "c", other)
+    other.init_partial = True  # ... unless asked to take what matches: all but the patch embed
+    other.lr = 0.0  # so the saved weights are exactly the initial ones
+    main(tmp_path / "c", other)
+    c = load_file(str(tmp_path / "c" / "model.safetensors"))
+    shared = [k for k in c if k in src and c[k].shape == src[k].shape]
+    assert "aggregator.frame_blocks.0.attn.qkv.weight" in shared
+    assert all(torch.equal(c[k], src[k].half().float()) for k in shared)
+    assert "aggregator.patch_embed.proj.weight" in c and not any(k.startswith("aggregator.patch_embed.proj") for k in src)
 
 
 def test_lr_schedule_by_time() -> None:
