@@ -11,7 +11,7 @@ START=$(date +%s)
 OUT=${OUT:-/tmp/device-out}
 TOTAL_S=${TOTAL_S:-560}
 KERNEL_CHECKS=${KERNEL_CHECKS:-1}
-VARIANTS=${VARIANTS:-"a|--lr 5e-4"}
+VARIANTS=${VARIANTS:-"main|--init-from quantvggt/assets/vggt-tiny-synthetic --lr 3e-4 --batch-size 32 --pool-scenes 3000 --pool-refresh-every 4 --workers 12"}
 mkdir -p "$OUT" runs
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
