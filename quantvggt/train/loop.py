@@ -153,7 +153,7 @@ def export_model(run: Union[str, Path], dest: Union[str, Path], dtype: torch.dty
     with atomic_dir(dest) as tmp:
         save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
         config = json.loads((run / "config.json").read_text())
-        if (run / "train_config.json").is_file():
+        if (run / "train_config.json").is_file():  # older run folders lack image_size in config.json
             train_cfg = (run / "train_config.json").read_text()
             config["image_size"] = json.loads(train_cfg)["width"]  # the resolution it was trained at
             (tmp / "train_config.json").write_text(train_cfg)
@@ -165,7 +165,8 @@ def save_checkpoint(out: Path, model: VGGT, opt: torch.optim.Optimizer, step: in
     """Write weights, config and optimiser state atomically (``*.tmp`` then rename)."""
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors.tmp"))
-    (out / "config.json.tmp").write_text(json.dumps(model.config.to_dict(), indent=1))
+    # image_size: the checkpoint folder loads with load_vggt at the resolution it is trained at
+    (out / "config.json.tmp").write_text(json.dumps({**model.config.to_dict(), "image_size": cfg.width}, indent=1))
     state = {"optimizer": opt.state_dict(), "step": torch.tensor(step), "torch_rng": torch.get_rng_state(),
              "np_rng": json.dumps(rng.bit_generator.state)}
     torch.save(state, out / "train_state.pt.tmp")

@@ -37,8 +37,8 @@ def test_train_and_resume(tmp_path: Path) -> None:
     main(tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-    model = load_vggt(str(tmp_path))  # the checkpoint folder is a loadable model
-    assert model.config.aggregator.embed_dim == 128
+    model = load_vggt(str(tmp_path))  # the checkpoint folder is a loadable model, at its training resolution
+    assert model.config.aggregator.embed_dim == 128 and model.image_size == 56
 
 
 def test_normalised_sample_is_reference_relative() -> None:
