@@ -170,9 +170,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) the small synthetic-scene VGGT."""
-    from quantvggt.train.loop import TrainConfig, main as train_main
-
-    from quantvggt.train.loop import export_model
+    from quantvggt.train.loop import TrainConfig, export_model, main as train_main
 
     cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads, init_from=args.init_from,
                       init_partial=args.init_partial)
@@ -240,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     s.add_argument("--workers", type=int, default=0, help="data-loading processes (also render the pool in parallel)")
-    s.add_argument("--init-from", help="model folder (same config) whose weights start a new run")
+    s.add_argument("--init-from", help="model source (folder, file, s3://, shipped name; same config) whose weights start a new run")
     s.add_argument("--init-partial", action="store_true", help="with --init-from: copy only tensors whose names and shapes match")
     s.add_argument("--lr", type=float)
     s.add_argument("--batch-size", type=int)

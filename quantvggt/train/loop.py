@@ -54,7 +54,7 @@ class TrainConfig:
     threads: int = 1
     save_every: int = 250
     log_every: int = 25
-    init_from: Optional[str] = None  # model folder whose weights start a new run (same config); optimiser starts fresh
+    init_from: Optional[str] = None  # model source (load_vggt) whose weights start a new run (same config); optimiser starts fresh
     init_partial: bool = False  # init_from another architecture: copy the tensors whose names and shapes match
     pool_refresh_every: int = 0  # replace one pool scene every this many samples served (0: fixed pool)
     val_every: int = 500  # held-out validation (val.jsonl) every this many steps; 0 disables
@@ -227,21 +227,22 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
     if resume:
         model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
     elif cfg.init_from:
-        init = Path(cfg.init_from)
-        saved_model = {k: v for k, v in json.loads((init / "config.json").read_text()).items() if k != "image_size"}
-        src = {k: v.float() for k, v in load_file(str(init / "model.safetensors")).items()}
+        from quantvggt.model.loading import load_vggt
+
+        init = load_vggt(cfg.init_from)  # any model source; 16-bit checkpoints come back as float32
+        src = init.state_dict()
         if cfg.init_partial:
             own = model.state_dict()
             take = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
             model.load_state_dict(take, strict=False)
-            log.info("initialised %d of %d tensors from %s (fresh: %s)", len(take), len(own), init,
+            log.info("initialised %d of %d tensors from %s (fresh: %s)", len(take), len(own), cfg.init_from,
                      sorted({k.split(".")[1] if k.count(".") > 1 else k for k in set(own) - set(take)}))
         else:
-            if VGGTConfig.from_dict(saved_model).to_dict() != model.config.to_dict():
-                raise ValueError(f"{init / 'config.json'}: model config differs from this run's; "
+            if init.config.to_dict() != model.config.to_dict():
+                raise ValueError(f"{cfg.init_from}: model config differs from this run's; "
                                  "init_from needs the same architecture (or init_partial)")
             model.load_state_dict(src, strict=True)
-            log.info("initialised from %s", init)
+            log.info("initialised from %s", cfg.init_from)
     model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume:
