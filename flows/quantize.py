@@ -59,7 +59,7 @@ def stats_task(model: str, candidate: dict[str, Any]) -> dict[str, Any]:
     """Deep-layer statistics of one calibration candidate (pure function of the sample)."""
     m = _shared_model(model)
     c = nfds.Candidate(**{**candidate, "frames": tuple(candidate["frames"])})
-    stats = nfds.sample_stats(m, nfds.load_candidate(c, int(getattr(m, "image_size", 518))))
+    stats = nfds.sample_stats(m, nfds.load_candidate(c, m.image_size))
     return {"sample_id": c.sample_id, "scene": c.scene, "group": c.group, "frames": list(c.frames), **stats}
 
 
@@ -99,7 +99,7 @@ def quantize(
         nfds.plot_selection(rows, manifest.with_suffix(".png"))
         logger.info("NFDS: %d selected, %d filtered of %d", sum(r["selected"] for r in rows), sum(r["outlier"] for r in rows), len(rows))
         m = load_model(model, device="cpu")
-        calib = nfds.load_selected(manifest, image_size=int(getattr(m, "image_size", 518)))
+        calib = nfds.load_selected(manifest, image_size=m.image_size)
         overrides: dict[str, Any] = {"seed": seed}
         if scope:
             overrides["scope"] = tuple(scope)

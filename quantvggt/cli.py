@@ -85,9 +85,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if str(path).endswith(".parquet"):
             from quantvggt.calib.nfds import load_selected
 
-            calib += load_selected(path, image_size=int(getattr(model, "image_size", 518)))
+            calib += load_selected(path, image_size=model.image_size)
         else:
-            calib += folder_samples([path], frames=args.frames, image_size=int(getattr(model, "image_size", 518)))
+            calib += folder_samples([path], frames=args.frames, image_size=model.image_size)
     report = quantize_(model, config, calib)
     out = save_quantized(model, args.out, extra={"report": report.to_dict()})
     print(f"recipe {report.recipe}: {len(report.layers)} layers quantized in {report.seconds:.1f}s")
@@ -160,7 +160,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     pool = Path(args.calibration_pool) if args.calibration_pool else synth.main(out / "calibration-pool", scenes=args.pool_scenes, frames=args.frames, seed=args.pool_seed, size=(224, 168))
     manifest = nfds.main(model, [pool], out / "calibration.parquet", frames=args.frames, n_clusters=args.clusters,
                          per_cluster=args.per_cluster, seed=args.seed, overwrite=True)
-    calib = nfds.load_selected(manifest, image_size=int(getattr(model, "image_size", 518)))
+    calib = nfds.load_selected(manifest, image_size=model.image_size)
     overrides = {"quantvggt": {"epochs": args.epochs}} if args.epochs is not None else {}
     evaluate.main(lambda: _load_any(args.model), args.scenes, out, [r.strip() for r in args.recipes.split(",")], calib, overrides)
     print((out / "table.md").read_text())

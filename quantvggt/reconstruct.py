@@ -88,7 +88,7 @@ def reconstruct_scene(model: torch.nn.Module, scene: Union[str, Path], options: 
     scene = Path(scene)
     t0 = time.perf_counter()
     paths, skipped, dropped = scan_scene(scene, options.max_frames)
-    size = options.image_size or int(getattr(model, "image_size", 518))
+    size = options.image_size or model.image_size
     batch = load_and_preprocess(paths, mode=options.mode, target_size=size)  # type: ignore[arg-type]
     t1 = time.perf_counter()
     device = model.aggregator.camera_token.device

@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to ../shared and small seeded models."""
+"""Shared fixtures: the repository's test fixtures (tests/fixtures) and small seeded models."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-PARITY = SHARED / "fixtures" / "vggt-tiny-parity"
-SPEC_1B = SHARED / "specs" / "vggt-1b-state-dict.json"
+FIXTURES = REPO / "tests" / "fixtures"
+PARITY = FIXTURES / "vggt-tiny-parity"  # copied from shared/fixtures: a user's clone has no ../shared
+SPEC_1B = FIXTURES / "vggt-1b-state-dict.json"  # copied from shared/specs
 
 
 from quantvggt.testing import tiny_config_dict  # noqa: E402
@@ -26,9 +26,9 @@ def tiny_model() -> torch.nn.Module:
 
 
 def require(path: Path) -> Path:
-    """Skip loudly when the shared fixtures are not mounted."""
+    """Fail loudly when a committed fixture is missing."""
     if not path.exists():
-        pytest.fail(f"shared fixture {path} is missing (expected ../shared next to the repo)")
+        pytest.fail(f"fixture {path} is missing (it is committed under tests/fixtures)")
     return path
 
 

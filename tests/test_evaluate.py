@@ -13,7 +13,7 @@ from tests.conftest import sane_tiny_model
 def test_table_written_with_all_columns(synth_scenes: Path, tmp_path: Path) -> None:
     def loader():  # noqa: ANN202
         m = sane_tiny_model()
-        m.image_size = 112
+        m.config.image_size = 112
         return m
 
     calib = [{"id": "c0", "images": __import__("torch").rand(3, 3, 84, 112)}]

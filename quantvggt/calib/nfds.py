@@ -258,7 +258,7 @@ def main(
     cands = candidate_pool(pool, frames, seed)
     if not cands:
         raise ValueError(f"NFDS: no candidate scenes found in {list(map(str, pool))}")
-    size = int(getattr(model, "image_size", 518))
+    size = model.image_size
     rows = []
     it: Iterable[Candidate] = progress(cands) if progress else cands
     for c in it:

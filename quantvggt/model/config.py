@@ -128,10 +128,13 @@ class VGGTConfig:
     depth_head: Optional[DPTHeadConfig] = field(default_factory=_depth_head_default)
     point_head: Optional[DPTHeadConfig] = field(default_factory=DPTHeadConfig)
     track_head: Optional[TrackHeadConfig] = field(default_factory=TrackHeadConfig)
+    image_size: int = 518  # preprocessing target width the model was trained at (shipped small models: 112)
 
     def __post_init__(self) -> None:
         if self.aggregator is None:
             raise ValueError("the aggregator is required")
+        if not isinstance(self.image_size, int) or self.image_size < 14 or self.image_size % 14:
+            raise ValueError(f"image_size must be a positive multiple of 14, got {self.image_size!r}")
         width = 2 * self.aggregator.embed_dim
         depth = self.aggregator.depth
         for name in ("camera_head", "depth_head", "point_head", "track_head"):
@@ -145,17 +148,21 @@ class VGGTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict with every argument filled in (``None`` for absent parts)."""
-        return {name: (None if getattr(self, name) is None else dataclasses.asdict(getattr(self, name))) for name in _PARTS}
+        d: dict[str, Any] = {
+            name: (None if getattr(self, name) is None else dataclasses.asdict(getattr(self, name))) for name in _PARTS
+        }
+        d["image_size"] = self.image_size
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VGGTConfig":
         """Build from a nested dict; missing arguments take upstream defaults, missing parts are absent."""
         if "config" in d and isinstance(d["config"], dict) and "aggregator" in d["config"]:
             d = d["config"]
-        unknown = set(d) - set(_PARTS)
+        unknown = set(d) - set(_PARTS) - {"image_size"}
         if unknown:
-            raise ValueError(f"unknown model parts {sorted(unknown)}; expected {sorted(_PARTS)}")
-        kwargs: dict[str, Any] = {}
+            raise ValueError(f"unknown model parts {sorted(unknown)}; expected {sorted(_PARTS)} and image_size")
+        kwargs: dict[str, Any] = {"image_size": int(d.get("image_size", 518))}
         for name, part_cls in _PARTS.items():
             sub = d.get(name)
             if sub is None:
@@ -174,6 +181,7 @@ class VGGTConfig:
         agg = AggregatorConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim)
         w = 2 * embed_dim
         return cls(
+            image_size=img_size,
             aggregator=agg,
             camera_head=CameraHeadConfig(dim_in=w),
             depth_head=DPTHeadConfig(dim_in=w, patch_size=patch_size, output_dim=2, activation="exp"),

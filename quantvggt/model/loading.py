@@ -163,19 +163,14 @@ def load_vggt(
 ) -> VGGT:
     """Load a VGGT from a hub id, local file/folder, ``s3://`` URI or shipped model name, in eval mode."""
     weights, cfg_path = resolve_source(source)
-    image_size = 518
-    if cfg_path is not None:
+    if cfg_path is not None and config is None:
         try:
-            raw = json.loads(cfg_path.read_text())
-            image_size = int(raw.get("image_size", 518)) if isinstance(raw, dict) else 518
-            if config is None:
-                config = config_from_json({k: v for k, v in raw.items() if k != "image_size"})
+            config = config_from_json(json.loads(cfg_path.read_text()))
         except (json.JSONDecodeError, ValueError, TypeError) as e:
             raise CheckpointError(f"{cfg_path}: invalid model config ({e})") from e
     if config is None:
         config = VGGTConfig()
     log.info("loading VGGT weights from %s", weights)
     model = build_model(config, read_state_dict(weights), str(weights))
-    model.source = source  # type: ignore[assignment]
-    model.image_size = image_size  # type: ignore[assignment]  # preprocessing width the model expects
+    model.source = source
     return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,13 @@ class VGGT(nn.Module):
             raise ValueError(f"the track head reads aggregator layers {TRACK_LAYERS}; depth {config.aggregator.depth} is too shallow")
         self.track_head = TrackHead(config.track_head, TRACK_LAYERS) if config.track_head else None
         self.autocast_cuda = True
-        self.image_size = 518  # preprocessing target width; shipped small models override it
+        self.source: Optional[str] = None  # where the weights came from (set by the loaders)
+        self.quant_meta: Optional[dict[str, Any]] = None  # set by quantize_ / load_quantized
+
+    @property
+    def image_size(self) -> int:
+        """Preprocessing target width the model expects (``config.image_size``)."""
+        return self.config.image_size
 
     def needed_layers(self, with_track: bool) -> set[int]:
         """Aggregator layers that the enabled heads read (so the others need not be kept)."""

@@ -37,7 +37,6 @@ def save_quantized(model: VGGT, path: Union[str, Path], extra: dict[str, Any] | 
             "library_version": quantvggt.__version__,
             "model_config": model.config.to_dict(),
             "model_source": getattr(model, "source", None),
-            "image_size": int(getattr(model, "image_size", 518)),
             **meta,
             **(extra or {}),
         }
@@ -66,7 +65,7 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
         path = download_to_cache(str(path))
     path = Path(path)
     doc = read_quant_meta(path)
-    config = VGGTConfig.from_dict(doc["model_config"])
+    config = VGGTConfig.from_dict({"image_size": int(doc.get("image_size", 518)), **doc["model_config"]})
     with torch.device("meta"):
         model = VGGT(config)
         for name, spec in doc["layers"].items():
@@ -85,7 +84,6 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
     model.aggregator.reset_buffers()
     model.quant_meta = {k: doc.get(k, {}) for k in ("config", "layers", "convs", "calibration_ids", "source_sha256")}  # type: ignore[assignment]
     model.source = doc.get("model_source")  # type: ignore[assignment]
-    model.image_size = int(doc.get("image_size", 518))  # type: ignore[assignment]
     return model.eval().to(device)
 
 

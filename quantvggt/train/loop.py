@@ -166,7 +166,7 @@ def save_checkpoint(out: Path, model: VGGT, opt: torch.optim.Optimizer, step: in
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors.tmp"))
     # image_size: the checkpoint folder loads with load_vggt at the resolution it is trained at
-    (out / "config.json.tmp").write_text(json.dumps({**model.config.to_dict(), "image_size": cfg.width}, indent=1))
+    (out / "config.json.tmp").write_text(json.dumps(model.config.to_dict(), indent=1))
     state = {"optimizer": opt.state_dict(), "step": torch.tensor(step), "torch_rng": torch.get_rng_state(),
              "np_rng": json.dumps(rng.bit_generator.state)}
     torch.save(state, out / "train_state.pt.tmp")
@@ -221,7 +221,7 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = VGGT(VGGTConfig.from_dict(cfg.model))
+    model = VGGT(VGGTConfig.from_dict({**cfg.model, "image_size": cfg.width}))
     step = 0
     resume = (out / "train_state.pt").is_file()
     if resume:

@@ -83,7 +83,7 @@ def test_end_to_end_filters_noise_scenes(synth_scenes: Path, tmp_path: Path, tin
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray((rng.random((42, 56, 3)) ** 8 * 255).astype(np.uint8)).save(noise / f"n{i}.png")
-    tiny_model.image_size = 56
+    tiny_model.config.image_size = 56
     out = nfds.main(tiny_model, [tmp_path / "pool"], tmp_path / "sel.parquet", frames=4, n_clusters=2, per_cluster=2)
     rows = nfds.read_manifest(out)
     assert len(rows) == 7 and sum(r["selected"] for r in rows) == 4

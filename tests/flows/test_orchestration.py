@@ -47,7 +47,7 @@ def bucket(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     st.write_bytes("inbox/scene_broken/corrupt.png", (scenes / "scene_000" / "frame_000.png").read_bytes()[:64])
     st.write_bytes("inbox/scene_broken/empty.jpg", b"")
     model = sane_tiny_model()
-    model.image_size = 112
+    model.config.image_size = 112
     quantize_(model, get_recipe("quarot-w4a4"))
     ckpt = save_quantized(model, tmp / "ckpt")
     st.upload_dir(ckpt, "models/tiny-w4a4")
