@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +53,7 @@ class ReferenceFakeQuantLinear(nn.Module):
 
 def to_reference(model: nn.Module) -> nn.Module:
     """Swap every QuantLinear for the reference approach, in place."""
-    for name, mod in list(model.named_modules()):
+    for _name, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, QuantLinear):
                 setattr(mod, cname, ReferenceFakeQuantLinear(child))

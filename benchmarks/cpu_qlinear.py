@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, state_bytes, to_reference  # noqa: E402
+from common import bench, state_bytes, to_reference
 
-from quantvggt.model import VGGT, VGGTConfig  # noqa: E402
-from quantvggt.quant import get_recipe, quantize_  # noqa: E402
-from quantvggt.quant.hadamard import random_signs  # noqa: E402
-from quantvggt.quant.linear import FakeQuantLinear  # noqa: E402
+from quantvggt.model import VGGT, VGGTConfig
+from quantvggt.quant import get_recipe, quantize_
+from quantvggt.quant.hadamard import random_signs
+from quantvggt.quant.linear import FakeQuantLinear
 
 SHAPES = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]
 
@@ -33,7 +33,9 @@ SHAPES = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]
 def layers(M: int, repeat: int) -> None:
     """Per-layer table for the aggregator shapes."""
     print(f"per layer, M={M} tokens, threads={torch.get_num_threads()}")
-    print("| K x N | fp32 ms | 4-bit (ours) ms | reference ms | ours vs fp32 | ours vs reference | weight bytes fp32 / ours |")
+    print(
+        "| K x N | fp32 ms | 4-bit (ours) ms | reference ms | ours vs fp32 | ours vs reference | weight bytes fp32 / ours |"
+    )
     print("|---|---|---|---|---|---|---|")
     from common import ReferenceFakeQuantLinear
 
@@ -49,22 +51,30 @@ def layers(M: int, repeat: int) -> None:
             t_r = bench(lambda: ref(x), repeat) if ref is not None else float("nan")
         wb = K * N * 4
         qb = ql.qweight.numel() + 4 * N + 4 * K + K
-        print(f"| {K}x{N} | {t_fp * 1e3:.1f} | {t_q * 1e3:.1f} | {t_r * 1e3:.1f} | {t_fp / t_q:.2f}x | {t_r / t_q:.2f}x | {wb / 1e6:.1f} MB / {qb / 1e6:.2f} MB |")
+        print(
+            f"| {K}x{N} | {t_fp * 1e3:.1f} | {t_q * 1e3:.1f} | {t_r * 1e3:.1f} | {t_fp / t_q:.2f}x | {t_r / t_q:.2f}x | {wb / 1e6:.1f} MB / {qb / 1e6:.2f} MB |"
+        )
 
 
 def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, with_reference: bool = True) -> None:
     """Whole-model latency for float, ours (quantvggt-w4a4 weights, RTN-speed identical) and the reference approach."""
     torch.manual_seed(0)
     if arch == "tiny":
-        cfg = VGGTConfig.from_dict(json.loads((Path(__file__).resolve().parent.parent / "quantvggt" / "assets" / "vggt-tiny-config.json").read_text()))
+        cfg = VGGTConfig.from_dict(
+            json.loads(
+                (Path(__file__).resolve().parent.parent / "quantvggt" / "assets" / "vggt-tiny-config.json").read_text()
+            )
+        )
     else:
         cfg = VGGTConfig(track_head=None)
     base = VGGT(cfg).eval()
     q = copy.deepcopy(base)
     quantize_(q, get_recipe("quarot-w4a4", scope=("aggregator", "patch_embed") if arch == "1b" else ("aggregator",)))
     ref = to_reference(copy.deepcopy(q)) if with_reference else None
-    print(f"whole model {arch}, {side}x{side} px, threads={torch.get_num_threads()}; state MB: float {state_bytes(base) / 1e6:.1f}, "
-          f"ours {state_bytes(q) / 1e6:.1f}" + (f", reference {state_bytes(ref) / 1e6:.1f}" if ref is not None else ""))
+    print(
+        f"whole model {arch}, {side}x{side} px, threads={torch.get_num_threads()}; state MB: float {state_bytes(base) / 1e6:.1f}, "
+        f"ours {state_bytes(q) / 1e6:.1f}" + (f", reference {state_bytes(ref) / 1e6:.1f}" if ref is not None else "")
+    )
     print("| frames | fp32 s | 4-bit (ours) s | reference s | ours vs fp32 | ours vs reference | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     import resource
@@ -89,7 +99,11 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--no-reference", action="store_true", help="skip the reference approach (it needs ~2x the float model's memory)")
+    ap.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the reference approach (it needs ~2x the float model's memory)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

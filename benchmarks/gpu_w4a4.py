@@ -23,7 +23,7 @@ from quantvggt.quant.hadamard import dense_rotation, random_signs
 SHAPES = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]
 
 
-def cuda_time(fn, repeat: int = 20) -> float:  # noqa: ANN001
+def cuda_time(fn, repeat: int = 20) -> float:
     """Median milliseconds with CUDA events."""
     for _ in range(3):
         fn()
@@ -44,14 +44,16 @@ def main() -> None:
     dev = "cuda"
     print(torch.cuda.get_device_name())
     M = 13740
-    print("| K x N | act levels mismatch | GEMM max rel err | bf16 ms | fake-quant ref ms | w4a4 ms (prep+gemm) | vs bf16 | vs ref |")
+    print(
+        "| K x N | act levels mismatch | GEMM max rel err | bf16 ms | fake-quant ref ms | w4a4 ms (prep+gemm) | vs bf16 | vs ref |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for K, N in SHAPES:
         x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
         signs = random_signs(K, 0).to(dev, torch.int8)
         asc = torch.rand(K, device=dev) + 0.5
         q, s = tk.act_prep(x, signs, asc, 1.0, 4)
-        q_r, s_r = ref.act_prep_ref(x, signs, asc, torch.ones(1, device=dev), 4)
+        q_r, _s_r = ref.act_prep_ref(x, signs, asc, torch.ones(1, device=dev), 4)
         mism = float((q != q_r).float().mean())
         wl = torch.randint(-8, 8, (N, K), device=dev, dtype=torch.int8)
         wp = qz.pack_int4(wl)
@@ -61,6 +63,7 @@ def main() -> None:
         rel = float((y - y_r).abs().max() / y_r.abs().max())
         w16 = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
         t16 = cuda_time(lambda: F.linear(x, w16))
+
         def w4a4() -> torch.Tensor:
             qx, sx = tk.act_prep(x, signs, asc, 1.0, 4)
             return tk.gemm(qx, wp, sx, ws, bias, packed=True, out_dtype=torch.bfloat16)
@@ -73,10 +76,14 @@ def main() -> None:
         def fake() -> torch.Tensor:
             xr = (x @ H) / asc.to(torch.bfloat16)
             sc = xr.abs().amax(-1, keepdim=True).float().clamp(min=1e-8) / 7
-            return F.linear((torch.round(xr.float() / sc).clamp(-8, 7) * sc).to(torch.bfloat16), w_deq, bias.to(torch.bfloat16))
+            return F.linear(
+                (torch.round(xr.float() / sc).clamp(-8, 7) * sc).to(torch.bfloat16), w_deq, bias.to(torch.bfloat16)
+            )
 
         tr = cuda_time(fake)
-        print(f"| {K}x{N} | {mism:.2e} | {rel:.2e} | {t16:.3f} | {tr:.3f} | {t4:.3f} | {t16 / t4:.2f}x | {tr / t4:.2f}x |")
+        print(
+            f"| {K}x{N} | {mism:.2e} | {rel:.2e} | {t16:.3f} | {tr:.3f} | {t4:.3f} | {t16 / t4:.2f}x | {tr / t4:.2f}x |"
+        )
     torch.manual_seed(0)
     with torch.device(dev):  # initialising 1.2 B parameters on the host would take longer than the timings
         base = VGGT(VGGTConfig(track_head=None)).eval()
@@ -87,8 +94,10 @@ def main() -> None:
         tb = cuda_time(lambda: base(x), 3)
         tq = cuda_time(lambda: q(x), 3)
     mem = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())  # noqa: E731
-    print(f"whole VGGT-1B, 10 frames 518 px: bf16 {tb:.0f} ms, 4-bit {tq:.0f} ms -> {tb / tq:.2f}x; "
-          f"weights bf16 {mem(base) / 2e9:.2f} GB vs 4-bit {mem(q) / 1e9:.2f} GB")
+    print(
+        f"whole VGGT-1B, 10 frames 518 px: bf16 {tb:.0f} ms, 4-bit {tq:.0f} ms -> {tb / tq:.2f}x; "
+        f"weights bf16 {mem(base) / 2e9:.2f} GB vs 4-bit {mem(q) / 1e9:.2f} GB"
+    )
 
 
 if __name__ == "__main__":

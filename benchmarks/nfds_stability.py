@@ -36,7 +36,11 @@ def make_pool(root: Path, n_scenes: int, n_noise: int) -> Path:
         d = pool / f"noise_{i}"
         d.mkdir()
         for j in range(4):
-            arr = (rng.random((84, 112, 3)) ** (1 + 7 * (i % 2)) * 255).astype(np.uint8) if i % 3 else np.full((84, 112, 3), 250, np.uint8)
+            arr = (
+                (rng.random((84, 112, 3)) ** (1 + 7 * (i % 2)) * 255).astype(np.uint8)
+                if i % 3
+                else np.full((84, 112, 3), 250, np.uint8)
+            )
             Image.fromarray(arr).save(d / f"f{j}.png")
     return root / "pool"
 
@@ -62,28 +66,56 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         pool = make_pool(root, args.scenes, args.noise)
-        held = [load_and_preprocess(list_images(s), target_size=SIZE).images for s in sorted(synth.main(root / "held", scenes=4, frames=4, seed=99, size=(112, 84)).glob("scene_*"))]
+        held = [
+            load_and_preprocess(list_images(s), target_size=SIZE).images
+            for s in sorted(synth.main(root / "held", scenes=4, frames=4, seed=99, size=(112, 84)).glob("scene_*"))
+        ]
         refs = [last_tokens(base, x) for x in held]
         k = args.clusters * args.per_cluster
         res: dict[str, list[float]] = {"nfds": [], "random": []}
         noise_picked = []
         for seed in range(args.seeds):
-            out = nfds.main(base, [pool], root / f"sel{seed}.parquet", frames=4, n_clusters=args.clusters, per_cluster=args.per_cluster, seed=seed, overwrite=True)
+            out = nfds.main(
+                base,
+                [pool],
+                root / f"sel{seed}.parquet",
+                frames=4,
+                n_clusters=args.clusters,
+                per_cluster=args.per_cluster,
+                seed=seed,
+                overwrite=True,
+            )
             rows = nfds.read_manifest(out)
             rng = np.random.default_rng(seed)
             rand_ids = set(rng.choice(len(rows), size=k, replace=False).tolist())
             noise_picked.append(sum("noise" in rows[i]["sample_id"] for i in rand_ids))
             arms = {
                 "nfds": nfds.load_selected(out, image_size=SIZE),
-                "random": [{"id": rows[i]["sample_id"], "images": nfds.load_candidate(nfds.Candidate(rows[i]["sample_id"], rows[i]["scene"], rows[i]["group"], tuple(rows[i]["frames"])), SIZE)} for i in sorted(rand_ids)],
+                "random": [
+                    {
+                        "id": rows[i]["sample_id"],
+                        "images": nfds.load_candidate(
+                            nfds.Candidate(
+                                rows[i]["sample_id"], rows[i]["scene"], rows[i]["group"], tuple(rows[i]["frames"])
+                            ),
+                            SIZE,
+                        ),
+                    }
+                    for i in sorted(rand_ids)
+                ],
             }
             for arm, calib in arms.items():
                 q = copy.deepcopy(base)
                 quantize_(q, get_recipe("quantvggt-w4a4", epochs=args.epochs, seed=seed), calib)
                 err = float(np.mean([float((last_tokens(q, x) - r).norm() / r.norm()) for x, r in zip(held, refs)]))
                 res[arm].append(err)
-            print(f"seed {seed}: nfds {res['nfds'][-1]:.4f}  random {res['random'][-1]:.4f}  (noise scenes in random subset: {noise_picked[-1]})", flush=True)
-        print(f"\npool: {args.scenes} synthetic + {args.noise} noise scenes; {k} samples per calibration set; quantvggt-w4a4, {args.epochs} epochs")
+            print(
+                f"seed {seed}: nfds {res['nfds'][-1]:.4f}  random {res['random'][-1]:.4f}  (noise scenes in random subset: {noise_picked[-1]})",
+                flush=True,
+            )
+        print(
+            f"\npool: {args.scenes} synthetic + {args.noise} noise scenes; {k} samples per calibration set; quantvggt-w4a4, {args.epochs} epochs"
+        )
         print("| calibration set | mean rel. error | std | min | max |")
         print("|---|---|---|---|---|")
         for arm, v in res.items():

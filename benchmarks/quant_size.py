@@ -30,7 +30,11 @@ def main() -> None:
     ap.add_argument("--recipes", default="rtn-w4a4,quarot-w4a4,quantvggt-w4a4,quantvggt-w8a8,quantvggt-w4a16")
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--scopes", default="", help="e.g. aggregator,aggregator+patch_embed+camera_head+dpt_heads")
-    ap.add_argument("--no-track-head", action="store_true", help="build the model without the track head (unused for reconstruction)")
+    ap.add_argument(
+        "--no-track-head",
+        action="store_true",
+        help="build the model without the track head (unused for reconstruction)",
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = VGGTConfig.from_dict(json.loads(TINY.read_text())) if args.arch == "tiny" else VGGTConfig()
@@ -42,11 +46,20 @@ def main() -> None:
     side = 56 if args.arch == "tiny" else 28
     g = torch.Generator().manual_seed(0)
     calib = [torch.rand(2, 3, side, side, generator=g) for _ in range(2)]
-    scopes = ([("aggregator",), ("aggregator", "patch_embed", "camera_head"), ("aggregator", "patch_embed", "camera_head", "dpt_heads")]
-              if args.arch == "1b" else [("aggregator",), ("aggregator", "camera_head"), ("aggregator", "camera_head", "dpt_heads")])
+    scopes = (
+        [
+            ("aggregator",),
+            ("aggregator", "patch_embed", "camera_head"),
+            ("aggregator", "patch_embed", "camera_head", "dpt_heads"),
+        ]
+        if args.arch == "1b"
+        else [("aggregator",), ("aggregator", "camera_head"), ("aggregator", "camera_head", "dpt_heads")]
+    )
     if args.scopes:
         scopes = [tuple(s.split("+")) for s in args.scopes.split(",")]
-    print(f"arch={args.arch} track_head={cfg.track_head is not None} params={sum(p.numel() for p in base.parameters()):,} calib={len(calib)}x{tuple(calib[0].shape)} epochs={args.epochs}")
+    print(
+        f"arch={args.arch} track_head={cfg.track_head is not None} params={sum(p.numel() for p in base.parameters()):,} calib={len(calib)}x{tuple(calib[0].shape)} epochs={args.epochs}"
+    )
     print("| recipe | scope | layers | checkpoint MB | x vs fp16 (floats at 16 bit) | x vs fp32 | calib s |")
     print("|---|---|---|---|---|---|---|")
     for scope in scopes:
@@ -64,7 +77,9 @@ def main() -> None:
                     mb = (out / "model.safetensors").stat().st_size / 1e6
             else:
                 mb = rep.quantized_bytes / 1e6  # tensor bytes; the safetensors header adds < 1 MB
-            print(f"| {name} | {'+'.join(scope)} | {len(rep.layers)} | {mb:.2f} | {rep.compression_vs_fp16:.2f} | {rep.compression_vs_fp32:.2f} | {dt:.1f} |")
+            print(
+                f"| {name} | {'+'.join(scope)} | {len(rep.layers)} | {mb:.2f} | {rep.compression_vs_fp16:.2f} | {rep.compression_vs_fp32:.2f} | {dt:.1f} |"
+            )
             del model
 
 

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from quantvggt import cli as lib_cli
 
@@ -68,7 +68,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             import io
 
             for row in pq.read_table(io.BytesIO(store.read_bytes(k))).to_pylist():
-                print(f"  {row['scene']:20s} {row['status']:8s} images={row['images']} points={row['points']} {row['seconds']:.1f}s {row['error'] or ''}")
+                print(
+                    f"  {row['scene']:20s} {row['status']:8s} images={row['images']} points={row['points']} {row['seconds']:.1f}s {row['error'] or ''}"
+                )
     return 0
 
 
@@ -76,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     """Library parser plus orchestration subcommands."""
     p = lib_cli.build_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
-    s = sub.add_parser("demo", help="main job: synthetic scenes -> quantize flow -> reconstruct flow (local Ray) -> COLMAP")
+    s = sub.add_parser(
+        "demo", help="main job: synthetic scenes -> quantize flow -> reconstruct flow (local Ray) -> COLMAP"
+    )
     s.add_argument("--out", default="demo-out")
     s.add_argument("--model", default="vggt-tiny-synthetic")
     s.add_argument("--scenes", type=int, default=3)
@@ -101,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``quantvggt`` console script."""
     return lib_cli.main(argv, build_parser())
 

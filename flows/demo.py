@@ -28,8 +28,15 @@ def agreement(float_model: Any, quant_model: Any, scene: Path, options: Reconstr
     return {"rot_diff_deg": float(r.mean()), "trans_diff_deg": float(t.mean()), "depth_rel_diff": float(np.median(rel))}
 
 
-def main(out: str = "demo-out", model: str = DEFAULT_MODEL, scenes: int = 3, frames: int = 8, recipe: str = "quantvggt-w4a4",
-         workers: int = 2, epochs: int = 5) -> dict[str, Any]:
+def main(
+    out: str = "demo-out",
+    model: str = DEFAULT_MODEL,
+    scenes: int = 3,
+    frames: int = 8,
+    recipe: str = "quantvggt-w4a4",
+    workers: int = 2,
+    epochs: int = 5,
+) -> dict[str, Any]:
     """Run the whole pipeline locally and print where everything is."""
     from flows.quantize import quantize
     from flows.reconstruct import reconstruct
@@ -39,31 +46,56 @@ def main(out: str = "demo-out", model: str = DEFAULT_MODEL, scenes: int = 3, fra
     inbox = synth.main(root / "inbox", scenes=scenes, frames=frames, seed=42, size=(224, 168))
     pool = synth.main(root / "calibration-pool", scenes=8, frames=frames, seed=7, size=(224, 168))
     print(f"[1/4] synthetic scenes in {inbox} (+ calibration pool {pool})")
-    ckpt = quantize(model=model, calibration_pool=[str(pool)], recipe=recipe, seed=0, out=str(root / "store"), frames=frames,
-                    clusters=3, per_cluster=2, epochs=epochs, scope=["aggregator", "camera_head", "dpt_heads"])
+    ckpt = quantize(
+        model=model,
+        calibration_pool=[str(pool)],
+        recipe=recipe,
+        seed=0,
+        out=str(root / "store"),
+        frames=frames,
+        clusters=3,
+        per_cluster=2,
+        epochs=epochs,
+        scope=["aggregator", "camera_head", "dpt_heads"],
+    )
     print(f"[2/4] quantized checkpoint: {ckpt}")
     opts = {"max_points": 20000}
-    manifest = reconstruct(scenes=[str(inbox)], checkpoint=ckpt, out=str(root / "reconstructions"), options=opts, num_workers=workers)
+    manifest = reconstruct(
+        scenes=[str(inbox)], checkpoint=ckpt, out=str(root / "reconstructions"), options=opts, num_workers=workers
+    )
     print(f"[3/4] reconstructions written; manifest {manifest}")
     import pyarrow.parquet as pq
 
     rows = pq.read_table(manifest).to_pylist()
     fm, qm = load_model(model), load_model(ckpt)
     meta = json.loads((Path(ckpt) / "quant.json").read_text())
-    lines = ["| scene | status | images | points | seconds | float-vs-4bit rot diff (deg) | trans diff (deg) | depth rel diff |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| scene | status | images | points | seconds | float-vs-4bit rot diff (deg) | trans diff (deg) | depth rel diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ag = agreement(fm, qm, inbox / r["scene"], ReconstructionOptions(**opts)) if r["status"] != "failed" else None
-        cells = f"{ag['rot_diff_deg']:.2f} | {ag['trans_diff_deg']:.2f} | {ag['depth_rel_diff']:.2e}" if ag else "- | - | -"
+        cells = (
+            f"{ag['rot_diff_deg']:.2f} | {ag['trans_diff_deg']:.2f} | {ag['depth_rel_diff']:.2e}" if ag else "- | - | -"
+        )
         lines.append(f"| {r['scene']} | {r['status']} | {r['images']} | {r['points']} | {r['seconds']:.1f} | {cells} |")
     print("[4/4] summary\n" + "\n".join(lines))
     rep = meta.get("report", {})
-    print(f"\nmodel {model}, recipe {recipe}: {rep.get('compression_vs_fp16', 0):.2f}x smaller than fp16 "
-          f"({rep.get('bytes_16bit', 0) / 1e6:.2f} MB vs {rep.get('fp16_bytes', 0) / 1e6:.2f} MB)")
+    print(
+        f"\nmodel {model}, recipe {recipe}: {rep.get('compression_vs_fp16', 0):.2f}x smaller than fp16 "
+        f"({rep.get('bytes_16bit', 0) / 1e6:.2f} MB vs {rep.get('fp16_bytes', 0) / 1e6:.2f} MB)"
+    )
     first = root / "reconstructions" / rows[0]["scene"] if rows else root / "reconstructions"
-    print(f"\nOutputs: {root / 'reconstructions'}/<scene>/sparse/0 (COLMAP binary) + report.json; manifests in {root / 'reconstructions' / '_manifests'}")
+    print(
+        f"\nOutputs: {root / 'reconstructions'}/<scene>/sparse/0 (COLMAP binary) + report.json; manifests in {root / 'reconstructions' / '_manifests'}"
+    )
     print("Open one in COLMAP:")
     print(f"  colmap gui --import_path {first / 'sparse' / '0'} --image_path {inbox / first.name}")
     print(f"  colmap model_analyzer --path {first / 'sparse' / '0'}")
     store = open_storage(root / "reconstructions")
-    return {"manifest": manifest, "checkpoint": ckpt, "rows": rows, "complete": [r["scene"] for r in rows if store.is_complete(r["scene"])]}
+    return {
+        "manifest": manifest,
+        "checkpoint": ckpt,
+        "rows": rows,
+        "complete": [r["scene"] for r in rows if store.is_complete(r["scene"])],
+    }

@@ -8,7 +8,7 @@ import hashlib
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 
@@ -73,8 +73,8 @@ def quantize(
     frames: int = 10,
     clusters: int = 5,
     per_cluster: int = 4,
-    epochs: Optional[int] = None,
-    scope: Optional[list[str]] = None,
+    epochs: int | None = None,
+    scope: list[str] | None = None,
 ) -> str:
     """Return the URI of the quantized checkpoint for these inputs, computing it only if it is not stored yet."""
     from quantvggt.quant import get_recipe, quantize_, save_quantized
@@ -84,8 +84,15 @@ def quantize(
     with tempfile.TemporaryDirectory(prefix="quantvggt-quantize-") as tmp:
         work = Path(tmp)
         pool_dirs = _local_pool(calibration_pool, work)
-        params = {"recipe": recipe, "seed": seed, "frames": frames, "clusters": clusters, "per_cluster": per_cluster, "epochs": epochs,
-                  "scope": list(scope) if scope else None}
+        params = {
+            "recipe": recipe,
+            "seed": seed,
+            "frames": frames,
+            "clusters": clusters,
+            "per_cluster": per_cluster,
+            "epochs": epochs,
+            "scope": list(scope) if scope else None,
+        }
         key = f"quantized/{inputs_hash(model, pool_dirs, params)}"
         if store.is_complete(key):
             logger.info("quantized checkpoint already stored at %s; not recomputing", store.uri(key))
@@ -97,7 +104,12 @@ def quantize(
         rows = nfds.select([f.result() for f in futures], clusters, per_cluster, seed)
         manifest = nfds.write_manifest(rows, work / "ckpt-extra" / "calibration.parquet")
         nfds.plot_selection(rows, manifest.with_suffix(".png"))
-        logger.info("NFDS: %d selected, %d filtered of %d", sum(r["selected"] for r in rows), sum(r["outlier"] for r in rows), len(rows))
+        logger.info(
+            "NFDS: %d selected, %d filtered of %d",
+            sum(r["selected"] for r in rows),
+            sum(r["outlier"] for r in rows),
+            len(rows),
+        )
         m = load_model(model, device="cpu")
         calib = nfds.load_selected(manifest, image_size=m.image_size)
         overrides: dict[str, Any] = {"seed": seed}
@@ -106,9 +118,17 @@ def quantize(
         if epochs is not None and recipe.startswith("quantvggt"):
             overrides["epochs"] = epochs
         report = quantize_(m, get_recipe(recipe, **overrides), calib)
-        ckpt = save_quantized(m, work / "ckpt", extra={"report": report.to_dict(), "inputs": {"model": model, **params}})
+        ckpt = save_quantized(
+            m, work / "ckpt", extra={"report": report.to_dict(), "inputs": {"model": model, **params}}
+        )
         for f in (manifest, manifest.with_suffix(".png")):
             f.replace(ckpt / f.name)
         store.upload_dir(ckpt, key, extra={"recipe": recipe})
-        logger.info("quantized %s with %s: %.2fx smaller than fp16 -> %s", model, recipe, report.compression_vs_fp16, store.uri(key))
+        logger.info(
+            "quantized %s with %s: %.2fx smaller than fp16 -> %s",
+            model,
+            recipe,
+            report.compression_vs_fp16,
+            store.uri(key),
+        )
         return store.uri(key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Optional, Union
+from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -22,34 +22,54 @@ def discover(scenes: list[str], out: str, force: bool) -> tuple[list[str], list[
     for uri in expand_scene_uris(scenes):
         name = uri.rstrip("/").rpartition("/")[2]
         if not force and store.is_complete(name):
-            skipped.append({"scene": name, "status": "skipped", "images": 0, "points": 0, "seconds": 0.0, "worker": "",
-                            "attempt": 0, "error": "", "output": store.uri(name)})
+            skipped.append(
+                {
+                    "scene": name,
+                    "status": "skipped",
+                    "images": 0,
+                    "points": 0,
+                    "seconds": 0.0,
+                    "worker": "",
+                    "attempt": 0,
+                    "error": "",
+                    "output": store.uri(name),
+                }
+            )
         else:
             todo.append(uri)
     return todo, skipped
 
 
 @task(name="ray-batch")
-def run_batch(scene_uris: list[str], checkpoint: str, out: str, options: dict[str, Any], num_workers: int, force: bool,
-              ray_address: Optional[str]) -> list[dict[str, Any]]:
+def run_batch(
+    scene_uris: list[str],
+    checkpoint: str,
+    out: str,
+    options: dict[str, Any],
+    num_workers: int,
+    force: bool,
+    ray_address: str | None,
+) -> list[dict[str, Any]]:
     """Drive plain Ray actors from this task (no per-worker Prefect servers)."""
     from workers.reconstruct import ensure_ray, run_scenes
 
     if not scene_uris:
         return []
     ensure_ray(ray_address, num_cpus=max(num_workers, 1))
-    return run_scenes(scene_uris, checkpoint, out, ReconstructionOptions(**options), num_workers=num_workers, force=force)
+    return run_scenes(
+        scene_uris, checkpoint, out, ReconstructionOptions(**options), num_workers=num_workers, force=force
+    )
 
 
 @flow(name="reconstruct")
 def reconstruct(
-    scenes: Union[list[str], str],
+    scenes: list[str] | str,
     checkpoint: str,
     out: str,
-    options: Optional[dict[str, Any]] = None,
+    options: dict[str, Any] | None = None,
     force: bool = False,
     num_workers: int = 2,
-    ray_address: Optional[str] = None,
+    ray_address: str | None = None,
 ) -> str:
     """Reconstruct scene folders (local or s3://) with a (quantized) checkpoint; returns the manifest URI."""
     logger = get_run_logger()
@@ -61,8 +81,11 @@ def reconstruct(
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     manifest = write_manifest(rows, store, f"_manifests/{run_id}.parquet")
     table = markdown_table(rows)
-    create_markdown_artifact(markdown=f"# Reconstruction {run_id}\n\nmanifest: `{manifest}`\n\n{table}\n", key="reconstruct-summary",
-                             description="scenes, images, points, seconds per scene")
+    create_markdown_artifact(
+        markdown=f"# Reconstruction {run_id}\n\nmanifest: `{manifest}`\n\n{table}\n",
+        key="reconstruct-summary",
+        description="scenes, images, points, seconds per scene",
+    )
     failed = [r for r in rows if r["status"] == "failed"]
     if failed:
         logger.warning("%d scenes failed: %s", len(failed), ", ".join(r["scene"] for r in failed))
@@ -70,7 +93,13 @@ def reconstruct(
 
 
 @flow(name="reconstruct-nightly")
-def reconstruct_nightly(inbox: str, checkpoint: str, out: str, options: Optional[dict[str, Any]] = None, num_workers: int = 2,
-                        ray_address: Optional[str] = None) -> str:
+def reconstruct_nightly(
+    inbox: str,
+    checkpoint: str,
+    out: str,
+    options: dict[str, Any] | None = None,
+    num_workers: int = 2,
+    ray_address: str | None = None,
+) -> str:
     """Scan ``inbox`` for scene folders not yet complete in ``out`` and reconstruct them."""
     return reconstruct([inbox], checkpoint, out, options, False, num_workers, ray_address)

@@ -7,8 +7,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import torch
 
@@ -16,7 +16,7 @@ log = logging.getLogger("quantvggt")
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
-def _demo_model(seed: int = 0) -> "torch.nn.Module":
+def _demo_model(seed: int = 0) -> torch.nn.Module:
     from quantvggt.model import VGGT, VGGTConfig
 
     cfg = VGGTConfig.from_dict(json.loads((ASSETS / "vggt-tiny-config.json").read_text()))
@@ -54,12 +54,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
         preds = model(batch.images)
     dt = time.perf_counter() - t0
     print(f"model: {source}")
-    print(f"input: {len(paths)} images -> {tuple(batch.images.shape)}; forward {dt * 1000:.0f} ms on {batch.images.device}")
+    print(
+        f"input: {len(paths)} images -> {tuple(batch.images.shape)}; forward {dt * 1000:.0f} ms on {batch.images.device}"
+    )
     print(_summarise(preds, batch.names))
     return 0
 
 
-def _load_any(source: str) -> "torch.nn.Module":
+def _load_any(source: str) -> torch.nn.Module:
     """A float model source, a quantized checkpoint (folder or s3://, has quant.json), or 'demo-random'."""
     from quantvggt.pipeline import load_model
 
@@ -91,8 +93,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     report = quantize_(model, config, calib)
     out = save_quantized(model, args.out, extra={"report": report.to_dict()})
     print(f"recipe {report.recipe}: {len(report.layers)} layers quantized in {report.seconds:.1f}s")
-    print(f"bytes: {report.quantized_bytes:,} ({report.bytes_16bit:,} with floats at 16 bit); "
-          f"fp16 {report.fp16_bytes:,} -> {report.compression_vs_fp16:.2f}x; fp32 {report.fp32_bytes:,} -> {report.compression_vs_fp32:.2f}x")
+    print(
+        f"bytes: {report.quantized_bytes:,} ({report.bytes_16bit:,} with floats at 16 bit); "
+        f"fp16 {report.fp16_bytes:,} -> {report.compression_vs_fp16:.2f}x; fp32 {report.fp32_bytes:,} -> {report.compression_vs_fp32:.2f}x"
+    )
     print(f"wrote {out}")
     return 0
 
@@ -106,15 +110,22 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     model = _load_any(args.quantized or args.model)
     opts = ReconstructionOptions(
-        max_frames=args.max_frames, conf_percentile=args.conf_percentile, conf_threshold=args.conf_threshold,
-        max_points=args.max_points, text=args.text, points_from=args.points_from, mode=args.mode,
+        max_frames=args.max_frames,
+        conf_percentile=args.conf_percentile,
+        conf_threshold=args.conf_threshold,
+        max_points=args.max_points,
+        text=args.text,
+        points_from=args.points_from,
+        mode=args.mode,
     )
     failed = 0
     for scene in tqdm(args.scenes, desc="scenes", unit="scene"):
         try:
             out = reconstruct_main(model, scene, args.out, opts)
             report = json.loads((out / "report.json").read_text())
-            tqdm.write(f"{Path(scene).name}: {report['images']} images, {report['points']['kept']} points -> {out / 'sparse' / '0'}")
+            tqdm.write(
+                f"{Path(scene).name}: {report['images']} images, {report['points']['kept']} points -> {out / 'sparse' / '0'}"
+            )
         except (SceneError, ValueError, RuntimeError) as e:
             failed += 1
             tqdm.write(f"{Path(scene).name}: FAILED: {e}")
@@ -127,7 +138,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from quantvggt import synth
 
     w, h = (int(v) for v in args.size.lower().split("x"))
-    out = synth.main(args.out, scenes=args.scenes, frames=args.frames, seed=args.seed, size=(w, h), overwrite=args.overwrite)
+    out = synth.main(
+        args.out, scenes=args.scenes, frames=args.frames, seed=args.seed, size=(w, h), overwrite=args.overwrite
+    )
     print(f"wrote {args.scenes} scenes of {args.frames} frames ({w}x{h}) to {out}")
     return 0
 
@@ -139,10 +152,21 @@ def cmd_select_calibration(args: argparse.Namespace) -> int:
     from quantvggt.calib import nfds
 
     model = _load_any(args.model)
-    out = nfds.main(model, args.pool, args.out, frames=args.frames, n_clusters=args.clusters, per_cluster=args.per_cluster,
-                    seed=args.seed, overwrite=True, progress=lambda xs: tqdm(xs, desc="statistics", unit="sample"))
+    out = nfds.main(
+        model,
+        args.pool,
+        args.out,
+        frames=args.frames,
+        n_clusters=args.clusters,
+        per_cluster=args.per_cluster,
+        seed=args.seed,
+        overwrite=True,
+        progress=lambda xs: tqdm(xs, desc="statistics", unit="sample"),
+    )
     rows = nfds.read_manifest(out)
-    print(f"{sum(r['selected'] for r in rows)} selected of {len(rows)} candidates; {sum(r['outlier'] for r in rows)} filtered as outliers")
+    print(
+        f"{sum(r['selected'] for r in rows)} selected of {len(rows)} candidates; {sum(r['outlier'] for r in rows)} filtered as outliers"
+    )
     for r in rows:
         if r["outlier"]:
             print(f"  filtered {r['sample_id']}: {r['outlier_reason']}")
@@ -157,12 +181,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     model = _load_any(args.model)
-    pool = Path(args.calibration_pool) if args.calibration_pool else synth.main(out / "calibration-pool", scenes=args.pool_scenes, frames=args.frames, seed=args.pool_seed, size=(224, 168))
-    manifest = nfds.main(model, [pool], out / "calibration.parquet", frames=args.frames, n_clusters=args.clusters,
-                         per_cluster=args.per_cluster, seed=args.seed, overwrite=True)
+    pool = (
+        Path(args.calibration_pool)
+        if args.calibration_pool
+        else synth.main(
+            out / "calibration-pool", scenes=args.pool_scenes, frames=args.frames, seed=args.pool_seed, size=(224, 168)
+        )
+    )
+    manifest = nfds.main(
+        model,
+        [pool],
+        out / "calibration.parquet",
+        frames=args.frames,
+        n_clusters=args.clusters,
+        per_cluster=args.per_cluster,
+        seed=args.seed,
+        overwrite=True,
+    )
     calib = nfds.load_selected(manifest, image_size=model.image_size)
     overrides = {"quantvggt": {"epochs": args.epochs}} if args.epochs is not None else {}
-    evaluate.main(lambda: _load_any(args.model), args.scenes, out, [r.strip() for r in args.recipes.split(",")], calib, overrides)
+    evaluate.main(
+        lambda: _load_any(args.model), args.scenes, out, [r.strip() for r in args.recipes.split(",")], calib, overrides
+    )
     print((out / "table.md").read_text())
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'auc.png'}")
     return 0
@@ -170,17 +210,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (or resume) the small synthetic-scene VGGT."""
-    from quantvggt.train.loop import TrainConfig, export_model, main as train_main
+    from quantvggt.train.loop import TrainConfig, export_model
+    from quantvggt.train.loop import main as train_main
 
-    cfg = TrainConfig(steps=args.steps, seed=args.seed, threads=args.threads, init_from=args.init_from,
-                      init_partial=args.init_partial)
+    cfg = TrainConfig(
+        steps=args.steps, seed=args.seed, threads=args.threads, init_from=args.init_from, init_partial=args.init_partial
+    )
     for name in ("lr", "batch_size", "pool_scenes", "warmup", "pool_refresh_every"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     if args.patch_embed:
         cfg.model["aggregator"]["patch_embed"] = args.patch_embed
-    out = train_main(args.out, cfg, max_minutes=args.max_minutes, device=args.device, workers=args.workers,
-                     schedule_by_time=args.schedule_by_time)
+    out = train_main(
+        args.out,
+        cfg,
+        max_minutes=args.max_minutes,
+        device=args.device,
+        workers=args.workers,
+        schedule_by_time=args.schedule_by_time,
+    )
     print(f"checkpoint in {out} (loss curve: {out / 'loss.png'})")
     if args.export:
         print(f"exported {export_model(out, args.export)} (float16 weights)")
@@ -199,8 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_predict)
     s = sub.add_parser("quantize", help="calibrate + quantize a model and write a quantized checkpoint")
     s.add_argument("--model", required=True, help="float model source (hub id, file, folder, s3://)")
-    s.add_argument("--calibration", nargs="+", required=True, help="scene image folders, or a selection manifest .parquet")
-    s.add_argument("--recipe", default="quantvggt-w4a4", help="e.g. rtn-w4a4, quarot-w4a4, quantvggt-w4a4, quantvggt-w8a8")
+    s.add_argument(
+        "--calibration", nargs="+", required=True, help="scene image folders, or a selection manifest .parquet"
+    )
+    s.add_argument(
+        "--recipe", default="quantvggt-w4a4", help="e.g. rtn-w4a4, quarot-w4a4, quantvggt-w4a4, quantvggt-w8a8"
+    )
     s.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
     s.add_argument("--frames", type=int, default=10, help="frames per calibration sample")
     s.add_argument("--scope", nargs="+", choices=["aggregator", "patch_embed", "camera_head"], help="parts to quantize")
@@ -221,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scenes", required=True, help="evaluation set (from `quantvggt synth`)")
     s.add_argument("--recipes", default=",".join(__import__("quantvggt.evaluate", fromlist=["x"]).DEFAULT_RECIPES))
     s.add_argument("--out", required=True)
-    s.add_argument("--calibration-pool", help="scene folders for NFDS (default: a fresh synthetic pool, seed --pool-seed)")
+    s.add_argument(
+        "--calibration-pool", help="scene folders for NFDS (default: a fresh synthetic pool, seed --pool-seed)"
+    )
     s.add_argument("--pool-scenes", type=int, default=40)
     s.add_argument("--pool-seed", type=int, default=7)
     s.add_argument("--frames", type=int, default=8)
@@ -238,13 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     s.add_argument("--workers", type=int, default=0, help="data-loading processes (also render the pool in parallel)")
-    s.add_argument("--init-from", help="model source (folder, file, s3://, shipped name; same config) whose weights start a new run")
-    s.add_argument("--init-partial", action="store_true", help="with --init-from: copy only tensors whose names and shapes match")
+    s.add_argument(
+        "--init-from",
+        help="model source (folder, file, s3://, shipped name; same config) whose weights start a new run",
+    )
+    s.add_argument(
+        "--init-partial", action="store_true", help="with --init-from: copy only tensors whose names and shapes match"
+    )
     s.add_argument("--lr", type=float)
     s.add_argument("--batch-size", type=int)
     s.add_argument("--pool-scenes", type=int)
     s.add_argument("--warmup", type=int)
-    s.add_argument("--pool-refresh-every", type=int, help="render a new scene into the pool every N samples (0: fixed pool)")
+    s.add_argument(
+        "--pool-refresh-every", type=int, help="render a new scene into the pool every N samples (0: fixed pool)"
+    )
     s.add_argument("--schedule-by-time", action="store_true", help="decay the learning rate over --max-minutes")
     s.add_argument("--patch-embed", help="'conv' or a ViT name such as vit_tiny14_reg (new runs only)")
     s.add_argument("--export", help="after training, write a float16 model folder here (what ships as an asset)")
@@ -257,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quantized", help="quantized checkpoint folder")
     s.add_argument("--max-frames", type=int, default=32)
     s.add_argument("--conf-percentile", type=float, default=50.0)
-    s.add_argument("--conf-threshold", type=float, default=None, help="absolute confidence threshold (overrides the percentile)")
+    s.add_argument(
+        "--conf-threshold", type=float, default=None, help="absolute confidence threshold (overrides the percentile)"
+    )
     s.add_argument("--max-points", type=int, default=100_000)
     s.add_argument("--points-from", choices=["depth", "point_map"], default="depth")
     s.add_argument("--mode", choices=["crop", "pad"], default="crop")
@@ -274,10 +337,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> int:
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     """Parse, configure logging, run the subcommand; user errors exit 2 with a one-line message."""
     args = (parser or build_parser()).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         for noisy in ("httpx", "werkzeug", "matplotlib"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 
 def _to44(T: np.ndarray) -> np.ndarray:
-    out = np.tile(np.eye(4), T.shape[:-2] + (1, 1))
+    out = np.tile(np.eye(4), (*T.shape[:-2], 1, 1))
     out[..., :3, :4] = T[..., :3, :4]
     return out
 
 
-def relative_pose_errors(pred_extr: np.ndarray, gt_extr: np.ndarray, ambiguity: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def relative_pose_errors(
+    pred_extr: np.ndarray, gt_extr: np.ndarray, ambiguity: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """Per image pair (i < j): rotation and translation-direction angle errors in degrees.
 
     Poses are camera-from-world ``[S, 3, 4]``; the relative pose of a pair is ``T_j T_i^-1``, so the errors do not
@@ -51,7 +51,7 @@ def pose_metrics(pred_extr: np.ndarray, gt_extr: np.ndarray) -> dict[str, float]
     return out
 
 
-def depth_metrics(pred: np.ndarray, gt: np.ndarray, mask: Optional[np.ndarray] = None) -> dict[str, float]:
+def depth_metrics(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
     """Abs-rel and delta<1.25 after per-image median scaling, over pixels with ``gt > 0`` (and ``mask``)."""
     absrel, delta = [], []
     for p, g, m in zip(pred, gt, mask if mask is not None else [None] * len(pred)):

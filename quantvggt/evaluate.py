@@ -7,8 +7,9 @@ import csv
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,8 +22,16 @@ from quantvggt.synth import load_gt
 log = logging.getLogger(__name__)
 
 DEFAULT_RECIPES = (
-    "fp", "rtn-w8a8", "smoothquant-w8a8", "quarot-w8a8", "quantvggt-w8a8",
-    "rtn-w4a4", "smoothquant-w4a4", "quarot-w4a4", "quantvggt-w4a4", "quantvggt-w4a16",
+    "fp",
+    "rtn-w8a8",
+    "smoothquant-w8a8",
+    "quarot-w8a8",
+    "quantvggt-w8a8",
+    "rtn-w4a4",
+    "smoothquant-w4a4",
+    "quarot-w4a4",
+    "quantvggt-w4a4",
+    "quantvggt-w4a16",
 )
 
 
@@ -49,8 +58,15 @@ def scene_metrics(model: torch.nn.Module, scene: Path, options: ReconstructionOp
     out.update(ev.depth_metrics(pred.depth.astype(np.float64), gt_d))
     # gt points at the same pixels, from gt depth and gt cameras expressed in model pixels
     K_gt = np.stack([pred.transforms[i].intrinsics_to_model(gt["intrinsics"][j]) for i, j in enumerate(idx)])
-    gt_pts = unproject_depth(torch.from_numpy(gt_d), torch.from_numpy(gt["extrinsics"][idx]), torch.from_numpy(K_gt), pixel_offset=0.5).numpy()
-    pr_pts = unproject_depth(torch.from_numpy(pred.depth).double(), torch.from_numpy(pred.extrinsics), torch.from_numpy(pred.intrinsics), pixel_offset=0.5).numpy()
+    gt_pts = unproject_depth(
+        torch.from_numpy(gt_d), torch.from_numpy(gt["extrinsics"][idx]), torch.from_numpy(K_gt), pixel_offset=0.5
+    ).numpy()
+    pr_pts = unproject_depth(
+        torch.from_numpy(pred.depth).double(),
+        torch.from_numpy(pred.extrinsics),
+        torch.from_numpy(pred.intrinsics),
+        pixel_offset=0.5,
+    ).numpy()
     valid = gt_d > 0
     pm = ev.point_metrics(pr_pts[valid], gt_pts[valid], max_points=5000)
     scale = np.linalg.norm(gt_pts[valid] - gt_pts[valid].mean(0), axis=1).mean()  # report relative to the scene extent
@@ -58,14 +74,16 @@ def scene_metrics(model: torch.nn.Module, scene: Path, options: ReconstructionOp
     return out
 
 
-def evaluate_model(model: torch.nn.Module, scenes: Sequence[Path], options: Optional[ReconstructionOptions] = None) -> dict[str, float]:
+def evaluate_model(
+    model: torch.nn.Module, scenes: Sequence[Path], options: ReconstructionOptions | None = None
+) -> dict[str, float]:
     """Mean of :func:`scene_metrics` over ``scenes``."""
     options = options or ReconstructionOptions()
     per = [scene_metrics(model, s, options) for s in scenes]
     return {k: float(np.mean([p[k] for p in per])) for k in per[0]}
 
 
-def eval_scenes(root: Union[str, Path]) -> list[Path]:
+def eval_scenes(root: str | Path) -> list[Path]:
     """Scene folders under ``root`` that have ground truth (``gt/cameras.json``)."""
     root = Path(root)
     found = sorted(p.parent.parent for p in root.glob("*/gt/cameras.json"))
@@ -78,12 +96,12 @@ def eval_scenes(root: Union[str, Path]) -> list[Path]:
 
 def main(
     model_loader: Callable[[], torch.nn.Module],
-    scenes_root: Union[str, Path],
-    out: Union[str, Path],
+    scenes_root: str | Path,
+    out: str | Path,
     recipes: Sequence[str] = DEFAULT_RECIPES,
-    calibration: Optional[list[dict]] = None,
-    recipe_overrides: Optional[dict[str, dict]] = None,
-    options: Optional[ReconstructionOptions] = None,
+    calibration: list[dict] | None = None,
+    recipe_overrides: dict[str, dict] | None = None,
+    options: ReconstructionOptions | None = None,
 ) -> Path:
     """Evaluate every recipe; write ``table.md``, ``table.csv``, ``results.json`` and ``auc.png`` into ``out``."""
     from quantvggt.quant import get_recipe, quantize_
@@ -110,17 +128,33 @@ def main(
         log.info("%s: AUC@30 %.3f", name, metrics["auc@30"])
         results.append(row)
     (out / "results.json").write_text(json.dumps({"scenes": [str(s) for s in scenes], "results": results}, indent=1))
-    cols = ["recipe", "auc@30", "auc@15", "auc@5", "auc@3", "abs_rel", "delta1", "point_accuracy", "bytes_16bit", "compression_vs_fp16"]
+    cols = [
+        "recipe",
+        "auc@30",
+        "auc@15",
+        "auc@5",
+        "auc@3",
+        "abs_rel",
+        "delta1",
+        "point_accuracy",
+        "bytes_16bit",
+        "compression_vs_fp16",
+    ]
     with (out / "table.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(results)
     fp_auc = next((r["auc@30"] for r in results if r["recipe"] == "fp"), None)
-    lines = ["| recipe | AUC@30 | AUC@15 | AUC@5 | AUC@3 | depth abs-rel | δ<1.25 | point acc. | MB (16-bit floats) | x vs fp16 |" + (" % of FP AUC@30 |" if fp_auc is not None else ""),
-             "|---" * (10 + (fp_auc is not None)) + "|"]
+    lines = [
+        "| recipe | AUC@30 | AUC@15 | AUC@5 | AUC@3 | depth abs-rel | δ<1.25 | point acc. | MB (16-bit floats) | x vs fp16 |"
+        + (" % of FP AUC@30 |" if fp_auc is not None else ""),
+        "|---" * (10 + (fp_auc is not None)) + "|",
+    ]
     for r in results:
-        line = (f"| {r['recipe']} | {r['auc@30']:.3f} | {r['auc@15']:.3f} | {r['auc@5']:.3f} | {r['auc@3']:.3f} | {r['abs_rel']:.3f} | "
-                f"{r['delta1']:.3f} | {r['point_accuracy']:.3f} | {r['bytes_16bit'] / 1e6:.2f} | {r['compression_vs_fp16']:.2f} |")
+        line = (
+            f"| {r['recipe']} | {r['auc@30']:.3f} | {r['auc@15']:.3f} | {r['auc@5']:.3f} | {r['auc@3']:.3f} | {r['abs_rel']:.3f} | "
+            f"{r['delta1']:.3f} | {r['point_accuracy']:.3f} | {r['bytes_16bit'] / 1e6:.2f} | {r['compression_vs_fp16']:.2f} |"
+        )
         if fp_auc is not None:
             line += f" {100 * r['auc@30'] / fp_auc:.1f} |" if fp_auc > 0 else " n/a |"
         lines.append(line)
@@ -138,7 +172,7 @@ def _bar_chart(results: list[dict], png: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4))
     names = [r["recipe"] for r in results]
     x = np.arange(len(names))
-    for k, (key, wdt) in enumerate((("auc@30", -0.3), ("auc@15", -0.1), ("auc@5", 0.1), ("auc@3", 0.3))):
+    for _k, (key, wdt) in enumerate((("auc@30", -0.3), ("auc@15", -0.1), ("auc@5", 0.1), ("auc@3", 0.3))):
         ax.bar(x + wdt, [r[key] for r in results], width=0.2, label=key.upper())
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylim(0, 1)

@@ -6,12 +6,12 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Union
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Union[str, Path]) -> Iterator[Path]:
+def atomic_dir(final: str | Path) -> Iterator[Path]:
     """Yield a temporary folder next to ``final``; on success it replaces ``final``, on error it is removed.
 
     A reader therefore sees either the old complete folder or the new complete one, never a half-written one.

@@ -6,8 +6,6 @@ Quaternions are (x, y, z, w), scalar last, as upstream VGGT.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,13 +17,19 @@ def quat_to_mat(q: Tensor) -> Tensor:
     two_s = 2.0 / (q * q).sum(-1)
     o = torch.stack(
         (
-            1 - two_s * (j * j + k * k), two_s * (i * j - k * r), two_s * (i * k + j * r),
-            two_s * (i * j + k * r), 1 - two_s * (i * i + k * k), two_s * (j * k - i * r),
-            two_s * (i * k - j * r), two_s * (j * k + i * r), 1 - two_s * (i * i + j * j),
+            1 - two_s * (j * j + k * k),
+            two_s * (i * j - k * r),
+            two_s * (i * k + j * r),
+            two_s * (i * j + k * r),
+            1 - two_s * (i * i + k * k),
+            two_s * (j * k - i * r),
+            two_s * (i * k - j * r),
+            two_s * (j * k + i * r),
+            1 - two_s * (i * i + j * j),
         ),
         -1,
     )
-    return o.reshape(q.shape[:-1] + (3, 3))
+    return o.reshape((*q.shape[:-1], 3, 3))
 
 
 def mat_to_quat(m: Tensor) -> Tensor:
@@ -33,18 +37,27 @@ def mat_to_quat(m: Tensor) -> Tensor:
     if m.shape[-2:] != (3, 3):
         raise ValueError(f"expected [..., 3, 3] rotations, got {tuple(m.shape)}")
     batch = m.shape[:-2]
-    m00, m01, m02, m10, m11, m12, m20, m21, m22 = torch.unbind(m.reshape(batch + (9,)), -1)
-    q_abs = torch.sqrt(torch.clamp(torch.stack([
-        1.0 + m00 + m11 + m22, 1.0 + m00 - m11 - m22, 1.0 - m00 + m11 - m22, 1.0 - m00 - m11 + m22], -1), min=0))
-    cand = torch.stack([
-        torch.stack([q_abs[..., 0] ** 2, m21 - m12, m02 - m20, m10 - m01], -1),
-        torch.stack([m21 - m12, q_abs[..., 1] ** 2, m10 + m01, m02 + m20], -1),
-        torch.stack([m02 - m20, m10 + m01, q_abs[..., 2] ** 2, m12 + m21], -1),
-        torch.stack([m10 - m01, m20 + m02, m21 + m12, q_abs[..., 3] ** 2], -1),
-    ], -2)  # rows are (w, x, y, z) candidates
+    m00, m01, m02, m10, m11, m12, m20, m21, m22 = torch.unbind(m.reshape((*batch, 9)), -1)
+    q_abs = torch.sqrt(
+        torch.clamp(
+            torch.stack(
+                [1.0 + m00 + m11 + m22, 1.0 + m00 - m11 - m22, 1.0 - m00 + m11 - m22, 1.0 - m00 - m11 + m22], -1
+            ),
+            min=0,
+        )
+    )
+    cand = torch.stack(
+        [
+            torch.stack([q_abs[..., 0] ** 2, m21 - m12, m02 - m20, m10 - m01], -1),
+            torch.stack([m21 - m12, q_abs[..., 1] ** 2, m10 + m01, m02 + m20], -1),
+            torch.stack([m02 - m20, m10 + m01, q_abs[..., 2] ** 2, m12 + m21], -1),
+            torch.stack([m10 - m01, m20 + m02, m21 + m12, q_abs[..., 3] ** 2], -1),
+        ],
+        -2,
+    )  # rows are (w, x, y, z) candidates
     cand = cand / (2.0 * q_abs[..., None].clamp(min=0.1))
     best = F.one_hot(q_abs.argmax(-1), 4) > 0.5
-    wxyz = cand[best].reshape(batch + (4,))
+    wxyz = cand[best].reshape((*batch, 4))
     xyzw = wxyz[..., [1, 2, 3, 0]]
     return torch.where(xyzw[..., 3:4] < 0, -xyzw, xyzw)
 
@@ -63,7 +76,7 @@ def pose_encoding_to_extri_intri(pose_enc: Tensor, image_size_hw: tuple[int, int
     T, quat, fov_h, fov_w = pose_enc[..., :3], pose_enc[..., 3:7], pose_enc[..., 7], pose_enc[..., 8]
     extr = torch.cat([quat_to_mat(quat), T[..., None]], -1)
     H, W = image_size_hw
-    K = torch.zeros(pose_enc.shape[:-1] + (3, 3), device=pose_enc.device, dtype=pose_enc.dtype)
+    K = torch.zeros((*pose_enc.shape[:-1], 3, 3), device=pose_enc.device, dtype=pose_enc.dtype)
     K[..., 0, 0] = W / 2.0 / torch.tan(fov_w / 2.0)
     K[..., 1, 1] = H / 2.0 / torch.tan(fov_h / 2.0)
     K[..., 0, 2] = W / 2
@@ -78,16 +91,18 @@ def closed_form_inverse_se3(se3: Tensor) -> Tensor:
         raise ValueError(f"expected [..., 3|4, 4] transforms, got {tuple(se3.shape)}")
     R, t = se3[..., :3, :3], se3[..., :3, 3:]
     Rt = R.transpose(-1, -2)
-    out = torch.zeros(se3.shape[:-2] + (4, 4), dtype=se3.dtype, device=se3.device)
+    out = torch.zeros((*se3.shape[:-2], 4, 4), dtype=se3.dtype, device=se3.device)
     out[..., :3, :3] = Rt
     out[..., :3, 3:] = -Rt @ t
     out[..., 3, 3] = 1
     return out
 
 
-def pixel_grid(H: int, W: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def pixel_grid(H: int, W: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
     """Pixel coordinates ``[H, W, 2]`` (u, v) at integer positions, as upstream's unprojection uses."""
-    v, u = torch.meshgrid(torch.arange(H, device=device, dtype=dtype), torch.arange(W, device=device, dtype=dtype), indexing="ij")
+    v, u = torch.meshgrid(
+        torch.arange(H, device=device, dtype=dtype), torch.arange(W, device=device, dtype=dtype), indexing="ij"
+    )
     return torch.stack([u, v], -1)
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence, Union
+from typing import Literal
 
 import numpy as np
 import torch
@@ -59,7 +60,7 @@ class PreprocessedImages:
     names: list[str]
 
 
-def open_image(source: Union[str, Path, bytes], name: str = "") -> Image.Image:
+def open_image(source: str | Path | bytes, name: str = "") -> Image.Image:
     """Decode an image (path or bytes), apply EXIF orientation and composite alpha on white; RGB out."""
     label = name or str(source if not isinstance(source, bytes) else "<bytes>")
     try:
@@ -96,7 +97,9 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
-def preprocess_image(img: Image.Image, mode: Literal["crop", "pad"] = "crop", target_size: int = TARGET_SIZE) -> tuple[torch.Tensor, ImageTransform]:
+def preprocess_image(
+    img: Image.Image, mode: Literal["crop", "pad"] = "crop", target_size: int = TARGET_SIZE
+) -> tuple[torch.Tensor, ImageTransform]:
     """Resize like upstream (518 px wide for crop; longest side 518 for pad; sides multiples of 14)."""
     if mode not in ("crop", "pad"):
         raise ValueError(f"mode must be 'crop' or 'pad', got {mode!r}")
@@ -126,7 +129,7 @@ def preprocess_image(img: Image.Image, mode: Literal["crop", "pad"] = "crop", ta
 
 
 def load_and_preprocess(
-    sources: Sequence[Union[str, Path]],
+    sources: Sequence[str | Path],
     mode: Literal["crop", "pad"] = "crop",
     target_size: int = TARGET_SIZE,
     names: Sequence[str] | None = None,
@@ -136,7 +139,7 @@ def load_and_preprocess(
         raise ValueError("at least one image is required")
     names = list(names) if names is not None else [Path(s).name for s in sources]
     tensors, transforms, sizes = [], [], []
-    for src, name in zip(sources, names):
+    for src, _name in zip(sources, names):
         img = open_image(src, name=str(src))
         sizes.append(img.size)
         t, tf = preprocess_image(img, mode, target_size)
@@ -158,10 +161,12 @@ def load_and_preprocess(
     return PreprocessedImages(torch.stack(out), sizes, transforms, names)
 
 
-def list_images(folder: Union[str, Path]) -> list[Path]:
+def list_images(folder: str | Path) -> list[Path]:
     """Image files directly in ``folder`` (by extension, case-insensitive), in a stable sorted order."""
     folder = Path(folder)
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name)
+    return sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS), key=lambda p: p.name
+    )
 
 
 def pick_frames(n_images: int, k: int, seed: int | None = None) -> list[int]:
@@ -170,12 +175,12 @@ def pick_frames(n_images: int, k: int, seed: int | None = None) -> list[int]:
         return []
     k = min(k, n_images)
     if seed is None:
-        return sorted({int(round(i)) for i in np.linspace(0, n_images - 1, k)})
+        return sorted({round(i) for i in np.linspace(0, n_images - 1, k)})
     rng = np.random.default_rng(seed)
     return sorted(rng.choice(n_images, size=k, replace=False).tolist())
 
 
-def readable_images(folder: Union[str, Path]) -> tuple[list[Path], list[dict[str, str]]]:
+def readable_images(folder: str | Path) -> tuple[list[Path], list[dict[str, str]]]:
     """Image files of ``folder`` that decode, and the skipped ones as ``{"name", "reason"}`` (each logged)."""
     folder = Path(folder)
     good, skipped = [], []

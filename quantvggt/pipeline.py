@@ -8,7 +8,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 ROW_FIELDS = ("scene", "status", "images", "points", "seconds", "worker", "attempt", "error", "output")
 
 
-def load_model(source: str, device: Optional[str] = None) -> torch.nn.Module:
+def load_model(source: str, device: str | None = None) -> torch.nn.Module:
     """A float model source (hub id, file, folder, s3://, shipped name) or a quantized checkpoint (local or s3://)."""
     from quantvggt.model import load_vggt
     from quantvggt.quant import load_quantized
@@ -50,8 +50,15 @@ def expand_scene_uris(inputs: list[str]) -> list[str]:
     return sorted(dict.fromkeys(out))
 
 
-def process_scene(model: torch.nn.Module, scene_uri: str, out_uri: str, options: ReconstructionOptions, force: bool = False,
-                  attempt: int = 1, worker: Optional[str] = None) -> dict[str, Any]:
+def process_scene(
+    model: torch.nn.Module,
+    scene_uri: str,
+    out_uri: str,
+    options: ReconstructionOptions,
+    force: bool = False,
+    attempt: int = 1,
+    worker: str | None = None,
+) -> dict[str, Any]:
     """Fetch a scene, reconstruct it, upload ``OUT/<scene>/`` with its completion record; one result row.
 
     Never raises for a bad scene: failures come back as ``status="failed"`` with the error.
@@ -59,8 +66,17 @@ def process_scene(model: torch.nn.Module, scene_uri: str, out_uri: str, options:
     t0 = time.perf_counter()
     worker = worker or f"{socket.gethostname()}:{os.getpid()}"
     name = scene_uri.rstrip("/").rpartition("/")[2]
-    row: dict[str, Any] = {"scene": name, "status": "failed", "images": 0, "points": 0, "seconds": 0.0, "worker": worker,
-                           "attempt": attempt, "error": "", "output": ""}
+    row: dict[str, Any] = {
+        "scene": name,
+        "status": "failed",
+        "images": 0,
+        "points": 0,
+        "seconds": 0.0,
+        "worker": worker,
+        "attempt": attempt,
+        "error": "",
+        "output": "",
+    }
     try:
         out: Storage = open_storage(out_uri)
         row["output"] = out.uri(name)
@@ -92,10 +108,22 @@ def write_manifest(rows: list[dict[str, Any]], storage: Storage, key: str) -> st
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist([{f: r.get(f) for f in ROW_FIELDS} for r in rows],
-                                 schema=pa.schema([("scene", pa.string()), ("status", pa.string()), ("images", pa.int64()),
-                                                   ("points", pa.int64()), ("seconds", pa.float64()), ("worker", pa.string()),
-                                                   ("attempt", pa.int64()), ("error", pa.string()), ("output", pa.string())]))
+    table = pa.Table.from_pylist(
+        [{f: r.get(f) for f in ROW_FIELDS} for r in rows],
+        schema=pa.schema(
+            [
+                ("scene", pa.string()),
+                ("status", pa.string()),
+                ("images", pa.int64()),
+                ("points", pa.int64()),
+                ("seconds", pa.float64()),
+                ("worker", pa.string()),
+                ("attempt", pa.int64()),
+                ("error", pa.string()),
+                ("output", pa.string()),
+            ]
+        ),
+    )
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(key, buf.getvalue())
@@ -107,5 +135,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| scene | status | images | points | seconds | worker | error |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         err = str(r.get("error") or "").replace("|", "/")[:120]
-        lines.append(f"| {r['scene']} | {r['status']} | {r['images']} | {r['points']} | {r['seconds']:.1f} | {r['worker']} | {err} |")
+        lines.append(
+            f"| {r['scene']} | {r['status']} | {r['images']} | {r['points']} | {r['seconds']:.1f} | {r['worker']} | {err} |"
+        )
     return "\n".join(lines)

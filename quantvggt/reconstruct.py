@@ -7,7 +7,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,10 +29,10 @@ class ReconstructionOptions:
 
     max_frames: int = 32
     mode: str = "crop"
-    image_size: Optional[int] = None  # preprocessing width; None = the model's own (518 for VGGT-1B)
+    image_size: int | None = None  # preprocessing width; None = the model's own (518 for VGGT-1B)
     points_from: str = "depth"  # "depth" (unproject with predicted cameras) or "point_map"
     conf_percentile: float = 50.0  # keep points above this confidence percentile ...
-    conf_threshold: Optional[float] = None  # ... or above this absolute confidence, when set
+    conf_threshold: float | None = None  # ... or above this absolute confidence, when set
     max_points: int = 100_000
     seed: int = 0
     shared_camera_tol: float = 0.02  # relative tolerance for merging equal intrinsics into one camera
@@ -61,28 +61,35 @@ class ScenePrediction:
     intrinsics: np.ndarray  # [S, 3, 3] in model pixels
     depth: np.ndarray  # [S, H, W]
     depth_conf: np.ndarray  # [S, H, W]
-    world_points: Optional[np.ndarray]  # [S, H, W, 3]
-    world_points_conf: Optional[np.ndarray]
+    world_points: np.ndarray | None  # [S, H, W, 3]
+    world_points_conf: np.ndarray | None
     images: np.ndarray  # [S, H, W, 3] float in [0, 1]
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def scan_scene(scene: Union[str, Path], max_frames: int) -> tuple[list[Path], list[dict], list[str]]:
+def scan_scene(scene: str | Path, max_frames: int) -> tuple[list[Path], list[dict], list[str]]:
     """Readable images (subsampled to ``max_frames``), skipped files with reasons, and names dropped by subsampling."""
     scene = Path(scene)
     if not scene.is_dir():
         raise SceneError(f"{scene}: not a folder")
     good, skipped = readable_images(scene)
     if len(good) < 2:
-        raise SceneError(f"{scene}: needs at least 2 usable images, found {len(good)}" + (f" ({len(skipped)} unreadable)" if skipped else ""))
+        raise SceneError(
+            f"{scene}: needs at least 2 usable images, found {len(good)}"
+            + (f" ({len(skipped)} unreadable)" if skipped else "")
+        )
     keep = pick_frames(len(good), max_frames)
     dropped = [good[i].name for i in range(len(good)) if i not in set(keep)]
     if dropped:
-        log.info("%s: %d images over the %d-frame cap; dropped %d evenly", scene.name, len(good), max_frames, len(dropped))
+        log.info(
+            "%s: %d images over the %d-frame cap; dropped %d evenly", scene.name, len(good), max_frames, len(dropped)
+        )
     return [good[i] for i in keep], skipped, dropped
 
 
-def reconstruct_scene(model: torch.nn.Module, scene: Union[str, Path], options: Optional[ReconstructionOptions] = None) -> ScenePrediction:
+def reconstruct_scene(
+    model: torch.nn.Module, scene: str | Path, options: ReconstructionOptions | None = None
+) -> ScenePrediction:
     """Run the model over one scene folder (float or quantized model alike)."""
     options = options or ReconstructionOptions()
     scene = Path(scene)
@@ -131,7 +138,9 @@ def _valid_content_mask(tf: ImageTransform, size: tuple[int, int], H: int, W: in
     return (xy[..., 0] >= 0) & (xy[..., 0] < size[0]) & (xy[..., 1] >= 0) & (xy[..., 1] < size[1])
 
 
-def select_points(pred: ScenePrediction, options: ReconstructionOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+def select_points(
+    pred: ScenePrediction, options: ReconstructionOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     """Choose 3D points: -> (frame index, flat pixel index, xyz) per point, plus confidence statistics."""
     S, H, W = pred.depth.shape
     if options.points_from == "point_map":
@@ -140,7 +149,10 @@ def select_points(pred: ScenePrediction, options: ReconstructionOptions) -> tupl
         xyz, conf = pred.world_points, pred.world_points_conf
     else:
         xyz = unproject_depth(
-            torch.from_numpy(pred.depth).double(), torch.from_numpy(pred.extrinsics), torch.from_numpy(pred.intrinsics), pixel_offset=0.5
+            torch.from_numpy(pred.depth).double(),
+            torch.from_numpy(pred.extrinsics),
+            torch.from_numpy(pred.intrinsics),
+            pixel_offset=0.5,
         ).numpy()
         conf = pred.depth_conf
     valid = np.stack([_valid_content_mask(tf, sz, H, W) for tf, sz in zip(pred.transforms, pred.original_sizes)])
@@ -148,7 +160,11 @@ def select_points(pred: ScenePrediction, options: ReconstructionOptions) -> tupl
     if options.points_from == "depth":
         valid &= pred.depth > 0
     vals = conf[valid]
-    threshold = options.conf_threshold if options.conf_threshold is not None else (float(np.percentile(vals, options.conf_percentile)) if vals.size else np.inf)
+    threshold = (
+        options.conf_threshold
+        if options.conf_threshold is not None
+        else (float(np.percentile(vals, options.conf_percentile)) if vals.size else np.inf)
+    )
     keep = valid & (conf >= threshold)
     f, flat = np.nonzero(keep.reshape(S, -1))
     if f.size > options.max_points:
@@ -181,16 +197,26 @@ def colmap_cameras(pred: ScenePrediction, tol: float) -> list[int]:
     return assign
 
 
-def to_colmap(pred: ScenePrediction, options: Optional[ReconstructionOptions] = None) -> Any:
+def to_colmap(pred: ScenePrediction, options: ReconstructionOptions | None = None) -> Any:
     """Build a ``pycolmap.Reconstruction`` (PINHOLE cameras at original resolution, posed images, observed points)."""
     import pycolmap
 
     options = options or ReconstructionOptions()
-    S, H, W = pred.depth.shape
-    bad = [pred.names[i] for i in range(S) if not (np.isfinite(pred.intrinsics[i]).all() and np.isfinite(pred.extrinsics[i]).all()
-                                                     and pred.intrinsics[i][0, 0] > 0 and pred.intrinsics[i][1, 1] > 0)]
+    S, _H, W = pred.depth.shape
+    bad = [
+        pred.names[i]
+        for i in range(S)
+        if not (
+            np.isfinite(pred.intrinsics[i]).all()
+            and np.isfinite(pred.extrinsics[i]).all()
+            and pred.intrinsics[i][0, 0] > 0
+            and pred.intrinsics[i][1, 1] > 0
+        )
+    ]
     if bad:
-        raise SceneError(f"{pred.scene}: the model predicted invalid cameras (non-finite pose or focal length) for {', '.join(bad)}")
+        raise SceneError(
+            f"{pred.scene}: the model predicted invalid cameras (non-finite pose or focal length) for {', '.join(bad)}"
+        )
     cam_of = colmap_cameras(pred, options.shared_camera_tol)
     rec = pycolmap.Reconstruction()
     for c in sorted(set(cam_of)):
@@ -201,7 +227,13 @@ def to_colmap(pred: ScenePrediction, options: Optional[ReconstructionOptions] = 
             pred.intrinsics[i] = pred.transforms[i].intrinsics_to_model(K)
         w, h = pred.original_sizes[members[0]]
         rec.add_camera_with_trivial_rig(
-            pycolmap.Camera(model="PINHOLE", width=int(w), height=int(h), params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]], camera_id=c + 1)
+            pycolmap.Camera(
+                model="PINHOLE",
+                width=int(w),
+                height=int(h),
+                params=[K[0, 0], K[1, 1], K[0, 2], K[1, 2]],
+                camera_id=c + 1,
+            )
         )
     f_idx, flat, xyz, conf_stats = select_points(pred, options)
     u = flat % W + 0.5
@@ -210,7 +242,9 @@ def to_colmap(pred: ScenePrediction, options: Optional[ReconstructionOptions] = 
         mine = np.flatnonzero(f_idx == i)
         uv = np.stack([u[mine], v[mine]], -1) if mine.size else np.zeros((0, 2))
         keypoints = pred.transforms[i].to_original(uv) if mine.size else uv
-        img = pycolmap.Image(name=pred.names[i], keypoints=keypoints.astype(np.float64), camera_id=cam_of[i] + 1, image_id=i + 1)
+        img = pycolmap.Image(
+            name=pred.names[i], keypoints=keypoints.astype(np.float64), camera_id=cam_of[i] + 1, image_id=i + 1
+        )
         rec.add_image_with_trivial_frame(img)
         rec.frame(i + 1).rig_from_world = pycolmap.Rigid3d(pred.extrinsics[i].astype(np.float64))
         rec.register_frame(i + 1)
@@ -224,7 +258,9 @@ def to_colmap(pred: ScenePrediction, options: Optional[ReconstructionOptions] = 
     return rec
 
 
-def write_scene(pred: ScenePrediction, rec: Any, out_root: Union[str, Path], options: Optional[ReconstructionOptions] = None) -> Path:
+def write_scene(
+    pred: ScenePrediction, rec: Any, out_root: str | Path, options: ReconstructionOptions | None = None
+) -> Path:
     """Write ``OUT/<scene>/sparse/0`` and ``report.json`` via a temporary folder renamed into place."""
     options = options or ReconstructionOptions()
     final = Path(out_root) / pred.scene
@@ -241,7 +277,13 @@ def write_scene(pred: ScenePrediction, rec: Any, out_root: Union[str, Path], opt
     return final
 
 
-def main(model: torch.nn.Module, scene: Union[str, Path], out: Union[str, Path], options: Optional[ReconstructionOptions] = None, overwrite: bool = True) -> Path:
+def main(
+    model: torch.nn.Module,
+    scene: str | Path,
+    out: str | Path,
+    options: ReconstructionOptions | None = None,
+    overwrite: bool = True,
+) -> Path:
     """Reconstruct one scene folder and write its COLMAP model; returns ``OUT/<scene>``."""
     options = options or ReconstructionOptions()
     final = Path(out) / Path(scene).name

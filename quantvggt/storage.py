@@ -17,8 +17,9 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Optional, TypeVar, Union
+from typing import Any, TypeVar
 
 from quantvggt.images import IMAGE_EXTENSIONS
 
@@ -50,7 +51,7 @@ def s3_client() -> Any:
     return boto3.client("s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 8, "mode": "adaptive"}))
 
 
-def sha256_file(path: Union[str, Path]) -> str:
+def sha256_file(path: str | Path) -> str:
     """Streaming SHA-256 of a file."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -61,7 +62,8 @@ def sha256_file(path: Union[str, Path]) -> str:
 
 def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
     """Call ``fn`` with exponential backoff on transient errors (connection problems, 5xx, throttling)."""
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, EndpointConnectionError
+    from botocore.exceptions import ClientError, EndpointConnectionError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     for i in range(attempts):
         try:
@@ -69,7 +71,7 @@ def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float =
         except ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
             status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if status < 500 and code not in ("Throttling", "SlowDown", "RequestTimeout") or i == attempts - 1:
+            if (status < 500 and code not in ("Throttling", "SlowDown", "RequestTimeout")) or i == attempts - 1:
                 raise
             err: Exception = e
         except (EndpointConnectionError, BotoConnectionError, ChecksumMismatch) as e:
@@ -111,11 +113,11 @@ class Storage:
         """Atomic write of a small object."""
         raise NotImplementedError
 
-    def download(self, key: str, dest: Union[str, Path]) -> Path:
+    def download(self, key: str, dest: str | Path) -> Path:
         """Stream an object to a local file (checksum verified), written atomically."""
         raise NotImplementedError
 
-    def upload(self, src: Union[str, Path], key: str) -> str:
+    def upload(self, src: str | Path, key: str) -> str:
         """Stream a local file to ``key`` atomically; returns its SHA-256."""
         raise NotImplementedError
 
@@ -128,7 +130,7 @@ class Storage:
         """Whether ``prefix`` holds a finished result (its completion record exists)."""
         return self.exists(f"{prefix.rstrip('/')}/{COMPLETE}")
 
-    def upload_dir(self, local: Union[str, Path], prefix: str, extra: Optional[dict] = None) -> dict:
+    def upload_dir(self, local: str | Path, prefix: str, extra: dict | None = None) -> dict:
         """Upload a folder, then write its completion record last; returns the record."""
         local = Path(local)
         prefix = prefix.rstrip("/")
@@ -141,7 +143,7 @@ class Storage:
         self.write_bytes(f"{prefix}/{COMPLETE}", json.dumps(record, indent=1).encode())
         return record
 
-    def download_dir(self, prefix: str, local: Union[str, Path]) -> Path:
+    def download_dir(self, prefix: str, local: str | Path) -> Path:
         """Download every object under ``prefix`` (keeping relative paths)."""
         local = Path(local)
         prefix = prefix.rstrip("/")
@@ -153,7 +155,7 @@ class Storage:
 class LocalStorage(Storage):
     """A local folder."""
 
-    def __init__(self, root: Union[str, Path]) -> None:
+    def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
         self.root_uri = str(self.root)
 
@@ -166,7 +168,9 @@ class LocalStorage(Storage):
         if not start.exists():
             return []
         keys = [p.relative_to(self.root).as_posix() for p in start.rglob("*") if p.is_file()]
-        return sorted(k for k in keys if k.startswith(prefix.lstrip("/")) and not PurePosixPath(k).name.startswith(".tmp-"))
+        return sorted(
+            k for k in keys if k.startswith(prefix.lstrip("/")) and not PurePosixPath(k).name.startswith(".tmp-")
+        )
 
     def exists(self, key: str) -> bool:
         return self._p(key).is_file()
@@ -181,7 +185,7 @@ class LocalStorage(Storage):
         tmp.write_bytes(data)
         os.replace(tmp, dest)
 
-    def download(self, key: str, dest: Union[str, Path]) -> Path:
+    def download(self, key: str, dest: str | Path) -> Path:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
@@ -189,7 +193,7 @@ class LocalStorage(Storage):
         os.replace(tmp, dest)
         return dest
 
-    def upload(self, src: Union[str, Path], key: str) -> str:
+    def upload(self, src: str | Path, key: str) -> str:
         dest = self._p(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
@@ -223,7 +227,9 @@ class S3Storage(Storage):
         out = []
         full = self._k(prefix)
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in retry(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)), f"list {self.uri(prefix)}"):
+        for page in retry(
+            lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)), f"list {self.uri(prefix)}"
+        ):
             for obj in page.get("Contents", []):
                 k = obj["Key"][len(self.base) + 1 :] if self.base else obj["Key"]
                 if not k.startswith(".tmp/"):
@@ -242,20 +248,32 @@ class S3Storage(Storage):
             raise
 
     def read_bytes(self, key: str) -> bytes:
-        return retry(lambda: self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read(), f"get {self.uri(key)}")
+        return retry(
+            lambda: self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read(), f"get {self.uri(key)}"
+        )
 
     def _commit(self, tmp_key: str, key: str) -> None:
-        retry(lambda: self.client.copy_object(Bucket=self.bucket, Key=self._k(key), CopySource={"Bucket": self.bucket, "Key": tmp_key},
-                                              MetadataDirective="COPY"), f"commit {self.uri(key)}")
+        retry(
+            lambda: self.client.copy_object(
+                Bucket=self.bucket,
+                Key=self._k(key),
+                CopySource={"Bucket": self.bucket, "Key": tmp_key},
+                MetadataDirective="COPY",
+            ),
+            f"commit {self.uri(key)}",
+        )
         retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=tmp_key), f"cleanup {tmp_key}")
 
     def write_bytes(self, key: str, data: bytes) -> None:
         tmp_key = self._k(f".tmp/{uuid.uuid4().hex}")
         digest = hashlib.sha256(data).hexdigest()
-        retry(lambda: self.client.put_object(Bucket=self.bucket, Key=tmp_key, Body=data, Metadata={"sha256": digest}), f"put {self.uri(key)}")
+        retry(
+            lambda: self.client.put_object(Bucket=self.bucket, Key=tmp_key, Body=data, Metadata={"sha256": digest}),
+            f"put {self.uri(key)}",
+        )
         self._commit(tmp_key, key)
 
-    def download(self, key: str, dest: Union[str, Path]) -> Path:
+    def download(self, key: str, dest: str | Path) -> Path:
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
 
@@ -271,10 +289,13 @@ class S3Storage(Storage):
 
         return retry(once, f"download {self.uri(key)}")
 
-    def upload(self, src: Union[str, Path], key: str) -> str:
+    def upload(self, src: str | Path, key: str) -> str:
         digest = sha256_file(src)
         tmp_key = self._k(f".tmp/{uuid.uuid4().hex}")
-        retry(lambda: self.client.upload_file(str(src), self.bucket, tmp_key, ExtraArgs={"Metadata": {"sha256": digest}}), f"upload {self.uri(key)}")
+        retry(
+            lambda: self.client.upload_file(str(src), self.bucket, tmp_key, ExtraArgs={"Metadata": {"sha256": digest}}),
+            f"upload {self.uri(key)}",
+        )
         self._commit(tmp_key, key)
         return digest
 
@@ -283,7 +304,7 @@ class S3Storage(Storage):
             retry(lambda k=k: self.client.delete_object(Bucket=self.bucket, Key=self._k(k)), f"delete {k}")
 
 
-def open_storage(uri: Union[str, Path]) -> Storage:
+def open_storage(uri: str | Path) -> Storage:
     """Storage for a local folder or an ``s3://`` URI."""
     uri = str(uri)
     return S3Storage(uri) if uri.startswith("s3://") else LocalStorage(uri)
@@ -308,7 +329,7 @@ def find_scenes(storage: Storage, prefix: str = "") -> list[str]:
     return sorted(scenes)
 
 
-def fetch_scene(storage: Storage, scene: str, local: Union[str, Path]) -> Path:
+def fetch_scene(storage: Storage, scene: str, local: str | Path) -> Path:
     """Download the files directly inside ``scene`` (not its subfolders) into folder ``local``."""
     local = Path(local)
     local.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image
@@ -143,7 +142,13 @@ def write_gt_colmap(folder: Path, names: list[str], extr: np.ndarray, K: np.ndar
     import pycolmap
 
     rec = pycolmap.Reconstruction()
-    cam = pycolmap.Camera(model="PINHOLE", width=width, height=height, params=[K[0, 0, 0], K[0, 1, 1], K[0, 0, 2], K[0, 1, 2]], camera_id=1)
+    cam = pycolmap.Camera(
+        model="PINHOLE",
+        width=width,
+        height=height,
+        params=[K[0, 0, 0], K[0, 1, 1], K[0, 0, 2], K[0, 1, 2]],
+        camera_id=1,
+    )
     rec.add_camera_with_trivial_rig(cam)
     for i, name in enumerate(names):
         img = pycolmap.Image(name=name, keypoints=np.zeros((0, 2)), camera_id=1, image_id=i + 1)
@@ -168,14 +173,30 @@ def make_scene(out: Path, seed: int, frames: int, width: int, height: int) -> Pa
             Image.fromarray(rgb).save(tmp / name)
             np.save(tmp / "gt" / "depth" / f"frame_{i:03d}.npy", depth)
             names.append(name)
-        (tmp / "gt" / "cameras.json").write_text(json.dumps(
-            {"names": names, "width": width, "height": height, "extrinsics": extr.tolist(), "intrinsics": K.tolist(), "seed": seed}
-        ))
+        (tmp / "gt" / "cameras.json").write_text(
+            json.dumps(
+                {
+                    "names": names,
+                    "width": width,
+                    "height": height,
+                    "extrinsics": extr.tolist(),
+                    "intrinsics": K.tolist(),
+                    "seed": seed,
+                }
+            )
+        )
         write_gt_colmap(tmp / "gt" / "sparse" / "0", names, extr, K, width, height)
     return out
 
 
-def main(out: Union[str, Path], scenes: int = 3, frames: int = 10, seed: int = 0, size: tuple[int, int] = (224, 168), overwrite: bool = False) -> Path:
+def main(
+    out: str | Path,
+    scenes: int = 3,
+    frames: int = 10,
+    seed: int = 0,
+    size: tuple[int, int] = (224, 168),
+    overwrite: bool = False,
+) -> Path:
     """Write ``scenes`` synthetic scene folders ``scene_XXX`` under ``out``; existing ones are kept unless ``overwrite``."""
     out = Path(out)
     for s in range(scenes):
@@ -186,10 +207,16 @@ def main(out: Union[str, Path], scenes: int = 3, frames: int = 10, seed: int = 0
     return out
 
 
-def load_gt(scene: Union[str, Path]) -> dict:
+def load_gt(scene: str | Path) -> dict:
     """Ground truth of a synthetic scene: names, extrinsics, intrinsics (numpy) and depth maps ``[K, H, W]``."""
     scene = Path(scene)
     d = json.loads((scene / "gt" / "cameras.json").read_text())
     depth = np.stack([np.load(scene / "gt" / "depth" / (Path(n).stem + ".npy")) for n in d["names"]])
-    return {"names": d["names"], "extrinsics": np.array(d["extrinsics"]), "intrinsics": np.array(d["intrinsics"]), "depth": depth,
-            "width": d["width"], "height": d["height"]}
+    return {
+        "names": d["names"],
+        "extrinsics": np.array(d["extrinsics"]),
+        "intrinsics": np.array(d["intrinsics"]),
+        "depth": depth,
+        "width": d["width"],
+        "height": d["height"],
+    }

@@ -22,7 +22,9 @@ def tiny_config_dict(**aggregator: object) -> dict:
     return d
 
 
-def planted_outlier_model(seed: int = 0, token_scale: float = 8.0, channel_gain: float = 15.0, n_channels: int = 3) -> VGGT:
+def planted_outlier_model(
+    seed: int = 0, token_scale: float = 8.0, channel_gain: float = 15.0, n_channels: int = 3
+) -> VGGT:
     """Tiny VGGT whose blocks matter (layer scale 0.5), with large camera/register tokens and outlier channels."""
     torch.manual_seed(seed)
     m = VGGT(VGGTConfig.from_dict(tiny_config_dict())).eval()

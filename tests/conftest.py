@@ -43,8 +43,16 @@ def s3_endpoint() -> object:
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    old = {k: os.environ.get(k) for k in ("QUANTVGGT_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update(QUANTVGGT_S3_ENDPOINT=url, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+    old = {
+        k: os.environ.get(k)
+        for k in ("QUANTVGGT_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        QUANTVGGT_S3_ENDPOINT=url,
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     yield url
     server.stop()
     for k, v in old.items():
@@ -63,7 +71,9 @@ def sane_tiny_model(seed: int = 0) -> torch.nn.Module:
     fc2 = m.camera_head.pose_branch.fc2
     with torch.no_grad():
         fc2.weight.mul_(0.01)
-        fc2.bias.copy_(torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]) / 4)  # 4 refinement iterations add up
+        fc2.bias.copy_(
+            torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]) / 4
+        )  # 4 refinement iterations add up
     return m
 
 

@@ -10,7 +10,12 @@ from quantvggt.synth import look_at
 
 def _rig(n: int = 5) -> np.ndarray:
     # level cameras on a circle: relative translations are perpendicular to every camera's y axis
-    return np.stack([look_at(np.array([3 * np.sin(a), 1.0, 3 * np.cos(a)]), np.array([0.0, 1.0, 0.0])) for a in np.linspace(0, 1.5, n)])
+    return np.stack(
+        [
+            look_at(np.array([3 * np.sin(a), 1.0, 3 * np.cos(a)]), np.array([0.0, 1.0, 0.0]))
+            for a in np.linspace(0, 1.5, n)
+        ]
+    )
 
 
 def _rot_y(deg: float) -> np.ndarray:

@@ -11,13 +11,15 @@ from tests.conftest import sane_tiny_model
 
 
 def test_table_written_with_all_columns(synth_scenes: Path, tmp_path: Path) -> None:
-    def loader():  # noqa: ANN202
+    def loader():
         m = sane_tiny_model()
         m.config.image_size = 112
         return m
 
     calib = [{"id": "c0", "images": __import__("torch").rand(3, 3, 84, 112)}]
-    out = evaluate.main(loader, synth_scenes, tmp_path, ["fp", "rtn-w4a4"], calib, options=ReconstructionOptions(max_frames=4))
+    out = evaluate.main(
+        loader, synth_scenes, tmp_path, ["fp", "rtn-w4a4"], calib, options=ReconstructionOptions(max_frames=4)
+    )
     table = (out / "table.md").read_text()
     assert "| fp |" in table and "| rtn-w4a4 |" in table and "% of FP AUC@30" in table
     res = json.loads((out / "results.json").read_text())["results"]

@@ -19,7 +19,7 @@ from tests.conftest import sane_tiny_model
 
 
 @pytest.fixture(scope="module")
-def model():  # noqa: ANN201
+def model():
     return sane_tiny_model()
 
 
@@ -30,7 +30,7 @@ def _copy_scene(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_colmap_model_round_trip(model, synth_scenes: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_colmap_model_round_trip(model, synth_scenes: Path, tmp_path: Path) -> None:
     opts = ReconstructionOptions(max_points=2000, conf_percentile=20)
     out = main(model, synth_scenes / "scene_000", tmp_path / "out", opts)
     sparse = out / "sparse" / "0"
@@ -52,20 +52,26 @@ def test_colmap_model_round_trip(model, synth_scenes: Path, tmp_path: Path) -> N
     assert rec.compute_mean_reprojection_error() < 1e-3  # depth points re-project onto their pixels
 
 
-def test_colmap_itself_reads_the_model(model, synth_scenes: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_colmap_itself_reads_the_model(model, synth_scenes: Path, tmp_path: Path) -> None:
     colmap = shutil.which("colmap")
     if colmap is None:
         pytest.skip("COLMAP is not installed (CI installs it with apt-get install colmap)")
     out = main(model, synth_scenes / "scene_001", tmp_path / "out", ReconstructionOptions(max_points=500))
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
-    res = subprocess.run([colmap, "model_analyzer", "--path", str(out / "sparse" / "0")], capture_output=True, text=True, env=env, timeout=120)
+    res = subprocess.run(
+        [colmap, "model_analyzer", "--path", str(out / "sparse" / "0")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     text = res.stdout + res.stderr
     assert res.returncode == 0, text
     assert int(re.search(r"Registered images:\s*(\d+)", text).group(1)) == 6
     assert int(re.search(r"Points:\s*(\d+)", text).group(1)) == 500
 
 
-def test_bad_images_skipped_and_reported(model, synth_scenes: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_bad_images_skipped_and_reported(model, synth_scenes: Path, tmp_path: Path) -> None:
     scene = _copy_scene(synth_scenes / "scene_000", tmp_path / "messy")
     (scene / "empty.jpg").write_bytes(b"")
     (scene / "corrupt.png").write_bytes((scene / "frame_000.png").read_bytes()[:100])
@@ -79,7 +85,7 @@ def test_bad_images_skipped_and_reported(model, synth_scenes: Path, tmp_path: Pa
     assert len(report["images_used"]) == 6
 
 
-def test_too_few_images_is_a_clear_error(model, tmp_path: Path) -> None:  # noqa: ANN001
+def test_too_few_images_is_a_clear_error(model, tmp_path: Path) -> None:
     scene = tmp_path / "lonely"
     scene.mkdir()
     Image.new("RGB", (40, 30)).save(scene / "only.png")
@@ -89,14 +95,16 @@ def test_too_few_images_is_a_clear_error(model, tmp_path: Path) -> None:  # noqa
     assert not (tmp_path / "out" / "lonely").exists()
 
 
-def test_frame_cap_subsamples_evenly(model, synth_scenes: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_frame_cap_subsamples_evenly(model, synth_scenes: Path, tmp_path: Path) -> None:
     out = main(model, synth_scenes / "scene_000", tmp_path / "out", ReconstructionOptions(max_frames=3, max_points=50))
     report = json.loads((out / "report.json").read_text())
-    assert report["images_used"] == ["frame_000.png", "frame_002.png", "frame_005.png"] or len(report["images_used"]) == 3
+    assert (
+        report["images_used"] == ["frame_000.png", "frame_002.png", "frame_005.png"] or len(report["images_used"]) == 3
+    )
     assert len(report["images_dropped_by_frame_cap"]) == 3
 
 
-def test_mixed_sizes_get_their_own_cameras(model, synth_scenes: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_mixed_sizes_get_their_own_cameras(model, synth_scenes: Path, tmp_path: Path) -> None:
     scene = _copy_scene(synth_scenes / "scene_000", tmp_path / "mixed")
     Image.open(scene / "frame_001.png").resize((160, 90)).save(scene / "frame_001.png")
     pred = reconstruct_scene(model, scene, ReconstructionOptions())
@@ -106,7 +114,9 @@ def test_mixed_sizes_get_their_own_cameras(model, synth_scenes: Path, tmp_path: 
     assert rec.compute_mean_reprojection_error() < 1e-3
 
 
-def test_crash_leaves_no_complete_looking_output(model, synth_scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_crash_leaves_no_complete_looking_output(
+    model, synth_scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pred = reconstruct_scene(model, synth_scenes / "scene_000")
     rec = to_colmap(pred, ReconstructionOptions(max_points=100))
 
@@ -122,7 +132,7 @@ def test_crash_leaves_no_complete_looking_output(model, synth_scenes: Path, tmp_
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_text_and_point_map_options(model, synth_scenes: Path, tmp_path: Path) -> None:  # noqa: ANN001
+def test_text_and_point_map_options(model, synth_scenes: Path, tmp_path: Path) -> None:
     opts = ReconstructionOptions(points_from="point_map", conf_threshold=0.0, max_points=64, text=True)
     out = main(model, synth_scenes / "scene_000", tmp_path / "out", opts)
     assert (out / "sparse" / "0" / "points3D.txt").is_file()

@@ -8,11 +8,11 @@ from pathlib import Path
 import boto3
 import pytest
 
-from quantvggt.storage import COMPLETE, StorageError, find_scenes, fetch_scene, open_storage
+from quantvggt.storage import COMPLETE, StorageError, fetch_scene, find_scenes, open_storage
 
 
 @pytest.fixture(params=["local", "s3"])
-def store(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
+def store(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "local":
         return open_storage(tmp_path / "root")
     endpoint = request.getfixturevalue("s3_endpoint")
@@ -21,7 +21,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path):  # noqa: ANN201
     return open_storage(f"s3://{bucket}/base")
 
 
-def test_bytes_files_and_listing(store, tmp_path: Path) -> None:  # noqa: ANN001
+def test_bytes_files_and_listing(store, tmp_path: Path) -> None:
     store.write_bytes("a/b.txt", b"hello")
     assert store.read_bytes("a/b.txt") == b"hello" and store.exists("a/b.txt") and not store.exists("a/c.txt")
     big = tmp_path / "big.bin"
@@ -34,7 +34,7 @@ def test_bytes_files_and_listing(store, tmp_path: Path) -> None:  # noqa: ANN001
     assert store.list() == ["a/b.txt"]
 
 
-def test_completion_record_written_last(store, tmp_path: Path) -> None:  # noqa: ANN001
+def test_completion_record_written_last(store, tmp_path: Path) -> None:
     d = tmp_path / "res"
     (d / "sparse" / "0").mkdir(parents=True)
     (d / "sparse" / "0" / "cameras.bin").write_bytes(b"cam")
@@ -45,8 +45,15 @@ def test_completion_record_written_last(store, tmp_path: Path) -> None:  # noqa:
     assert set(json.loads(store.read_bytes(f"scene1/{COMPLETE}"))["files"]) == {"sparse/0/cameras.bin", "report.json"}
 
 
-def test_scene_discovery_and_fetch(store, tmp_path: Path) -> None:  # noqa: ANN001
-    for k in ("inbox/s1/a.JPG", "inbox/s1/b.png", "inbox/s1/gt/depth.npy", "inbox/s2/c.webp", "inbox/_tmp/x.png", "inbox/readme.txt"):
+def test_scene_discovery_and_fetch(store, tmp_path: Path) -> None:
+    for k in (
+        "inbox/s1/a.JPG",
+        "inbox/s1/b.png",
+        "inbox/s1/gt/depth.npy",
+        "inbox/s2/c.webp",
+        "inbox/_tmp/x.png",
+        "inbox/readme.txt",
+    ):
         store.write_bytes(k, b"data")
     assert find_scenes(store, "inbox/") == ["inbox/s1", "inbox/s2"]
     local = fetch_scene(store, "inbox/s1", tmp_path / "s1")

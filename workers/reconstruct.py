@@ -6,7 +6,8 @@ import dataclasses
 import logging
 import os
 import socket
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, WorkerCrashedError
@@ -34,14 +35,16 @@ class ReconstructionWorker:
         """Reconstruct one scene and upload it."""
         from quantvggt.pipeline import process_scene
 
-        return process_scene(self.model, scene_uri, out_uri, self.options, force=force, attempt=attempt, worker=self.name)
+        return process_scene(
+            self.model, scene_uri, out_uri, self.options, force=force, attempt=attempt, worker=self.name
+        )
 
     def pid(self) -> int:
         """Process id (used by tests that kill a worker)."""
         return os.getpid()
 
 
-def ensure_ray(address: Optional[str] = None, num_cpus: Optional[int] = None) -> None:
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``) or start a local Ray with ``num_cpus``."""
     if ray.is_initialized():
         return
@@ -56,11 +59,11 @@ def run_scenes(
     scene_uris: list[str],
     model_uri: str,
     out_uri: str,
-    options: Optional[ReconstructionOptions] = None,
+    options: ReconstructionOptions | None = None,
     num_workers: int = 2,
     force: bool = False,
     max_attempts: int = 3,
-    on_dispatch: Optional[Callable[[Any, str, int], None]] = None,
+    on_dispatch: Callable[[Any, str, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Fan scenes out over ``num_workers`` actors; a scene whose worker dies is retried on a fresh worker.
 
@@ -69,7 +72,9 @@ def run_scenes(
     """
     opts = dataclasses.asdict(options or ReconstructionOptions())
     gpus = ray.cluster_resources().get("GPU", 0)
-    actor_cls = ReconstructionWorker.options(num_gpus=1, num_cpus=1) if gpus >= 1 else ReconstructionWorker.options(num_cpus=1)
+    actor_cls = (
+        ReconstructionWorker.options(num_gpus=1, num_cpus=1) if gpus >= 1 else ReconstructionWorker.options(num_cpus=1)
+    )
     n = max(1, min(num_workers, len(scene_uris)))
     idle = [actor_cls.remote(model_uri, opts) for _ in range(n)]
     queue = [(s, 1) for s in scene_uris]
@@ -96,8 +101,19 @@ def run_scenes(
                 queue.append((scene, attempt + 1))
             else:
                 name = scene.rstrip("/").rpartition("/")[2]
-                rows.append({"scene": name, "status": "failed", "images": 0, "points": 0, "seconds": 0.0, "worker": "",
-                             "attempt": attempt, "error": f"worker died {attempt} times: {e}", "output": ""})
+                rows.append(
+                    {
+                        "scene": name,
+                        "status": "failed",
+                        "images": 0,
+                        "points": 0,
+                        "seconds": 0.0,
+                        "worker": "",
+                        "attempt": attempt,
+                        "error": f"worker died {attempt} times: {e}",
+                        "output": "",
+                    }
+                )
     for actor in idle:
         ray.kill(actor)
     order = {s.rstrip("/").rpartition("/")[2]: i for i, s in enumerate(scene_uris)}

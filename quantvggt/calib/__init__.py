@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Union
 
 from quantvggt.images import load_and_preprocess, pick_frames, readable_images
 
 __all__ = ["folder_sample", "folder_samples", "pick_frames"]
 
 
-def folder_sample(folder: Union[str, Path], frames: int = 10, seed: int | None = None, mode: str = "crop", image_size: int = 518) -> dict:
+def folder_sample(
+    folder: str | Path, frames: int = 10, seed: int | None = None, mode: str = "crop", image_size: int = 518
+) -> dict:
     """One calibration sample from an image folder: ``{"id", "scene", "frame_ids", "images" [K,3,H,W]}``."""
     folder = Path(folder)
     good, _ = readable_images(folder)
@@ -22,6 +25,12 @@ def folder_sample(folder: Union[str, Path], frames: int = 10, seed: int | None =
     return {"id": f"{folder.name}:{','.join(names)}", "scene": str(folder), "frame_ids": names, "images": batch.images}
 
 
-def folder_samples(folders: Sequence[Union[str, Path]], frames: int = 10, seed: int | None = None, mode: str = "crop", image_size: int = 518) -> list[dict]:
+def folder_samples(
+    folders: Sequence[str | Path],
+    frames: int = 10,
+    seed: int | None = None,
+    mode: str = "crop",
+    image_size: int = 518,
+) -> list[dict]:
     """One calibration sample per folder (see :func:`folder_sample`)."""
     return [folder_sample(f, frames, seed, mode, image_size) for f in folders]

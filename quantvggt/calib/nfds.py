@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,7 +47,9 @@ def _scene_folders(path: Path) -> list[Path]:
     return out
 
 
-def candidate_pool(pool: Sequence[Union[str, Path]], frames: int = 10, seed: int = 0, group_column: str = "group") -> list[Candidate]:
+def candidate_pool(
+    pool: Sequence[str | Path], frames: int = 10, seed: int = 0, group_column: str = "group"
+) -> list[Candidate]:
     """Candidates from scene folders, folders of scene folders, or a CSV/Parquet manifest with ``scene`` [+ group] columns."""
     scenes: list[tuple[Path, str]] = []
     for item in pool:
@@ -84,16 +87,21 @@ def load_candidate(c: Candidate, image_size: int = 518, mode: str = "crop") -> t
 def stat_layers(model: torch.nn.Module, last: int = 4) -> list[str]:
     """Names of the ``norm1`` modules of the last ``last`` frame and global blocks."""
     depth = model.aggregator.cfg.depth
-    return [f"aggregator.{kind}_blocks.{i}.norm1" for kind in ("frame", "global") for i in range(max(0, depth - last), depth)]
+    return [
+        f"aggregator.{kind}_blocks.{i}.norm1"
+        for kind in ("frame", "global")
+        for i in range(max(0, depth - last), depth)
+    ]
 
 
 @torch.no_grad()
-def sample_stats(model: torch.nn.Module, images: torch.Tensor, layers: Optional[list[str]] = None) -> dict[str, Any]:
+def sample_stats(model: torch.nn.Module, images: torch.Tensor, layers: list[str] | None = None) -> dict[str, Any]:
     """Deep-layer statistics and the frame-similarity feature of one sample (pure: same input, same output)."""
     layers = layers or stat_layers(model)
     seen: dict[str, tuple[float, float]] = {}
     hooks = []
     for name in layers:
+
         def hook(mod: torch.nn.Module, args: tuple, name: str = name) -> None:
             x = args[0].float()
             seen[name] = (float(x.mean()), float(x.std()))
@@ -109,7 +117,12 @@ def sample_stats(model: torch.nn.Module, images: torch.Tensor, layers: Optional[
     desc = torch.cat([last[:, :psi].flatten(1), last[:, psi:].mean(1)], dim=-1)  # special tokens kept, patches pooled
     desc = torch.nn.functional.normalize(desc, dim=-1)
     feature = (desc[1:] @ desc[0]).tolist()
-    return {"layer_mean": [seen[n][0] for n in layers], "layer_std": [seen[n][1] for n in layers], "layers": layers, "feature": feature}
+    return {
+        "layer_mean": [seen[n][0] for n in layers],
+        "layer_std": [seen[n][1] for n in layers],
+        "layers": layers,
+        "feature": feature,
+    }
 
 
 def iqr_outliers(values: np.ndarray, k: float = 1.5) -> np.ndarray:
@@ -125,7 +138,14 @@ def _fixed_length(features: list[list[float]]) -> np.ndarray:
     return np.array([f + [float(np.mean(f)) if f else 0.0] * (n - len(f)) for f in features])
 
 
-def select(rows: list[dict[str, Any]], n_clusters: int = 5, per_cluster: int = 4, seed: int = 0, n_init: int = 10, filter_outliers: bool = True) -> list[dict[str, Any]]:
+def select(
+    rows: list[dict[str, Any]],
+    n_clusters: int = 5,
+    per_cluster: int = 4,
+    seed: int = 0,
+    n_init: int = 10,
+    filter_outliers: bool = True,
+) -> list[dict[str, Any]]:
     """Mark outliers (with reasons), cluster inliers, and mark the selected samples. Rows are copied, not mutated."""
     from sklearn.cluster import KMeans
 
@@ -154,7 +174,11 @@ def select(rows: list[dict[str, Any]], n_clusters: int = 5, per_cluster: int = 4
         raise ValueError("NFDS: every candidate was filtered as an outlier")
     feats = _fixed_length([rows[i]["feature"] for i in inliers])
     k = min(n_clusters, len(inliers))
-    labels = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(feats) if k > 1 else np.zeros(len(inliers), int)
+    labels = (
+        KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(feats)
+        if k > 1
+        else np.zeros(len(inliers), int)
+    )
     rng = np.random.default_rng(seed)
     chosen: list[int] = []
     for c in range(k):
@@ -171,14 +195,27 @@ def select(rows: list[dict[str, Any]], n_clusters: int = 5, per_cluster: int = 4
     return rows
 
 
-def write_manifest(rows: list[dict[str, Any]], path: Union[str, Path]) -> Path:
+def write_manifest(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Write the selection manifest (Parquet) atomically."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    cols = ["sample_id", "scene", "group", "frames", "layers", "layer_mean", "layer_std", "outlier", "outlier_reason", "feature", "cluster", "selected"]
+    cols = [
+        "sample_id",
+        "scene",
+        "group",
+        "frames",
+        "layers",
+        "layer_mean",
+        "layer_std",
+        "outlier",
+        "outlier_reason",
+        "feature",
+        "cluster",
+        "selected",
+    ]
     table = pa.Table.from_pylist([{c: (list(r[c]) if c == "frames" else r[c]) for c in cols} for r in rows])
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
@@ -186,19 +223,19 @@ def write_manifest(rows: list[dict[str, Any]], path: Union[str, Path]) -> Path:
     return path
 
 
-def read_manifest(path: Union[str, Path]) -> list[dict[str, Any]]:
+def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a selection manifest."""
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
 
 
-def load_selected(path: Union[str, Path], image_size: int = 518, mode: str = "crop") -> list[dict[str, Any]]:
+def load_selected(path: str | Path, image_size: int = 518, mode: str = "crop") -> list[dict[str, Any]]:
     """The selected samples of a manifest as calibration items ``{"id", "images"}`` for ``quantize_``."""
     return list(iter_selected(path, image_size, mode))
 
 
-def iter_selected(path: Union[str, Path], image_size: int = 518, mode: str = "crop") -> Iterator[dict[str, Any]]:
+def iter_selected(path: str | Path, image_size: int = 518, mode: str = "crop") -> Iterator[dict[str, Any]]:
     """Lazily yield the selected samples (see :func:`load_selected`)."""
     for r in read_manifest(path):
         if r["selected"]:
@@ -206,7 +243,7 @@ def iter_selected(path: Union[str, Path], image_size: int = 518, mode: str = "cr
             yield {"id": r["sample_id"], "images": load_candidate(c, image_size, mode)}
 
 
-def plot_selection(rows: list[dict[str, Any]], png: Union[str, Path]) -> Path:
+def plot_selection(rows: list[dict[str, Any]], png: str | Path) -> Path:
     """PCA of the features to 2-D, coloured by cluster; outliers as crosses, selected samples ringed."""
     import matplotlib
 
@@ -241,15 +278,15 @@ def plot_selection(rows: list[dict[str, Any]], png: Union[str, Path]) -> Path:
 
 def main(
     model: torch.nn.Module,
-    pool: Sequence[Union[str, Path]],
-    out: Union[str, Path],
+    pool: Sequence[str | Path],
+    out: str | Path,
     frames: int = 10,
     n_clusters: int = 5,
     per_cluster: int = 4,
     seed: int = 0,
     n_init: int = 10,
     overwrite: bool = False,
-    progress: Optional[Any] = None,
+    progress: Any | None = None,
 ) -> Path:
     """Collect statistics over the pool, select, write the manifest (+ PNG beside it); returns the manifest path."""
     out = Path(out)

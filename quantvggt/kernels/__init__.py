@@ -5,11 +5,12 @@ Set ``QUANTVGGT_QLINEAR_BACKEND=fake`` (or ``int``) to force a reference path.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 from torch import Tensor, nn
 
-KernelFn = Callable[[nn.Module, Tensor], Optional[Tensor]]
+KernelFn = Callable[[nn.Module, Tensor], Tensor | None]
 _REGISTRY: dict[str, KernelFn] = {}
 
 
@@ -18,7 +19,7 @@ def register(device_type: str, fn: KernelFn) -> None:
     _REGISTRY[device_type] = fn
 
 
-def _cuda(layer: nn.Module, x: Tensor) -> Optional[Tensor]:
+def _cuda(layer: nn.Module, x: Tensor) -> Tensor | None:
     try:
         from quantvggt.kernels.triton_w4a4 import qlinear_forward
     except ImportError:  # triton missing: torch path
@@ -26,7 +27,7 @@ def _cuda(layer: nn.Module, x: Tensor) -> Optional[Tensor]:
     return qlinear_forward(layer, x)
 
 
-def _cpu(layer: nn.Module, x: Tensor) -> Optional[Tensor]:
+def _cpu(layer: nn.Module, x: Tensor) -> Tensor | None:
     from quantvggt.kernels.cpu import qlinear_forward
 
     return qlinear_forward(layer, x)
@@ -36,6 +37,6 @@ register("cuda", _cuda)
 register("cpu", _cpu)
 
 
-def dispatch(layer: nn.Module, x: Tensor) -> Optional[KernelFn]:
+def dispatch(layer: nn.Module, x: Tensor) -> KernelFn | None:
     """The registered kernel for ``x``'s device, or ``None``."""
     return _REGISTRY.get(x.device.type)

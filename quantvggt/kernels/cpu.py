@@ -15,7 +15,7 @@ import functools
 import math
 import os
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ def hadamard_kron(x: Tensor, normalize: bool = True) -> Tensor:
     return y.mul_(1.0 / math.sqrt(K)) if normalize else y
 
 
-def act_levels(layer: torch.nn.Module, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+def act_levels(layer: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """Rotate, pre-scale and quantize ``x [M, K]`` -> (float levels, per-token scale ``[M, 1]``) or (h, None) for A16."""
     K = layer.in_features
     h = x.float()
@@ -82,7 +82,10 @@ def _prepack(layer: torch.nn.Module) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized-tensor constructors warn about a future deprecation
         wq = torch._make_per_channel_quantized_tensor(
-            layer.int_weight().contiguous(), layer.w_scale.double(), torch.zeros(layer.out_features, dtype=torch.long), 0
+            layer.int_weight().contiguous(),
+            layer.w_scale.double(),
+            torch.zeros(layer.out_features, dtype=torch.long),
+            0,
         )
         packed = torch.ops.quantized.linear_prepack(wq, None)
     if os.environ.get(CACHE_ENV) == "1":
@@ -90,7 +93,7 @@ def _prepack(layer: torch.nn.Module) -> Any:
     return packed
 
 
-def qlinear_forward(layer: torch.nn.Module, x: Tensor) -> Optional[Tensor]:
+def qlinear_forward(layer: torch.nn.Module, x: Tensor) -> Tensor | None:
     """QuantLinear forward on CPU (integer GEMM where exact, else float GEMM on transiently dequantized weights)."""
     K = layer.in_features
     levels, s = act_levels(layer, x.reshape(-1, K))
@@ -99,7 +102,9 @@ def qlinear_forward(layer: torch.nn.Module, x: Tensor) -> Optional[Tensor]:
         zp = 2 ** (layer.a_bits - 1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(levels.contiguous(), 1.0, zp, _prepack(layer))
+            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                levels.contiguous(), 1.0, zp, _prepack(layer)
+            )
         y = y * s
         if layer.bias is not None:
             y = y + layer.bias

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -11,7 +9,9 @@ from quantvggt.quant import quantizer as qz
 from quantvggt.quant.hadamard import rotate
 
 
-def act_prep_ref(x: Tensor, signs: Optional[Tensor], act_scale: Tensor, act_clip: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def act_prep_ref(
+    x: Tensor, signs: Tensor | None, act_scale: Tensor, act_clip: Tensor, bits: int
+) -> tuple[Tensor, Tensor]:
     """Rotate (if ``signs``), pre-scale, per-token quantize: ``x [M, K]`` -> (int8 levels ``[M, K]``, fp32 scale ``[M]``)."""
     h = x.float()
     if signs is not None:
@@ -21,7 +21,7 @@ def act_prep_ref(x: Tensor, signs: Optional[Tensor], act_scale: Tensor, act_clip
     return q.to(torch.int8), s[:, 0]
 
 
-def gemm_ref(q: Tensor, w: Tensor, a_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor], packed: bool) -> Tensor:
+def gemm_ref(q: Tensor, w: Tensor, a_scale: Tensor, w_scale: Tensor, bias: Tensor | None, packed: bool) -> Tensor:
     """``(q @ W^T)`` with exact integer accumulation, times per-token x per-channel scales, plus bias (fp32 out)."""
     wi = qz.unpack_int4(w) if packed else w
     acc = torch.matmul(q.double(), wi.double().T).to(torch.int32)

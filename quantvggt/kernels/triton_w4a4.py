@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -27,8 +26,21 @@ def _round_half_even(v):
 
 
 @triton.jit
-def _act_prep_kernel(x_ptr, signs_ptr, ascale_ptr, q_ptr, s_ptr, M, clip, sqrt_k,
-                     K: tl.constexpr, LOG2K: tl.constexpr, ROTATE: tl.constexpr, QMAX: tl.constexpr, BLOCK_M: tl.constexpr):
+def _act_prep_kernel(
+    x_ptr,
+    signs_ptr,
+    ascale_ptr,
+    q_ptr,
+    s_ptr,
+    M,
+    clip,
+    sqrt_k,
+    K: tl.constexpr,
+    LOG2K: tl.constexpr,
+    ROTATE: tl.constexpr,
+    QMAX: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     # x [M, K] -> q [M, K] int8, s [M] fp32 ; one program handles BLOCK_M full rows
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -56,7 +68,9 @@ def _act_prep_kernel(x_ptr, signs_ptr, ascale_ptr, q_ptr, s_ptr, M, clip, sqrt_k
     tl.store(s_ptr + rows, scale, mask=rows < M)
 
 
-def act_prep(x: Tensor, signs: Optional[Tensor], act_scale: Tensor, act_clip: float, bits: int, block_m: Optional[int] = None) -> tuple[Tensor, Tensor]:
+def act_prep(
+    x: Tensor, signs: Tensor | None, act_scale: Tensor, act_clip: float, bits: int, block_m: int | None = None
+) -> tuple[Tensor, Tensor]:
     """Fused Hadamard rotation (power-of-two widths) + pre-scale + per-token quantization -> (int8 ``[M,K]``, fp32 ``[M]``)."""
     M, K = x.shape
     if block_m is None:
@@ -67,8 +81,21 @@ def act_prep(x: Tensor, signs: Optional[Tensor], act_scale: Tensor, act_clip: fl
     s = torch.empty((M,), dtype=torch.float32, device=x.device)
     sg = signs if signs is not None else act_scale  # dummy pointer when not rotating
     grid = (triton.cdiv(M, block_m),)
-    _act_prep_kernel[grid](x.contiguous(), sg.contiguous(), act_scale.contiguous().float(), q, s, M, float(act_clip),
-                           math.sqrt(K), K=K, LOG2K=int(math.log2(K)), ROTATE=signs is not None, QMAX=2 ** (bits - 1) - 1, BLOCK_M=block_m)
+    _act_prep_kernel[grid](
+        x.contiguous(),
+        sg.contiguous(),
+        act_scale.contiguous().float(),
+        q,
+        s,
+        M,
+        float(act_clip),
+        math.sqrt(K),
+        K=K,
+        LOG2K=int(math.log2(K)),
+        ROTATE=signs is not None,
+        QMAX=2 ** (bits - 1) - 1,
+        BLOCK_M=block_m,
+    )
     return q, s
 
 
@@ -78,17 +105,38 @@ def _gemm_configs() -> list:
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
-            (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 4, 4),
-            (64, 128, 128, 4, 4), (128, 64, 128, 4, 4), (64, 64, 128, 4, 3),
+            (128, 128, 128, 8, 3),
+            (128, 256, 64, 8, 3),
+            (256, 128, 64, 8, 3),
+            (128, 128, 64, 4, 4),
+            (64, 128, 128, 4, 4),
+            (128, 64, 128, 4, 4),
+            (64, 64, 128, 4, 3),
         ]
     ]
 
 
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
-def _gemm_kernel(a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, M_BUCKET,
-                 PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, CAST_F32: tl.constexpr):
+def _gemm_kernel(
+    a_ptr,
+    w_ptr,
+    as_ptr,
+    ws_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,
+    PACKED: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    CAST_F32: tl.constexpr,
+):
     # a [M, K] int8, w [N, K/2] uint8 (two int4 per byte, low nibble = even k) or [N, K] int8 -> out [M, N]
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -100,11 +148,15 @@ def _gemm_kernel(a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, M_BUC
         a = tl.load(a_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K), other=0)
         if PACKED:
             rkh = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            p = tl.load(w_ptr + rn[:, None] * (K // 2) + rkh[None, :], mask=(rn[:, None] < N) & (rkh[None, :] < K // 2), other=0)
+            p = tl.load(
+                w_ptr + rn[:, None] * (K // 2) + rkh[None, :], mask=(rn[:, None] < N) & (rkh[None, :] < K // 2), other=0
+            )
             p = p.to(tl.int32)
             lo = ((p & 0xF) ^ 8) - 8
             hi = (((p >> 4) & 0xF) ^ 8) - 8
-            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(tl.int8)  # unpack in registers (no int4 MMA on Hopper)
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K)).to(
+                tl.int8
+            )  # unpack in registers (no int4 MMA on Hopper)
         else:
             w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & (rk[None, :] < K), other=0)
         if CAST_F32:  # interpreter: exact integer products in fp32 (|sum| < 2^24 for these tile sizes)
@@ -123,7 +175,15 @@ def _gemm_kernel(a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K, M_BUC
         tl.store(out_ptr + rm[:, None] * N + rn[None, :], y, mask=omask)
 
 
-def gemm(q: Tensor, w: Tensor, a_scale: Tensor, w_scale: Tensor, bias: Optional[Tensor], packed: bool, out_dtype: torch.dtype = torch.float32) -> Tensor:
+def gemm(
+    q: Tensor,
+    w: Tensor,
+    a_scale: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    packed: bool,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Quantized activations x (packed int4 | int8) weights with int32 accumulation and a scale/bias epilogue."""
     M, K = q.shape
     N = w.shape[0]
@@ -133,13 +193,26 @@ def gemm(q: Tensor, w: Tensor, a_scale: Tensor, w_scale: Tensor, bias: Optional[
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    _gemm_kernel[grid](q.contiguous(), w.contiguous(), a_scale.contiguous().float(), w_scale.contiguous().float(),
-                       bias.float().contiguous() if bias is not None else w_scale, out, M, N, K, bucket,
-                       PACKED=packed, HAS_BIAS=bias is not None, OUT_BF16=out_dtype == torch.bfloat16, CAST_F32=INTERPRET)
+    _gemm_kernel[grid](
+        q.contiguous(),
+        w.contiguous(),
+        a_scale.contiguous().float(),
+        w_scale.contiguous().float(),
+        bias.float().contiguous() if bias is not None else w_scale,
+        out,
+        M,
+        N,
+        K,
+        bucket,
+        PACKED=packed,
+        HAS_BIAS=bias is not None,
+        OUT_BF16=out_dtype == torch.bfloat16,
+        CAST_F32=INTERPRET,
+    )
     return out
 
 
-def qlinear_forward(layer: torch.nn.Module, x: Tensor) -> Optional[Tensor]:
+def qlinear_forward(layer: torch.nn.Module, x: Tensor) -> Tensor | None:
     """QuantLinear forward on CUDA with the two kernels; ``None`` when the layer is not supported (torch path)."""
     K = layer.in_features
     if layer.a_bits >= 16 or (K & (K - 1)) or K % 64:
@@ -147,6 +220,13 @@ def qlinear_forward(layer: torch.nn.Module, x: Tensor) -> Optional[Tensor]:
     shape = x.shape
     x2 = x.reshape(-1, K)
     q, s = act_prep(x2, layer.signs if layer.rotate else None, layer.act_scale, float(layer.act_clip), layer.a_bits)
-    y = gemm(q, layer.qweight, s, layer.w_scale, layer.bias, packed=layer.w_bits == 4,
-             out_dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
+    y = gemm(
+        q,
+        layer.qweight,
+        s,
+        layer.w_scale,
+        layer.bias,
+        packed=layer.w_bits == 4,
+        out_dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32,
+    )
     return y.reshape(*shape[:-1], layer.out_features).to(x.dtype)

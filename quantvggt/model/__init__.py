@@ -11,11 +11,11 @@ from quantvggt.model.loading import load_vggt
 from quantvggt.model.vggt import VGGT
 
 __all__ = [
+    "VGGT",
     "AggregatorConfig",
     "CameraHeadConfig",
     "DPTHeadConfig",
     "TrackHeadConfig",
-    "VGGT",
     "VGGTConfig",
     "load_vggt",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -37,8 +37,15 @@ class Aggregator(nn.Module):
 
         def make_block() -> Block:
             return Block(
-                cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.proj_bias, cfg.ffn_bias,
-                init_values=cfg.init_values, qk_norm=cfg.qk_norm, rope=self.rope,
+                cfg.embed_dim,
+                cfg.num_heads,
+                cfg.mlp_ratio,
+                cfg.qkv_bias,
+                cfg.proj_bias,
+                cfg.ffn_bias,
+                init_values=cfg.init_values,
+                qk_norm=cfg.qk_norm,
+                rope=self.rope,
             )
 
         self.frame_blocks = nn.ModuleList([make_block() for _ in range(cfg.depth)])
@@ -50,13 +57,17 @@ class Aggregator(nn.Module):
         self.patch_start_idx = 1 + cfg.num_register_tokens
         self.reset_buffers()
 
-    def reset_buffers(self, device: Optional[torch.device] = None) -> None:
+    def reset_buffers(self, device: torch.device | None = None) -> None:
         """(Re)create the non-persistent normalisation buffers (needed after building on the meta device)."""
         if device is None:
             device = self.camera_token.device
             device = torch.device("cpu") if device.type == "meta" else device
-        self.register_buffer("_resnet_mean", torch.tensor(_RESNET_MEAN, device=device).view(1, 1, 3, 1, 1), persistent=False)
-        self.register_buffer("_resnet_std", torch.tensor(_RESNET_STD, device=device).view(1, 1, 3, 1, 1), persistent=False)
+        self.register_buffer(
+            "_resnet_mean", torch.tensor(_RESNET_MEAN, device=device).view(1, 1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "_resnet_std", torch.tensor(_RESNET_STD, device=device).view(1, 1, 3, 1, 1), persistent=False
+        )
 
     def embed(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Images ``[B, S, 3, H, W]`` -> tokens ``[B*S, P, C]`` and RoPE positions ``[B*S, P, 2]``."""
@@ -77,7 +88,7 @@ class Aggregator(nn.Module):
             pos = torch.cat([special, pos], dim=1)
         return tokens, pos
 
-    def forward(self, images: Tensor, keep_layers: Optional[Iterable[int]] = None) -> tuple[list[Optional[Tensor]], int]:
+    def forward(self, images: Tensor, keep_layers: Iterable[int] | None = None) -> tuple[list[Tensor | None], int]:
         """Return one ``[B, S, P, 2C]`` tensor (frame ‖ global output) per layer, and where patches start.
 
         ``keep_layers`` (indices, negatives allowed) limits which layers are kept; others are ``None``.
@@ -89,7 +100,7 @@ class Aggregator(nn.Module):
         keep = set(range(depth)) if keep_layers is None else {i % depth for i in keep_layers}
         pos_frame = pos
         pos_global = None if pos is None else pos.reshape(B, S * P, 2)
-        outputs: list[Optional[Tensor]] = []
+        outputs: list[Tensor | None] = []
         frame_idx = global_idx = 0
         for _ in range(depth // self.cfg.aa_block_size):
             frame_out: list[Tensor] = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from quantvggt.model.dinov2 import VIT_SIZES
 
@@ -48,7 +48,9 @@ class AggregatorConfig:
             if self.patch_embed not in VIT_SIZES:
                 raise ValueError(f"unknown patch_embed {self.patch_embed!r}")
             if VIT_SIZES[self.patch_embed][0] != self.embed_dim:
-                raise ValueError(f"{self.patch_embed} has width {VIT_SIZES[self.patch_embed][0]}, not embed_dim {self.embed_dim}")
+                raise ValueError(
+                    f"{self.patch_embed} has width {VIT_SIZES[self.patch_embed][0]}, not embed_dim {self.embed_dim}"
+                )
 
 
 @dataclass
@@ -124,10 +126,10 @@ class VGGTConfig:
     """Whole-model config; the defaults are VGGT-1B. A part set to ``None`` is absent."""
 
     aggregator: AggregatorConfig = field(default_factory=AggregatorConfig)
-    camera_head: Optional[CameraHeadConfig] = field(default_factory=CameraHeadConfig)
-    depth_head: Optional[DPTHeadConfig] = field(default_factory=_depth_head_default)
-    point_head: Optional[DPTHeadConfig] = field(default_factory=DPTHeadConfig)
-    track_head: Optional[TrackHeadConfig] = field(default_factory=TrackHeadConfig)
+    camera_head: CameraHeadConfig | None = field(default_factory=CameraHeadConfig)
+    depth_head: DPTHeadConfig | None = field(default_factory=_depth_head_default)
+    point_head: DPTHeadConfig | None = field(default_factory=DPTHeadConfig)
+    track_head: TrackHeadConfig | None = field(default_factory=TrackHeadConfig)
     image_size: int = 518  # preprocessing target width the model was trained at (shipped small models: 112)
 
     def __post_init__(self) -> None:
@@ -144,7 +146,9 @@ class VGGTConfig:
         for name in ("depth_head", "point_head"):
             part = getattr(self, name)
             if part is not None and any(not -depth <= i < depth for i in part.intermediate_layer_idx):
-                raise ValueError(f"{name}.intermediate_layer_idx {part.intermediate_layer_idx} out of range for depth {depth}")
+                raise ValueError(
+                    f"{name}.intermediate_layer_idx {part.intermediate_layer_idx} out of range for depth {depth}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain dict with every argument filled in (``None`` for absent parts)."""
@@ -155,7 +159,7 @@ class VGGTConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VGGTConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VGGTConfig:
         """Build from a nested dict; missing arguments take upstream defaults, missing parts are absent."""
         if "config" in d and isinstance(d["config"], dict) and "aggregator" in d["config"]:
             d = d["config"]
@@ -176,7 +180,7 @@ class VGGTConfig:
         return cls(**kwargs)
 
     @classmethod
-    def from_upstream(cls, img_size: int = 518, patch_size: int = 14, embed_dim: int = 1024) -> "VGGTConfig":
+    def from_upstream(cls, img_size: int = 518, patch_size: int = 14, embed_dim: int = 1024) -> VGGTConfig:
         """Config of upstream ``VGGT(img_size, patch_size, embed_dim)`` (the hub ``config.json`` form)."""
         agg = AggregatorConfig(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim)
         w = 2 * embed_dim

@@ -46,7 +46,9 @@ class DinoVisionTransformer(nn.Module):
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
-        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
         self.blocks = nn.ModuleList(
             [Block(embed_dim, num_heads, mlp_ratio, init_values=init_values, norm_eps=1e-6) for _ in range(depth)]
         )
@@ -72,7 +74,10 @@ class DinoVisionTransformer(nn.Module):
             raise ValueError(f"position table of {n_tab} entries is not square")
         kwargs: dict = {}
         if self.interpolate_offset:
-            kwargs["scale_factor"] = (float(h0 + self.interpolate_offset) / side, float(w0 + self.interpolate_offset) / side)
+            kwargs["scale_factor"] = (
+                float(h0 + self.interpolate_offset) / side,
+                float(w0 + self.interpolate_offset) / side,
+            )
         else:
             kwargs["size"] = (h0, w0)
         patch_pos = F.interpolate(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -81,13 +81,13 @@ class CameraHead(nn.Module):
         self.adaln_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.pose_branch = Mlp(dim, dim // 2, self.target_dim)
 
-    def forward(self, tokens_list: Sequence[Optional[Tensor]], num_iterations: int = 4) -> list[Tensor]:
+    def forward(self, tokens_list: Sequence[Tensor | None], num_iterations: int = 4) -> list[Tensor]:
         """Last-layer tokens -> list of activated pose encodings ``[B, S, 9]``, one per iteration."""
         tokens = tokens_list[-1]
         assert tokens is not None, "camera head needs the last aggregator layer"
         pose_tokens = self.token_norm(tokens[:, :, 0])  # [B, S, C]
         B, S, _ = pose_tokens.shape
-        enc: Optional[Tensor] = None
+        enc: Tensor | None = None
         out = []
         for _ in range(num_iterations):
             if enc is None:
@@ -105,7 +105,9 @@ class CameraHead(nn.Module):
 
 def make_sincos_pos_embed(embed_dim: int, pos: Tensor, omega_0: float = 100) -> Tensor:
     """1D sin/cos embedding of positions ``pos`` -> ``[M, embed_dim]``."""
-    omega = torch.arange(embed_dim // 2, dtype=torch.float64 if pos.device.type != "mps" else torch.float32, device=pos.device)
+    omega = torch.arange(
+        embed_dim // 2, dtype=torch.float64 if pos.device.type != "mps" else torch.float32, device=pos.device
+    )
     omega = 1.0 / omega_0 ** (omega / (embed_dim / 2.0))
     out = torch.einsum("m,d->md", pos.reshape(-1), omega)
     return torch.cat([out.sin(), out.cos()], dim=1).float()
@@ -115,7 +117,13 @@ def position_grid_to_embed(grid: Tensor, embed_dim: int, omega_0: float = 100) -
     """``[H, W, 2]`` grid -> ``[H, W, embed_dim]`` sin/cos embedding (x half, then y half)."""
     H, W, _ = grid.shape
     flat = grid.reshape(-1, 2)
-    emb = torch.cat([make_sincos_pos_embed(embed_dim // 2, flat[:, 0], omega_0), make_sincos_pos_embed(embed_dim // 2, flat[:, 1], omega_0)], dim=-1)
+    emb = torch.cat(
+        [
+            make_sincos_pos_embed(embed_dim // 2, flat[:, 0], omega_0),
+            make_sincos_pos_embed(embed_dim // 2, flat[:, 1], omega_0),
+        ],
+        dim=-1,
+    )
     return emb.view(H, W, embed_dim)
 
 
@@ -123,8 +131,12 @@ def create_uv_grid(width: int, height: int, aspect_ratio: float, dtype: torch.dt
     """Normalised view-plane UV grid ``[H, W, 2]`` spanning the image diagonal."""
     diag = (aspect_ratio**2 + 1.0) ** 0.5
     span_x, span_y = aspect_ratio / diag, 1.0 / diag
-    u = torch.linspace(-span_x * (width - 1) / width, span_x * (width - 1) / width, steps=width, dtype=dtype, device=device)
-    v = torch.linspace(-span_y * (height - 1) / height, span_y * (height - 1) / height, steps=height, dtype=dtype, device=device)
+    u = torch.linspace(
+        -span_x * (width - 1) / width, span_x * (width - 1) / width, steps=width, dtype=dtype, device=device
+    )
+    v = torch.linspace(
+        -span_y * (height - 1) / height, span_y * (height - 1) / height, steps=height, dtype=dtype, device=device
+    )
     uu, vv = torch.meshgrid(u, v, indexing="xy")
     return torch.stack((uu, vv), dim=-1)
 
@@ -164,7 +176,7 @@ class FeatureFusionBlock(nn.Module):
         self.has_residual = has_residual
         self.resConfUnit2 = ResidualConvUnit(features)
 
-    def forward(self, x: Tensor, skip: Optional[Tensor] = None, size: Optional[tuple[int, int]] = None) -> Tensor:
+    def forward(self, x: Tensor, skip: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:
         """Fuse, refine, upsample to ``size`` (or 2x)."""
         if self.has_residual and skip is not None:
             x = x + self.resConfUnit1(skip)
@@ -208,13 +220,20 @@ class DPTHead(nn.Module):
             )
 
     def forward(
-        self, tokens_list: Sequence[Optional[Tensor]], images: Tensor, patch_start_idx: int, frames_chunk_size: Optional[int] = 8
+        self,
+        tokens_list: Sequence[Tensor | None],
+        images: Tensor,
+        patch_start_idx: int,
+        frames_chunk_size: int | None = 8,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Dense outputs for every frame, processed ``frames_chunk_size`` frames at a time to bound memory."""
         S = images.shape[1]
         if frames_chunk_size is None or frames_chunk_size >= S:
             return self._forward_impl(tokens_list, images, patch_start_idx, 0, S)
-        chunks = [self._forward_impl(tokens_list, images, patch_start_idx, s, min(s + frames_chunk_size, S)) for s in range(0, S, frames_chunk_size)]
+        chunks = [
+            self._forward_impl(tokens_list, images, patch_start_idx, s, min(s + frames_chunk_size, S))
+            for s in range(0, S, frames_chunk_size)
+        ]
         if self.cfg.feature_only:
             return torch.cat(chunks, dim=1)  # type: ignore[arg-type]
         return torch.cat([c[0] for c in chunks], dim=1), torch.cat([c[1] for c in chunks], dim=1)
@@ -225,7 +244,9 @@ class DPTHead(nn.Module):
         emb = position_grid_to_embed(grid, x.shape[1]) * ratio
         return x + emb.permute(2, 0, 1)[None].expand(x.shape[0], -1, -1, -1)
 
-    def _forward_impl(self, tokens_list: Sequence[Optional[Tensor]], images: Tensor, patch_start_idx: int, s0: int, s1: int) -> Tensor | tuple[Tensor, Tensor]:
+    def _forward_impl(
+        self, tokens_list: Sequence[Tensor | None], images: Tensor, patch_start_idx: int, s0: int, s1: int
+    ) -> Tensor | tuple[Tensor, Tensor]:
         B, _, _, H, W = images.shape
         S = s1 - s0
         p = self.cfg.patch_size

@@ -5,7 +5,7 @@ Module and parameter names mirror upstream VGGT so the official checkpoint loads
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +18,8 @@ class Mlp(nn.Module):
     def __init__(
         self,
         in_features: int,
-        hidden_features: Optional[int] = None,
-        out_features: Optional[int] = None,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
         act_layer: Callable[[], nn.Module] = nn.GELU,
         bias: bool = True,
     ) -> None:
@@ -114,7 +114,7 @@ class Attention(nn.Module):
         qkv_bias: bool = True,
         proj_bias: bool = True,
         qk_norm: bool = False,
-        rope: Optional[RotaryPositionEmbedding2D] = None,
+        rope: RotaryPositionEmbedding2D | None = None,
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -127,7 +127,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.rope = rope
 
-    def forward(self, x: Tensor, pos: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
         """Attend over the token axis of ``x [B, N, C]``."""
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -152,9 +152,9 @@ class Block(nn.Module):
         qkv_bias: bool = True,
         proj_bias: bool = True,
         ffn_bias: bool = True,
-        init_values: Optional[float] = None,
+        init_values: float | None = None,
         qk_norm: bool = False,
-        rope: Optional[RotaryPositionEmbedding2D] = None,
+        rope: RotaryPositionEmbedding2D | None = None,
         norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
@@ -165,7 +165,7 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=ffn_bias)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
-    def forward(self, x: Tensor, pos: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
         """Apply attention and MLP residual branches."""
         x = x + self.ls1(self.attn(self.norm1(x), pos=pos))
         return x + self.ls2(self.mlp(self.norm2(x)))

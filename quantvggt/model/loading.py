@@ -9,7 +9,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -39,7 +39,7 @@ def config_from_json(d: dict[str, Any]) -> VGGTConfig:
     raise CheckpointError(f"config.json has neither model parts nor img_size/patch_size/embed_dim: keys {sorted(d)}")
 
 
-def read_state_dict(path: Union[str, Path]) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a safetensors or torch checkpoint file without executing pickled code."""
     path = Path(path)
     if not path.is_file():
@@ -100,7 +100,7 @@ def _download_hub(repo_id: str) -> Path:
     return weights.parent
 
 
-def resolve_source(source: str) -> tuple[Path, Optional[Path]]:
+def resolve_source(source: str) -> tuple[Path, Path | None]:
     """Map a source to (weights file, config.json or None), downloading when needed."""
     if source.startswith("s3://"):
         local = _download_s3(source)
@@ -129,6 +129,7 @@ def _strict_load(model: VGGT, sd: dict[str, torch.Tensor], origin: str) -> None:
     unexpected = sorted(set(sd) - set(own))
     wrong = sorted(k for k in set(own) & set(sd) if tuple(own[k].shape) != tuple(sd[k].shape))
     if missing or unexpected or wrong:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
 
@@ -138,7 +139,9 @@ def _strict_load(model: VGGT, sd: dict[str, torch.Tensor], origin: str) -> None:
         if unexpected:
             parts.append(f"unexpected keys: {show(unexpected)}")
         if wrong:
-            parts.append("shape mismatch: " + show([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
+            parts.append(
+                "shape mismatch: " + show([f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong])
+            )
         raise CheckpointError(f"{origin}: checkpoint does not match the model config; " + "; ".join(parts))
     model.load_state_dict(sd, strict=True, assign=True)
 
@@ -157,9 +160,9 @@ def build_model(config: VGGTConfig, sd: dict[str, torch.Tensor], origin: str = "
 def load_vggt(
     source: str = DEFAULT_SOURCE,
     *,
-    device: Union[str, torch.device] = "cpu",
-    dtype: Optional[torch.dtype] = None,
-    config: Optional[VGGTConfig] = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    config: VGGTConfig | None = None,
 ) -> VGGT:
     """Load a VGGT from a hub id, local file/folder, ``s3://`` URI or shipped model name, in eval mode."""
     weights, cfg_path = resolve_source(source)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +97,17 @@ class CrossAttnBlock(nn.Module):
 class EfficientUpdateFormer(nn.Module):
     """Time attention per track, space attention through a set of virtual tracks."""
 
-    def __init__(self, space_depth: int = 6, time_depth: int = 6, input_dim: int = 388, hidden_size: int = 384,
-                 num_heads: int = 8, output_dim: int = 130, mlp_ratio: float = 4.0, num_virtual_tracks: int = 64) -> None:
+    def __init__(
+        self,
+        space_depth: int = 6,
+        time_depth: int = 6,
+        input_dim: int = 388,
+        hidden_size: int = 384,
+        num_heads: int = 8,
+        output_dim: int = 130,
+        mlp_ratio: float = 4.0,
+        num_virtual_tracks: int = 64,
+    ) -> None:
         super().__init__()
         self.num_virtual_tracks = num_virtual_tracks
         self.input_norm = nn.LayerNorm(input_dim)
@@ -107,9 +116,15 @@ class EfficientUpdateFormer(nn.Module):
         self.flow_head = nn.Linear(hidden_size, output_dim)
         self.virual_tracks = nn.Parameter(torch.randn(1, num_virtual_tracks, 1, hidden_size))  # upstream spelling
         self.time_blocks = nn.ModuleList([AttnBlock(hidden_size, num_heads, mlp_ratio) for _ in range(time_depth)])
-        self.space_virtual_blocks = nn.ModuleList([AttnBlock(hidden_size, num_heads, mlp_ratio) for _ in range(space_depth)])
-        self.space_point2virtual_blocks = nn.ModuleList([CrossAttnBlock(hidden_size, num_heads, mlp_ratio) for _ in range(space_depth)])
-        self.space_virtual2point_blocks = nn.ModuleList([CrossAttnBlock(hidden_size, num_heads, mlp_ratio) for _ in range(space_depth)])
+        self.space_virtual_blocks = nn.ModuleList(
+            [AttnBlock(hidden_size, num_heads, mlp_ratio) for _ in range(space_depth)]
+        )
+        self.space_point2virtual_blocks = nn.ModuleList(
+            [CrossAttnBlock(hidden_size, num_heads, mlp_ratio) for _ in range(space_depth)]
+        )
+        self.space_virtual2point_blocks = nn.ModuleList(
+            [CrossAttnBlock(hidden_size, num_heads, mlp_ratio) for _ in range(space_depth)]
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         """``x [B, N, T, D_in]`` -> updates ``[B, N, T, D_out]``."""
@@ -168,8 +183,17 @@ class CorrBlock:
 class BaseTrackerPredictor(nn.Module):
     """Iteratively refines query-point tracks across frames from correlation and feature updates."""
 
-    def __init__(self, stride: int = 1, corr_levels: int = 5, corr_radius: int = 4, latent_dim: int = 128,
-                 hidden_size: int = 384, depth: int = 6, max_scale: int = 518, predict_conf: bool = True) -> None:
+    def __init__(
+        self,
+        stride: int = 1,
+        corr_levels: int = 5,
+        corr_radius: int = 4,
+        latent_dim: int = 128,
+        hidden_size: int = 384,
+        depth: int = 6,
+        max_scale: int = 518,
+        predict_conf: bool = True,
+    ) -> None:
         super().__init__()
         self.stride = stride
         self.latent_dim = latent_dim
@@ -181,7 +205,9 @@ class BaseTrackerPredictor(nn.Module):
         self.corr_mlp = Mlp(corr_levels * (2 * corr_radius + 1) ** 2, hidden_size, latent_dim)
         self.transformer_dim = 3 * latent_dim + 4
         self.query_ref_token = nn.Parameter(torch.randn(1, 2, self.transformer_dim))
-        self.updateformer = EfficientUpdateFormer(depth, depth, self.transformer_dim, hidden_size, output_dim=latent_dim + 2)
+        self.updateformer = EfficientUpdateFormer(
+            depth, depth, self.transformer_dim, hidden_size, output_dim=latent_dim + 2
+        )
         self.fmap_norm = nn.LayerNorm(latent_dim)
         self.ffeat_norm = nn.GroupNorm(1, latent_dim)
         self.ffeat_updater = nn.Sequential(nn.Linear(latent_dim, latent_dim), nn.GELU())
@@ -189,7 +215,9 @@ class BaseTrackerPredictor(nn.Module):
         if predict_conf:
             self.conf_predictor = nn.Sequential(nn.Linear(latent_dim, 1))
 
-    def forward(self, query_points: Tensor, fmaps: Tensor, iters: int = 4) -> tuple[list[Tensor], Tensor, Optional[Tensor]]:
+    def forward(
+        self, query_points: Tensor, fmaps: Tensor, iters: int = 4
+    ) -> tuple[list[Tensor], Tensor, Tensor | None]:
         """``query_points [B, N, 2]`` in frame 0 pixels, ``fmaps [B, S, C, h, w]`` -> tracks, visibility, confidence."""
         B, N, _ = query_points.shape
         _, S, _, HH, WW = fmaps.shape
@@ -208,7 +236,9 @@ class BaseTrackerPredictor(nn.Module):
             fcorr = corr.corr_sample(track_feats, coords)
             fcorr = self.corr_mlp(fcorr.permute(0, 2, 1, 3).reshape(B * N, S, -1))
             flows = (coords - coords[:, 0:1]).permute(0, 2, 1, 3).reshape(B * N, S, 2)
-            flows_emb = torch.cat([get_2d_embedding(flows, self.flows_emb_dim), flows / self.max_scale, flows / self.max_scale], dim=-1)
+            flows_emb = torch.cat(
+                [get_2d_embedding(flows, self.flows_emb_dim), flows / self.max_scale, flows / self.max_scale], dim=-1
+            )
             feats_ = track_feats.permute(0, 2, 1, 3).reshape(B * N, S, self.latent_dim)
             x = torch.cat([flows_emb, fcorr, feats_], dim=2) + sampled_pos + ref.to(flows_emb.dtype)
             delta = self.updateformer(x.reshape(B, N, S, -1)).reshape(B * N, S, -1)
@@ -231,14 +261,28 @@ class TrackHead(nn.Module):
     def __init__(self, cfg: TrackHeadConfig, intermediate_layer_idx: Sequence[int] = (4, 11, 17, 23)) -> None:
         super().__init__()
         self.cfg = cfg
-        dpt_cfg = DPTHeadConfig(dim_in=cfg.dim_in, patch_size=cfg.patch_size, features=cfg.features, feature_only=True,
-                                down_ratio=2, pos_embed=False, intermediate_layer_idx=list(intermediate_layer_idx))
+        dpt_cfg = DPTHeadConfig(
+            dim_in=cfg.dim_in,
+            patch_size=cfg.patch_size,
+            features=cfg.features,
+            feature_only=True,
+            down_ratio=2,
+            pos_embed=False,
+            intermediate_layer_idx=list(intermediate_layer_idx),
+        )
         self.feature_extractor = DPTHead(dpt_cfg)
-        self.tracker = BaseTrackerPredictor(cfg.stride, cfg.corr_levels, cfg.corr_radius, cfg.features, cfg.hidden_size,
-                                            predict_conf=cfg.predict_conf)
+        self.tracker = BaseTrackerPredictor(
+            cfg.stride, cfg.corr_levels, cfg.corr_radius, cfg.features, cfg.hidden_size, predict_conf=cfg.predict_conf
+        )
 
-    def forward(self, tokens_list: Sequence[Optional[Tensor]], images: Tensor, patch_start_idx: int, query_points: Tensor,
-                iters: Optional[int] = None) -> tuple[list[Tensor], Tensor, Optional[Tensor]]:
+    def forward(
+        self,
+        tokens_list: Sequence[Tensor | None],
+        images: Tensor,
+        patch_start_idx: int,
+        query_points: Tensor,
+        iters: int | None = None,
+    ) -> tuple[list[Tensor], Tensor, Tensor | None]:
         """Track ``query_points [B, N, 2]`` (pixels of frame 0) through every frame."""
         fmaps = self.feature_extractor(tokens_list, images, patch_start_idx)
         return self.tracker(query_points, fmaps, iters or self.cfg.iters)

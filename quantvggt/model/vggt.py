@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,7 +19,7 @@ TRACK_LAYERS = (4, 11, 17, 23)  # upstream's TrackHead always reads these aggreg
 class VGGT(nn.Module):
     """Feed-forward multi-view geometry: poses, depth, point maps (and tracks) for a set of frames."""
 
-    def __init__(self, config: Optional[VGGTConfig] = None) -> None:
+    def __init__(self, config: VGGTConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or VGGTConfig()
         self.aggregator = Aggregator(config.aggregator)
@@ -27,11 +27,13 @@ class VGGT(nn.Module):
         self.depth_head = DPTHead(config.depth_head) if config.depth_head else None
         self.point_head = DPTHead(config.point_head) if config.point_head else None
         if config.track_head is not None and config.aggregator.depth <= max(TRACK_LAYERS):
-            raise ValueError(f"the track head reads aggregator layers {TRACK_LAYERS}; depth {config.aggregator.depth} is too shallow")
+            raise ValueError(
+                f"the track head reads aggregator layers {TRACK_LAYERS}; depth {config.aggregator.depth} is too shallow"
+            )
         self.track_head = TrackHead(config.track_head, TRACK_LAYERS) if config.track_head else None
         self.autocast_cuda = True
-        self.source: Optional[str] = None  # where the weights came from (set by the loaders)
-        self.quant_meta: Optional[dict[str, Any]] = None  # set by quantize_ / load_quantized
+        self.source: str | None = None  # where the weights came from (set by the loaders)
+        self.quant_meta: dict[str, Any] | None = None  # set by quantize_ / load_quantized
 
     @property
     def image_size(self) -> int:
@@ -51,7 +53,7 @@ class VGGT(nn.Module):
             need.update(TRACK_LAYERS)
         return need
 
-    def forward(self, images: Tensor, query_points: Optional[Tensor] = None) -> dict[str, Tensor]:
+    def forward(self, images: Tensor, query_points: Tensor | None = None) -> dict[str, Tensor]:
         """Images ``[S,3,H,W]`` or ``[B,S,3,H,W]`` in [0, 1] -> upstream prediction dict."""
         if images.dim() == 4:
             images = images.unsqueeze(0)

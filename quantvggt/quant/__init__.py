@@ -14,6 +14,17 @@ from quantvggt.quant.config import (
 from quantvggt.quant.linear import FakeQuantLinear, QuantLinear
 
 __all__ = [
-    "RECIPES", "FakeQuantLinear", "QuantConfig", "QuantLinear", "QuantReport", "QuantVGGTConfig", "QuaRotConfig",
-    "RTNConfig", "SmoothQuantConfig", "get_recipe", "load_quantized", "quantize_", "save_quantized",
+    "RECIPES",
+    "FakeQuantLinear",
+    "QuaRotConfig",
+    "QuantConfig",
+    "QuantLinear",
+    "QuantReport",
+    "QuantVGGTConfig",
+    "RTNConfig",
+    "SmoothQuantConfig",
+    "get_recipe",
+    "load_quantized",
+    "quantize_",
+    "save_quantized",
 ]

@@ -7,13 +7,20 @@ import hashlib
 import logging
 import time
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch import Tensor, nn
 
-from quantvggt.quant.calibrate import as_batch, collect_input_absmax, reconstruct_aggregator, smoothing_scales, _set_module
+from quantvggt.quant.calibrate import (
+    _set_module,
+    as_batch,
+    collect_input_absmax,
+    reconstruct_aggregator,
+    smoothing_scales,
+)
 from quantvggt.quant.config import QuantConfig, QuantVGGTConfig
 from quantvggt.quant.hadamard import HadamardPlan, random_signs, rotate
 from quantvggt.quant.linear import FakeQuantLinear, QuantConv2d
@@ -129,15 +136,26 @@ def select_convs(model: nn.Module, config: QuantConfig) -> dict[str, nn.Module]:
         return {}
     prefixes = ("depth_head.", "point_head.", "track_head.feature_extractor.")
     return {
-        n: m for n, m in model.named_modules()
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and n.startswith(prefixes) and m.groups == 1 and tuple(m.dilation) == (1, 1)
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))
+        and n.startswith(prefixes)
+        and m.groups == 1
+        and tuple(m.dilation) == (1, 1)
         and (not isinstance(m, nn.ConvTranspose2d) or tuple(m.output_padding) == (0, 0))
     }
 
 
 @torch.no_grad()
 def best_smoothing(
-    lin: nn.Linear, w_rot: Tensor, absmax: Tensor, x: Tensor, signs: Optional[Tensor], w_bits: int, a_bits: int, grid: tuple[float, ...]
+    lin: nn.Linear,
+    w_rot: Tensor,
+    absmax: Tensor,
+    x: Tensor,
+    signs: Tensor | None,
+    w_bits: int,
+    a_bits: int,
+    grid: tuple[float, ...],
 ) -> Tensor:
     """Smoothing scales for the alpha in ``grid`` that minimises this layer's fake-quant output MSE on ``x``."""
     ref = lin(x)
@@ -156,7 +174,7 @@ def _layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
 
 
-def _unpack_calibration(calibration: Optional[Iterable[CalibItem]]) -> tuple[list[Tensor], list[str]]:
+def _unpack_calibration(calibration: Iterable[CalibItem] | None) -> tuple[list[Tensor], list[str]]:
     batches, ids = [], []
     for i, item in enumerate(calibration or []):
         if isinstance(item, dict):
@@ -168,7 +186,7 @@ def _unpack_calibration(calibration: Optional[Iterable[CalibItem]]) -> tuple[lis
     return batches, ids
 
 
-def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Iterable[CalibItem]] = None) -> QuantReport:
+def quantize_(model: nn.Module, config: QuantConfig, calibration: Iterable[CalibItem] | None = None) -> QuantReport:
     """Quantize ``model`` in place per ``config``; ``calibration`` yields image batches (or dicts with id/images)."""
     if getattr(model, "quant_meta", None):
         raise ValueError("model is already quantized")
@@ -184,16 +202,24 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Itera
     was_training = model.training
     model.eval()
     targets = select_targets(model, config)
-    signs = {n: (random_signs(m.in_features, _layer_seed(config.seed, n)).to(device) if config.rotate else None) for n, (m, _, _) in targets.items()}
+    signs = {
+        n: (random_signs(m.in_features, _layer_seed(config.seed, n)).to(device) if config.rotate else None)
+        for n, (m, _, _) in targets.items()
+    }
     if config.rotate:
         for n, (m, _, _) in targets.items():
             HadamardPlan.for_width(m.in_features)  # fail early on unsupported widths
-    smooth: dict[str, Optional[Tensor]] = {n: None for n in targets}
+    smooth: dict[str, Tensor | None] = {n: None for n in targets}
     if config.smooth:
         grid = tuple(getattr(config, "alpha_grid", ()) or ())
         with torch.no_grad():
             stats, samples = collect_input_absmax(
-                model, {n: m for n, (m, _, _) in targets.items()}, signs, batches, keep_tokens=2048 if grid else 0, seed=config.seed
+                model,
+                {n: m for n, (m, _, _) in targets.items()},
+                signs,
+                batches,
+                keep_tokens=2048 if grid else 0,
+                seed=config.seed,
             )
         for n, (m, w_bits, a_bits) in targets.items():
             w = m.weight.detach().float()
@@ -207,7 +233,11 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Itera
     for n, (m, w_bits, a_bits) in targets.items():
         in_agg = n.startswith(("aggregator.frame_blocks.", "aggregator.global_blocks."))
         fakes[n] = FakeQuantLinear(
-            m, w_bits, a_bits, signs[n], smooth[n],
+            m,
+            w_bits,
+            a_bits,
+            signs[n],
+            smooth[n],
             learn_smooth=learn and in_agg and config.smooth and config.learn_smooth,  # type: ignore[attr-defined]
             lwc=learn and in_agg and config.lwc,  # type: ignore[attr-defined]
             lac=learn and in_agg and config.lac,  # type: ignore[attr-defined]
@@ -218,15 +248,21 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Itera
         cfg: QuantVGGTConfig = config  # type: ignore[assignment]
         for p in model.parameters():
             p.requires_grad_(False)
-        block_loss = reconstruct_aggregator(model, fakes, batches, cfg.epochs, cfg.lr_scale, cfg.lr_clip, cfg.weight_decay)
+        block_loss = reconstruct_aggregator(
+            model, fakes, batches, cfg.epochs, cfg.lr_scale, cfg.lr_clip, cfg.weight_decay
+        )
     layers: dict[str, dict[str, Any]] = {}
     for n, fake in fakes.items():
         ql = fake.to_quant_linear()
         _set_module(model, n, ql)
         blk = n.rsplit(".", 2)[0]
         layers[n] = {
-            "in_features": ql.in_features, "out_features": ql.out_features, "w_bits": ql.w_bits, "a_bits": ql.a_bits,
-            "bias": ql.bias is not None, "rotate": ql.rotate,
+            "in_features": ql.in_features,
+            "out_features": ql.out_features,
+            "w_bits": ql.w_bits,
+            "a_bits": ql.a_bits,
+            "bias": ql.bias is not None,
+            "rotate": ql.rotate,
             "block_loss": list(block_loss[blk]) if blk in block_loss else None,
         }
     conv_bits = 8 if config.w_bits == 8 else 4
@@ -234,16 +270,42 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Optional[Itera
     for n, conv in select_convs(model, config).items():
         qc = QuantConv2d.from_float(conv, conv_bits)
         _set_module(model, n, qc)
-        convs[n] = {"in_channels": qc.in_channels, "out_channels": qc.out_channels, "kernel_size": list(qc.kernel_size),
-                    "stride": list(qc.stride), "padding": list(qc.padding), "bias": qc.bias is not None, "w_bits": conv_bits,
-                    "transposed": qc.transposed}
+        convs[n] = {
+            "in_channels": qc.in_channels,
+            "out_channels": qc.out_channels,
+            "kernel_size": list(qc.kernel_size),
+            "stride": list(qc.stride),
+            "padding": list(qc.padding),
+            "bias": qc.bias is not None,
+            "w_bits": conv_bits,
+            "transposed": qc.transposed,
+        }
     model.train(was_training)
     by_comp = model_bytes(model)
     report = QuantReport(
-        recipe=config.name, layers=layers, block_loss=block_loss, bytes_by_component=by_comp,
-        fp32_bytes=fp32_bytes, fp16_bytes=fp32_bytes // 2, quantized_bytes=sum(by_comp.values()), bytes_16bit=bytes_at_16bit(model),
-        calibration_ids=ids, seconds=time.perf_counter() - t0,
+        recipe=config.name,
+        layers=layers,
+        block_loss=block_loss,
+        bytes_by_component=by_comp,
+        fp32_bytes=fp32_bytes,
+        fp16_bytes=fp32_bytes // 2,
+        quantized_bytes=sum(by_comp.values()),
+        bytes_16bit=bytes_at_16bit(model),
+        calibration_ids=ids,
+        seconds=time.perf_counter() - t0,
     )
-    model.quant_meta = {"config": config.to_dict(), "layers": layers, "convs": convs, "calibration_ids": ids, "source_sha256": sha}  # type: ignore[assignment]
-    log.info("quantized %d layers with %s in %.1fs (%.2fx smaller than fp16)", len(layers), config.name, report.seconds, report.compression_vs_fp16)
+    model.quant_meta = {
+        "config": config.to_dict(),
+        "layers": layers,
+        "convs": convs,
+        "calibration_ids": ids,
+        "source_sha256": sha,
+    }  # type: ignore[assignment]
+    log.info(
+        "quantized %d layers with %s in %.1fs (%.2fx smaller than fp16)",
+        len(layers),
+        config.name,
+        report.seconds,
+        report.compression_vs_fp16,
+    )
     return report

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ def as_batch(images: Tensor) -> Tensor:
 def collect_input_absmax(
     model: nn.Module,
     layers: dict[str, nn.Linear],
-    signs: dict[str, Optional[Tensor]],
+    signs: dict[str, Tensor | None],
     batches: list[Tensor],
     keep_tokens: int = 0,
     seed: int = 0,
@@ -105,7 +105,7 @@ def reconstruct_aggregator(
     lr_scale: float,
     lr_clip: float,
     weight_decay: float,
-    on_block: Optional[Callable[[str], None]] = None,
+    on_block: Callable[[str], None] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Fit each aggregator block's fake-quant layers so the block output matches full precision.
 
@@ -126,7 +126,7 @@ def reconstruct_aggregator(
         prefix = f"aggregator.{kind}_blocks.{idx}"
         block = agg.get_submodule(f"{kind}_blocks.{idx}")
 
-        def layout(st: dict) -> tuple[Tensor, Optional[Tensor]]:
+        def layout(st: dict) -> tuple[Tensor, Tensor | None]:
             B, S, P, C = st["x"].shape
             if kind == "frame":
                 return st["x"].reshape(B * S, P, C), st["pos"]
@@ -150,7 +150,9 @@ def reconstruct_aggregator(
         if groups and epochs > 0:
             opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
             total = epochs * len(states)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+            )
             with torch.enable_grad():
                 for _ in range(epochs):
                     for st, tgt in zip(states, targets):

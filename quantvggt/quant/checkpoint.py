@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,7 +22,7 @@ FORMAT = "quantvggt-checkpoint"
 FORMAT_VERSION = 1
 
 
-def save_quantized(model: VGGT, path: Union[str, Path], extra: dict[str, Any] | None = None) -> Path:
+def save_quantized(model: VGGT, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
     """Write a quantized model to folder ``path`` atomically (temporary folder renamed into place)."""
     meta = getattr(model, "quant_meta", None)
     if not meta:
@@ -44,7 +44,7 @@ def save_quantized(model: VGGT, path: Union[str, Path], extra: dict[str, Any] | 
     return path
 
 
-def read_quant_meta(path: Union[str, Path]) -> dict[str, Any]:
+def read_quant_meta(path: str | Path) -> dict[str, Any]:
     """The ``quant.json`` of a quantized checkpoint folder."""
     meta_path = Path(path) / "quant.json"
     if not meta_path.is_file():
@@ -53,11 +53,13 @@ def read_quant_meta(path: Union[str, Path]) -> dict[str, Any]:
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path}: unknown format {doc.get('format')!r}")
     if doc.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{meta_path}: format version {doc['format_version']} is newer than this library supports")
+        raise CheckpointError(
+            f"{meta_path}: format version {doc['format_version']} is newer than this library supports"
+        )
     return doc
 
 
-def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> VGGT:
+def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> VGGT:
     """Load a folder written by :func:`save_quantized`; outputs are bit-identical to the saved model's."""
     if str(path).startswith("s3://"):
         from quantvggt.storage import download_to_cache
@@ -69,11 +71,21 @@ def load_quantized(path: Union[str, Path], device: Union[str, torch.device] = "c
     with torch.device("meta"):
         model = VGGT(config)
         for name, spec in doc["layers"].items():
-            ql = QuantLinear(spec["in_features"], spec["out_features"], spec["w_bits"], spec["a_bits"], spec["bias"], spec["rotate"])
+            ql = QuantLinear(
+                spec["in_features"], spec["out_features"], spec["w_bits"], spec["a_bits"], spec["bias"], spec["rotate"]
+            )
             _set_module(model, name, ql)
         for name, spec in doc.get("convs", {}).items():
-            qc = QuantConv2d(spec["in_channels"], spec["out_channels"], tuple(spec["kernel_size"]), tuple(spec["stride"]),
-                             tuple(spec["padding"]), spec["bias"], spec["w_bits"], spec["transposed"])
+            qc = QuantConv2d(
+                spec["in_channels"],
+                spec["out_channels"],
+                tuple(spec["kernel_size"]),
+                tuple(spec["stride"]),
+                tuple(spec["padding"]),
+                spec["bias"],
+                spec["w_bits"],
+                spec["transposed"],
+            )
             _set_module(model, name, qc)
     weights = path / "model.safetensors"
     try:

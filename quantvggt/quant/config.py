@@ -36,11 +36,15 @@ class QuantConfig:
                 raise ValueError(f"unknown scope {s!r}; choose from {SCOPES}")
         if not self.scope:
             raise ValueError("scope is empty: nothing would be quantized")
-        for where, (w, a) in [("w_bits/a_bits", (self.w_bits, self.a_bits))] + [(k, tuple(v)) for k, v in self.layer_bits.items()]:
+        for where, (w, a) in [("w_bits/a_bits", (self.w_bits, self.a_bits))] + [
+            (k, tuple(v)) for k, v in self.layer_bits.items()
+        ]:
             if w not in VALID_BITS or a not in VALID_BITS:
                 raise ValueError(f"{where}: bits must be in {VALID_BITS}, got ({w}, {a})")
             if w == 16:
-                raise ValueError(f"{where}: weights must be quantized (w_bits < 16); exclude the layer via scope instead")
+                raise ValueError(
+                    f"{where}: weights must be quantized (w_bits < 16); exclude the layer via scope instead"
+                )
         self.layer_bits = {k: (int(v[0]), int(v[1])) for k, v in self.layer_bits.items()}
 
     @property
@@ -57,7 +61,7 @@ class QuantConfig:
         return d
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "QuantConfig":
+    def from_dict(d: dict[str, Any]) -> QuantConfig:
         """Inverse of :meth:`to_dict`."""
         d = dict(d)
         cls = METHODS[d.pop("method")]
@@ -121,7 +125,9 @@ class QuantVGGTConfig(QuantConfig):
             raise ValueError("epochs and learning rates must be non-negative")
 
 
-METHODS: dict[str, type[QuantConfig]] = {c.method: c for c in (RTNConfig, SmoothQuantConfig, QuaRotConfig, QuantVGGTConfig)}
+METHODS: dict[str, type[QuantConfig]] = {
+    c.method: c for c in (RTNConfig, SmoothQuantConfig, QuaRotConfig, QuantVGGTConfig)
+}
 BIT_SETTINGS = {"w4a4": (4, 4), "w4a8": (4, 8), "w6a6": (6, 6), "w8a8": (8, 8), "w4a16": (4, 16), "w8a16": (8, 16)}
 RECIPES: dict[str, QuantConfig] = {
     f"{m}-{b}": cls(w_bits=w, a_bits=a) for m, cls in METHODS.items() for b, (w, a) in BIT_SETTINGS.items()

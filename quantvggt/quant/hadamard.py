@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -34,10 +33,10 @@ def fwht(x: Tensor) -> Tensor:
 
 
 def _is_prime(q: int) -> bool:
-    return q >= 2 and all(q % p for p in range(2, int(math.isqrt(q)) + 1))
+    return q >= 2 and all(q % p for p in range(2, math.isqrt(q) + 1))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def paley_hadamard(order: int) -> Tensor:
     """Paley construction I Hadamard matrix of ``order`` = q + 1, q prime and q = 3 (mod 4); entries ±1."""
     q = order - 1
@@ -66,7 +65,7 @@ class HadamardPlan:
     block: int = 0  # power-of-two FWHT size
 
     @staticmethod
-    def for_width(n: int) -> "HadamardPlan":
+    def for_width(n: int) -> HadamardPlan:
         """Pick the fullest available construction for width ``n``."""
         if n < 1:
             raise ValueError(f"invalid width {n}")
@@ -77,11 +76,13 @@ class HadamardPlan:
             if n % k == 0 and (n // k) & (n // k - 1) == 0 and _is_prime(k - 1) and (k - 1) % 4 == 3:
                 return HadamardPlan(n, "paley", k, n // k)
         if m < 2:
-            raise ValueError(f"width {n} is odd: no Hadamard rotation is available; exclude this layer from quantization")
+            raise ValueError(
+                f"width {n} is odd: no Hadamard rotation is available; exclude this layer from quantization"
+            )
         return HadamardPlan(n, "blockdiag", n // m, m)
 
 
-def hadamard_transform(x: Tensor, plan: Optional[HadamardPlan] = None) -> Tensor:
+def hadamard_transform(x: Tensor, plan: HadamardPlan | None = None) -> Tensor:
     """Orthonormal Hadamard transform of the last dim: ``x @ H / sqrt(n)`` (structured per ``plan``)."""
     n = x.shape[-1]
     plan = plan or HadamardPlan.for_width(n)
@@ -104,12 +105,12 @@ def random_signs(n: int, seed: int) -> Tensor:
     return torch.randint(0, 2, (n,), generator=g).mul(2).sub(1).to(torch.float32)
 
 
-def rotate(x: Tensor, signs: Tensor, plan: Optional[HadamardPlan] = None) -> Tensor:
+def rotate(x: Tensor, signs: Tensor, plan: HadamardPlan | None = None) -> Tensor:
     """``x @ R`` with ``R = diag(signs) H / sqrt(n)`` (orthogonal)."""
     return hadamard_transform(x * signs.to(x.dtype), plan)
 
 
-def dense_rotation(signs: Tensor, plan: Optional[HadamardPlan] = None) -> Tensor:
+def dense_rotation(signs: Tensor, plan: HadamardPlan | None = None) -> Tensor:
     """The dense ``R`` (tests and the reference-approach baseline only)."""
     n = signs.numel()
     return rotate(torch.eye(n, dtype=torch.float64), signs.double(), plan)

@@ -11,7 +11,6 @@ with ``Wq`` = per-output-channel quantized ``(W R) * smoothing``.
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -75,7 +74,7 @@ class QuantLinear(nn.Module):
             h = rotate(h, self.signs.float(), self.plan)
         return h * self.act_scale
 
-    def quantize_input(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """-> (integer levels, per-token scale ``[..., 1]``) or (float h, None) for 16-bit activations."""
         h = self.transform_input(x)
         if self.a_bits >= 16:
@@ -127,8 +126,8 @@ class FakeQuantLinear(nn.Module):
         linear: nn.Linear,
         w_bits: int,
         a_bits: int,
-        signs: Optional[Tensor],
-        smooth: Optional[Tensor] = None,
+        signs: Tensor | None,
+        smooth: Tensor | None = None,
         learn_smooth: bool = False,
         lwc: bool = False,
         lac: bool = False,
@@ -181,7 +180,9 @@ class FakeQuantLinear(nn.Module):
     @torch.no_grad()
     def to_quant_linear(self) -> QuantLinear:
         """Fold smoothing, clipping and signs into a deployable :class:`QuantLinear`."""
-        ql = QuantLinear(self.in_features, self.out_features, self.w_bits, self.a_bits, self.bias is not None, self.signs is not None)
+        ql = QuantLinear(
+            self.in_features, self.out_features, self.w_bits, self.a_bits, self.bias is not None, self.signs is not None
+        )
         s = self.log_s.detach().exp()
         w = self.w_rot * s
         clip = torch.sigmoid(self.lwc.detach()) if self.lwc is not None else 1.0
@@ -202,8 +203,17 @@ class QuantConv2d(nn.Module):
     Used for the DPT heads, whose cost is memory rather than GEMM time; weights are dequantized per call.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int], stride: tuple[int, int],
-                 padding: tuple[int, int], bias: bool, w_bits: int, transposed: bool) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        bias: bool,
+        w_bits: int,
+        transposed: bool,
+    ) -> None:
         super().__init__()
         if w_bits not in (4, 8):
             raise ValueError(f"QuantConv2d supports 4 or 8 weight bits, got {w_bits}")
@@ -213,18 +223,32 @@ class QuantConv2d(nn.Module):
         fan = in_channels * self.kernel_size[0] * self.kernel_size[1]
         self.fan = fan
         padded = fan + (fan % 2 if w_bits == 4 else 0)
-        self.register_buffer("qweight", torch.zeros(out_channels, padded // 2 if w_bits == 4 else padded, dtype=torch.uint8 if w_bits == 4 else torch.int8))
+        self.register_buffer(
+            "qweight",
+            torch.zeros(
+                out_channels, padded // 2 if w_bits == 4 else padded, dtype=torch.uint8 if w_bits == 4 else torch.int8
+            ),
+        )
         self.register_buffer("w_scale", torch.ones(out_channels))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
 
     @staticmethod
-    def from_float(conv: nn.Module, w_bits: int) -> "QuantConv2d":
+    def from_float(conv: nn.Module, w_bits: int) -> QuantConv2d:
         """Quantize an ``nn.Conv2d`` / ``nn.ConvTranspose2d`` (groups=1, dilation=1) per output channel (RTN)."""
         transposed = isinstance(conv, nn.ConvTranspose2d)
         w = conv.weight.detach().float()
         if transposed:
             w = w.transpose(0, 1)  # [in, out, kh, kw] -> [out, in, kh, kw]
-        q = QuantConv2d(w.shape[1], w.shape[0], conv.kernel_size, conv.stride, conv.padding, conv.bias is not None, w_bits, transposed)
+        q = QuantConv2d(
+            w.shape[1],
+            w.shape[0],
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.bias is not None,
+            w_bits,
+            transposed,
+        )
         flat = w.reshape(w.shape[0], -1)
         levels, scale = qz.per_channel_weight_quant(flat, w_bits)
         if flat.shape[1] != q.qweight.shape[1] * (2 if w_bits == 4 else 1):
@@ -238,7 +262,9 @@ class QuantConv2d(nn.Module):
     def weight(self) -> Tensor:
         """Dequantized weight in the float module's layout."""
         lv = qz.unpack_int4(self.qweight) if self.w_bits == 4 else self.qweight
-        w = (lv[:, : self.fan].float() * self.w_scale[:, None]).reshape(self.out_channels, self.in_channels, *self.kernel_size)
+        w = (lv[:, : self.fan].float() * self.w_scale[:, None]).reshape(
+            self.out_channels, self.in_channels, *self.kernel_size
+        )
         return w.transpose(0, 1) if self.transposed else w
 
     def forward(self, x: Tensor) -> Tensor:

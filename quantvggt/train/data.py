@@ -32,7 +32,9 @@ def render_scene(seed: int, frames: int, width: int, height: int) -> RenderedSce
     world = synth.make_world(rng)
     extr, K = synth.scene_cameras(rng, frames, width, height)
     imgs, depths = zip(*(synth.render(world, extr[i], K[i], width, height) for i in range(frames)))
-    return RenderedScene(np.stack(imgs), np.stack(depths).astype(np.float16), extr.astype(np.float32), K.astype(np.float32))
+    return RenderedScene(
+        np.stack(imgs), np.stack(depths).astype(np.float16), extr.astype(np.float32), K.astype(np.float32)
+    )
 
 
 def normalise(scene: RenderedScene, idx: list[int]) -> dict[str, Tensor]:
@@ -72,8 +74,18 @@ class ScenePool:
     ``stream``, worker id, counter), so a resumed run passing its start step as ``stream`` gets new scenes.
     """
 
-    def __init__(self, n_scenes: int, frames_per_scene: int, width: int, height: int, seed: int = 0, workers: int = 1,
-                 seed_base: int = TRAIN_SEED_BASE, refresh_every: int = 0, stream: int = 0) -> None:
+    def __init__(
+        self,
+        n_scenes: int,
+        frames_per_scene: int,
+        width: int,
+        height: int,
+        seed: int = 0,
+        workers: int = 1,
+        seed_base: int = TRAIN_SEED_BASE,
+        refresh_every: int = 0,
+        stream: int = 0,
+    ) -> None:
         self.size, self.seed, self.stream, self.refresh_every = (width, height), seed, stream, refresh_every
         self.frames_per_scene = frames_per_scene
         self._served = self._fresh = 0

@@ -7,9 +7,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,10 +25,32 @@ log = logging.getLogger(__name__)
 
 TINY_SYNTHETIC_CONFIG: dict[str, Any] = {
     # layer scale 0.1 (upstream 0.01): a small model trained briefly from scratch needs its blocks to matter early
-    "aggregator": {"img_size": 112, "patch_size": 14, "embed_dim": 128, "depth": 6, "num_heads": 4, "patch_embed": "conv", "init_values": 0.1},
+    "aggregator": {
+        "img_size": 112,
+        "patch_size": 14,
+        "embed_dim": 128,
+        "depth": 6,
+        "num_heads": 4,
+        "patch_embed": "conv",
+        "init_values": 0.1,
+    },
     "camera_head": {"dim_in": 256, "trunk_depth": 2, "num_heads": 4, "init_values": 0.1},
-    "depth_head": {"dim_in": 256, "output_dim": 2, "activation": "exp", "features": 32, "out_channels": [16, 32, 64, 64], "intermediate_layer_idx": [1, 3, 4, 5]},
-    "point_head": {"dim_in": 256, "output_dim": 4, "activation": "inv_log", "features": 32, "out_channels": [16, 32, 64, 64], "intermediate_layer_idx": [1, 3, 4, 5]},
+    "depth_head": {
+        "dim_in": 256,
+        "output_dim": 2,
+        "activation": "exp",
+        "features": 32,
+        "out_channels": [16, 32, 64, 64],
+        "intermediate_layer_idx": [1, 3, 4, 5],
+    },
+    "point_head": {
+        "dim_in": 256,
+        "output_dim": 4,
+        "activation": "inv_log",
+        "features": 32,
+        "out_channels": [16, 32, 64, 64],
+        "intermediate_layer_idx": [1, 3, 4, 5],
+    },
     "track_head": None,
 }
 
@@ -54,7 +77,9 @@ class TrainConfig:
     threads: int = 1
     save_every: int = 250
     log_every: int = 25
-    init_from: Optional[str] = None  # model source (load_vggt) whose weights start a new run (same config); optimiser starts fresh
+    init_from: str | None = (
+        None  # model source (load_vggt) whose weights start a new run (same config); optimiser starts fresh
+    )
     init_partial: bool = False  # init_from another architecture: copy the tensors whose names and shapes match
     pool_refresh_every: int = 0  # replace one pool scene every this many samples served (0: fixed pool)
     val_every: int = 500  # held-out validation (val.jsonl) every this many steps; 0 disables
@@ -66,7 +91,7 @@ class TrainConfig:
             raise ValueError(f"frames range {self.frames} must be within [2, pool_frames={self.pool_frames}]")
 
 
-def _lr_at(step: int, cfg: TrainConfig, progress: Optional[float] = None) -> float:
+def _lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
     """Linear warm-up, then cosine to 10% of ``cfg.lr``; ``progress`` in [0, 1] overrides the step-based position."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -96,7 +121,9 @@ def _one_thread(_: int) -> None:
     torch.set_num_threads(1)
 
 
-def _batches(pool: ScenePool, rng: np.random.Generator, cfg: TrainConfig, workers: int, pin: bool) -> Iterator[dict[str, Tensor]]:
+def _batches(
+    pool: ScenePool, rng: np.random.Generator, cfg: TrainConfig, workers: int, pin: bool
+) -> Iterator[dict[str, Tensor]]:
     """Collated batches; with ``workers`` > 0 they are built in DataLoader processes.
 
     With workers the generator runs ahead of training by the prefetched batches, so a resumed run continues the
@@ -105,8 +132,16 @@ def _batches(pool: ScenePool, rng: np.random.Generator, cfg: TrainConfig, worker
     plans = _Batches(pool, rng, cfg)
     if workers <= 0:
         return (_collate([pool[k] for k in plan]) for plan in plans)
-    loader = torch.utils.data.DataLoader(pool, batch_sampler=plans, num_workers=workers, collate_fn=_collate,  # type: ignore[arg-type]
-                                         pin_memory=pin, prefetch_factor=4, worker_init_fn=_one_thread, persistent_workers=True)
+    loader = torch.utils.data.DataLoader(
+        pool,
+        batch_sampler=plans,
+        num_workers=workers,
+        collate_fn=_collate,  # type: ignore[arg-type]
+        pin_memory=pin,
+        prefetch_factor=4,
+        worker_init_fn=_one_thread,
+        persistent_workers=True,
+    )
     return iter(loader)
 
 
@@ -115,7 +150,9 @@ def validation_set(cfg: TrainConfig, frames: int = 6) -> list[dict[str, Tensor]]
     pool = ScenePool(cfg.val_samples, cfg.pool_frames, cfg.width, cfg.height, seed=0, seed_base=VAL_SEED_BASE)
     rng = np.random.default_rng(0)
     k = cfg.pool_frames
-    return [pool[(i, tuple(rng.choice(k, size=min(frames, k), replace=False).tolist()))] for i in range(cfg.val_samples)]
+    return [
+        pool[(i, tuple(rng.choice(k, size=min(frames, k), replace=False).tolist()))] for i in range(cfg.val_samples)
+    ]
 
 
 @torch.no_grad()
@@ -129,7 +166,7 @@ def validate(model: VGGT, samples: list[dict[str, Tensor]], device: torch.device
     model.eval()
     poses, depths = [], []
     for i in range(0, len(samples), batch):
-        images = torch.stack([s["images"] for s in samples[i:i + batch]]).to(device)
+        images = torch.stack([s["images"] for s in samples[i : i + batch]]).to(device)
         tokens, psi = model.aggregator(images)
         poses.append(model.camera_head(tokens)[-1].cpu())
         depths.append(model.depth_head(tokens, images, psi)[0][..., 0].cpu())
@@ -140,18 +177,24 @@ def validate(model: VGGT, samples: list[dict[str, Tensor]], device: torch.device
     d_gt = torch.stack([s["depth"] for s in samples])
     valid = torch.stack([s["valid"] for s in samples])
     d = torch.cat(depths)
-    return {"val_camera": float(camera_loss([torch.cat(poses)], gt)), "val_camera_const": float(camera_loss([const], gt)),
-            "val_depth_absrel": float(((d - d_gt).abs() / d_gt.clamp(min=1e-6))[valid].mean())}
+    return {
+        "val_camera": float(camera_loss([torch.cat(poses)], gt)),
+        "val_camera_const": float(camera_loss([const], gt)),
+        "val_depth_absrel": float(((d - d_gt).abs() / d_gt.clamp(min=1e-6))[valid].mean()),
+    }
 
 
-def export_model(run: Union[str, Path], dest: Union[str, Path], dtype: torch.dtype = torch.float16) -> Path:
+def export_model(run: str | Path, dest: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Write a run's weights (cast to ``dtype``) and config as a loadable model folder ``dest`` (atomically)."""
     from quantvggt.fsutil import atomic_dir
 
     run, dest = Path(run), Path(dest)
     sd = load_file(str(run / "model.safetensors"))
     with atomic_dir(dest) as tmp:
-        save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}, str(tmp / "model.safetensors"))
+        save_file(
+            {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()},
+            str(tmp / "model.safetensors"),
+        )
         config = json.loads((run / "config.json").read_text())
         if (run / "train_config.json").is_file():  # older run folders lack image_size in config.json
             train_cfg = (run / "train_config.json").read_text()
@@ -161,14 +204,22 @@ def export_model(run: Union[str, Path], dest: Union[str, Path], dtype: torch.dty
     return dest
 
 
-def save_checkpoint(out: Path, model: VGGT, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, rng: np.random.Generator) -> None:
+def save_checkpoint(
+    out: Path, model: VGGT, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, rng: np.random.Generator
+) -> None:
     """Write weights, config and optimiser state atomically (``*.tmp`` then rename)."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors.tmp"))
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors.tmp")
+    )
     # image_size: the checkpoint folder loads with load_vggt at the resolution it is trained at
     (out / "config.json.tmp").write_text(json.dumps(model.config.to_dict(), indent=1))
-    state = {"optimizer": opt.state_dict(), "step": torch.tensor(step), "torch_rng": torch.get_rng_state(),
-             "np_rng": json.dumps(rng.bit_generator.state)}
+    state = {
+        "optimizer": opt.state_dict(),
+        "step": torch.tensor(step),
+        "torch_rng": torch.get_rng_state(),
+        "np_rng": json.dumps(rng.bit_generator.state),
+    }
     torch.save(state, out / "train_state.pt.tmp")
     (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     for name in ("model.safetensors", "config.json", "train_state.pt"):
@@ -198,8 +249,14 @@ def plot_losses(log_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
-def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: Optional[float] = None, device: str = "cpu",
-         workers: int = 0, schedule_by_time: bool = False) -> Path:
+def main(
+    out: str | Path,
+    cfg: TrainConfig | None = None,
+    max_minutes: float | None = None,
+    device: str = "cpu",
+    workers: int = 0,
+    schedule_by_time: bool = False,
+) -> Path:
     """Train (or resume) into ``out``; stops at ``cfg.steps`` or after ``max_minutes``. Returns ``out``.
 
     ``device``/``workers`` (DataLoader processes) only change speed. ``schedule_by_time`` decays the learning rate
@@ -235,12 +292,19 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
             own = model.state_dict()
             take = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
             model.load_state_dict(take, strict=False)
-            log.info("initialised %d of %d tensors from %s (fresh: %s)", len(take), len(own), cfg.init_from,
-                     sorted({k.split(".")[1] if k.count(".") > 1 else k for k in set(own) - set(take)}))
+            log.info(
+                "initialised %d of %d tensors from %s (fresh: %s)",
+                len(take),
+                len(own),
+                cfg.init_from,
+                sorted({k.split(".")[1] if k.count(".") > 1 else k for k in set(own) - set(take)}),
+            )
         else:
             if init.config.to_dict() != model.config.to_dict():
-                raise ValueError(f"{cfg.init_from}: model config differs from this run's; "
-                                 "init_from needs the same architecture (or init_partial)")
+                raise ValueError(
+                    f"{cfg.init_from}: model config differs from this run's; "
+                    "init_from needs the same architecture (or init_partial)"
+                )
             model.load_state_dict(src, strict=True)
             log.info("initialised from %s", cfg.init_from)
     model.to(dev)
@@ -253,8 +317,16 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
         rng.bit_generator.state = json.loads(state["np_rng"])
         log.info("resumed at step %d", step)
     t_pool = time.perf_counter()
-    pool = ScenePool(cfg.pool_scenes, cfg.pool_frames, cfg.width, cfg.height, cfg.seed, workers=max(workers, 1),
-                     refresh_every=cfg.pool_refresh_every, stream=step)
+    pool = ScenePool(
+        cfg.pool_scenes,
+        cfg.pool_frames,
+        cfg.width,
+        cfg.height,
+        cfg.seed,
+        workers=max(workers, 1),
+        refresh_every=cfg.pool_refresh_every,
+        stream=step,
+    )
     log.info("rendered %d training scenes in %.0fs", cfg.pool_scenes, time.perf_counter() - t_pool)
     model.train()
     t0 = time.perf_counter()
@@ -262,7 +334,7 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
     out.mkdir(parents=True, exist_ok=True)
     acc: dict[str, Tensor] = {}
     batches = _batches(pool, rng, cfg, workers, pin=dev.type == "cuda")
-    val_set: Optional[list[dict[str, Tensor]]] = None
+    val_set: list[dict[str, Tensor]] | None = None
     while step < cfg.steps:
         elapsed = time.perf_counter() - t0
         if max_minutes is not None and elapsed > 60 * max_minutes:
@@ -288,11 +360,22 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
         for k, v in (("loss", loss), ("camera", l_cam), ("depth", l_depth), ("points", l_pts)):
             acc[k] = acc.get(k, 0.0) + v.detach()  # summed on the device: no per-step host sync on a GPU
         if step % cfg.log_every == 0:
-            row = {"step": step, **{k: float(v) / cfg.log_every for k, v in acc.items()}, "lr": lr,
-                   "elapsed_s": round(time.perf_counter() - t0, 1)}
+            row = {
+                "step": step,
+                **{k: float(v) / cfg.log_every for k, v in acc.items()},
+                "lr": lr,
+                "elapsed_s": round(time.perf_counter() - t0, 1),
+            }
             with log_path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            log.info("step %d loss %.4f (cam %.4f depth %.4f pts %.4f)", step, row["loss"], row["camera"], row["depth"], row["points"])
+            log.info(
+                "step %d loss %.4f (cam %.4f depth %.4f pts %.4f)",
+                step,
+                row["loss"],
+                row["camera"],
+                row["depth"],
+                row["points"],
+            )
             acc = {}
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
             if val_set is None:
@@ -300,8 +383,13 @@ def main(out: Union[str, Path], cfg: Optional[TrainConfig] = None, max_minutes: 
             row = {"step": step, **validate(model, val_set, dev)}
             with (out / "val.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
-            log.info("step %d held-out camera L1 %.4f (constant guess %.4f), depth abs-rel %.4f", step, row["val_camera"],
-                     row["val_camera_const"], row["val_depth_absrel"])
+            log.info(
+                "step %d held-out camera L1 %.4f (constant guess %.4f), depth abs-rel %.4f",
+                step,
+                row["val_camera"],
+                row["val_camera_const"],
+                row["val_depth_absrel"],
+            )
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(out, model, opt, step, cfg, rng)
             plot_losses(log_path, out / "loss.png")

@@ -14,7 +14,11 @@ def camera_loss(pose_list: list[Tensor], gt: Tensor, gamma: float = 0.6) -> Tens
         w = gamma ** (n - i - 1)
         q_gt = gt[..., 3:7]
         q_err = torch.minimum((pred[..., 3:7] - q_gt).abs().sum(-1), (pred[..., 3:7] + q_gt).abs().sum(-1))  # q ~ -q
-        total = total + w * ((pred[..., :3] - gt[..., :3]).abs().sum(-1) + q_err + (pred[..., 7:] - gt[..., 7:]).abs().sum(-1)).mean()
+        total = (
+            total
+            + w
+            * ((pred[..., :3] - gt[..., :3]).abs().sum(-1) + q_err + (pred[..., 7:] - gt[..., 7:]).abs().sum(-1)).mean()
+        )
     return total
 
 
@@ -22,7 +26,9 @@ def _grad(x: Tensor) -> tuple[Tensor, Tensor]:
     return x[..., :, 1:, :] - x[..., :, :-1, :], x[..., 1:, :, :] - x[..., :-1, :, :]
 
 
-def conf_regression_loss(pred: Tensor, conf: Tensor, gt: Tensor, valid: Tensor, alpha: float = 0.2, grad_weight: float = 1.0) -> Tensor:
+def conf_regression_loss(
+    pred: Tensor, conf: Tensor, gt: Tensor, valid: Tensor, alpha: float = 0.2, grad_weight: float = 1.0
+) -> Tensor:
     """``conf * |pred - gt| - alpha * log(conf)`` over valid pixels, plus a confidence-weighted gradient term.
 
     ``pred``/``gt``: ``[B, S, H, W, C]``; ``conf``, ``valid``: ``[B, S, H, W]``.
@@ -37,5 +43,7 @@ def conf_regression_loss(pred: Tensor, conf: Tensor, gt: Tensor, valid: Tensor, 
     vy = v[..., 1:, :] * v[..., :-1, :]
     cx = conf[..., :, 1:]
     cy = conf[..., 1:, :]
-    g = ((gx_p - gx_g).abs().sum(-1) * cx * vx).sum() / vx.sum().clamp(min=1) + ((gy_p - gy_g).abs().sum(-1) * cy * vy).sum() / vy.sum().clamp(min=1)
+    g = ((gx_p - gx_g).abs().sum(-1) * cx * vx).sum() / vx.sum().clamp(min=1) + (
+        (gy_p - gy_g).abs().sum(-1) * cy * vy
+    ).sum() / vy.sum().clamp(min=1)
     return reg + grad_weight * g

@@ -16,12 +16,18 @@ def _rows(n: int, group: str = "g", seed: int = 0) -> list[dict]:
     out = []
     for i in range(n):
         c = i % 3  # three well separated feature clusters
-        out.append({
-            "sample_id": f"{group}{i}", "scene": f"/s/{group}{i}", "group": group, "frames": ["a.png", "b.png"],
-            "layers": ["l0", "l1"], "layer_mean": [float(rng.normal(0, 0.01)), float(rng.normal(1, 0.01))],
-            "layer_std": [float(rng.normal(1, 0.01)), float(rng.normal(2, 0.01))],
-            "feature": (np.array([0.9, 0.5, 0.1])[c] + rng.normal(0, 0.01, 4)).tolist(),
-        })
+        out.append(
+            {
+                "sample_id": f"{group}{i}",
+                "scene": f"/s/{group}{i}",
+                "group": group,
+                "frames": ["a.png", "b.png"],
+                "layers": ["l0", "l1"],
+                "layer_mean": [float(rng.normal(0, 0.01)), float(rng.normal(1, 0.01))],
+                "layer_std": [float(rng.normal(1, 0.01)), float(rng.normal(2, 0.01))],
+                "feature": (np.array([0.9, 0.5, 0.1])[c] + rng.normal(0, 0.01, 4)).tolist(),
+            }
+        )
     return out
 
 
@@ -74,7 +80,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
     assert [r["selected"] for r in back] == [r["selected"] for r in rows]
 
 
-def test_end_to_end_filters_noise_scenes(synth_scenes: Path, tmp_path: Path, tiny_model) -> None:  # noqa: ANN001
+def test_end_to_end_filters_noise_scenes(synth_scenes: Path, tmp_path: Path, tiny_model) -> None:
     from quantvggt import synth
 
     pool = synth.main(tmp_path / "pool" / "indoor", scenes=6, frames=4, seed=3, size=(56, 42))

@@ -6,15 +6,15 @@ import io
 from pathlib import Path
 
 import boto3
-import pycolmap
 import pyarrow.parquet as pq
+import pycolmap
 import pytest
 
 from quantvggt.storage import open_storage
 
 
 @pytest.fixture(scope="module")
-def prefect_harness():  # noqa: ANN201
+def prefect_harness():
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness():
@@ -22,7 +22,7 @@ def prefect_harness():  # noqa: ANN201
 
 
 @pytest.fixture(scope="module")
-def ray_local():  # noqa: ANN201
+def ray_local():
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -60,17 +60,26 @@ def _rows(manifest: str) -> dict[str, dict]:
     return {r["scene"]: r for r in pq.read_table(io.BytesIO(st.read_bytes(key))).to_pylist()}
 
 
-def test_reconstruct_flow_over_s3(bucket: str, prefect_harness, ray_local, tmp_path: Path) -> None:  # noqa: ANN001
+def test_reconstruct_flow_over_s3(bucket: str, prefect_harness, ray_local, tmp_path: Path) -> None:
     from flows.reconstruct import reconstruct
 
     out = f"{bucket}/out"
     empty = tmp_path / "empty_scene"
     empty.mkdir()
-    manifest = reconstruct(scenes=[f"{bucket}/inbox", str(empty)], checkpoint=f"{bucket}/models/tiny-w4a4", out=out,
-                           options={"max_points": 300}, num_workers=2)
+    manifest = reconstruct(
+        scenes=[f"{bucket}/inbox", str(empty)],
+        checkpoint=f"{bucket}/models/tiny-w4a4",
+        out=out,
+        options={"max_points": 300},
+        num_workers=2,
+    )
     rows = _rows(manifest)
-    assert rows["scene_000"]["status"] == rows["scene_001"]["status"] == "done", {k: v["error"] for k, v in rows.items()}
-    assert rows["scene_broken"]["status"] == "failed" and "needs at least 2 usable images" in rows["scene_broken"]["error"]
+    assert rows["scene_000"]["status"] == rows["scene_001"]["status"] == "done", {
+        k: v["error"] for k, v in rows.items()
+    }
+    assert (
+        rows["scene_broken"]["status"] == "failed" and "needs at least 2 usable images" in rows["scene_broken"]["error"]
+    )
     assert rows["empty_scene"]["status"] == "failed"
     st = open_storage(out)
     assert st.is_complete("scene_000") and st.is_complete("scene_001") and not st.is_complete("scene_broken")
@@ -78,26 +87,33 @@ def test_reconstruct_flow_over_s3(bucket: str, prefect_harness, ray_local, tmp_p
     rec = pycolmap.Reconstruction(str(local / "sparse" / "0"))
     assert rec.num_reg_images() == 4 and rec.num_points3D() == 300
     # rerun: finished scenes are skipped, not recomputed
-    again = _rows(reconstruct(scenes=[f"{bucket}/inbox"], checkpoint=f"{bucket}/models/tiny-w4a4", out=out, num_workers=2))
+    again = _rows(
+        reconstruct(scenes=[f"{bucket}/inbox"], checkpoint=f"{bucket}/models/tiny-w4a4", out=out, num_workers=2)
+    )
     assert again["scene_000"]["status"] == "skipped" and again["scene_001"]["status"] == "skipped"
     assert again["scene_broken"]["status"] == "failed"
 
 
-def test_dead_worker_scene_is_retried_and_written_once(bucket: str, ray_local) -> None:  # noqa: ANN001
+def test_dead_worker_scene_is_retried_and_written_once(bucket: str, ray_local) -> None:
     import ray
 
     from workers.reconstruct import run_scenes
 
     killed = []
 
-    def kill_first(actor, scene: str, attempt: int) -> None:  # noqa: ANN001
+    def kill_first(actor, scene: str, attempt: int) -> None:
         if not killed:
             killed.append(scene)
             ray.kill(actor, no_restart=True)  # the worker dies while its scene is in flight
 
     out = f"{bucket}/out-retry"
-    rows = run_scenes([f"{bucket}/inbox/scene_000", f"{bucket}/inbox/scene_001"], f"{bucket}/models/tiny-w4a4", out,
-                      num_workers=2, on_dispatch=kill_first)
+    rows = run_scenes(
+        [f"{bucket}/inbox/scene_000", f"{bucket}/inbox/scene_001"],
+        f"{bucket}/models/tiny-w4a4",
+        out,
+        num_workers=2,
+        on_dispatch=kill_first,
+    )
     by = {r["scene"]: r for r in rows}
     victim = killed[0].rpartition("/")[2]
     assert len(rows) == 2 and by[victim]["status"] == "done" and by[victim]["attempt"] == 2
@@ -106,7 +122,7 @@ def test_dead_worker_scene_is_retried_and_written_once(bucket: str, ray_local) -
     assert [k for k in st.list(victim + "/") if k.endswith("_COMPLETE.json")] == [f"{victim}/_COMPLETE.json"]
 
 
-def test_quantize_flow_runs_once_per_inputs(prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+def test_quantize_flow_runs_once_per_inputs(prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
     from safetensors.torch import save_file
@@ -121,8 +137,16 @@ def test_quantize_flow_runs_once_per_inputs(prefect_harness, tmp_path: Path, mon
     save_file(m.state_dict(), str(tmp_path / "model" / "model.safetensors"))
     (tmp_path / "model" / "config.json").write_text(json.dumps({**m.config.to_dict(), "image_size": 56}))
     pool = synth.main(tmp_path / "pool", scenes=4, frames=3, seed=5, size=(56, 42))
-    kw = dict(model=str(tmp_path / "model"), calibration_pool=[str(pool)], recipe="quantvggt-w4a4", out=str(tmp_path / "store"),
-              frames=3, clusters=2, per_cluster=1, epochs=1)
+    kw = dict(
+        model=str(tmp_path / "model"),
+        calibration_pool=[str(pool)],
+        recipe="quantvggt-w4a4",
+        out=str(tmp_path / "store"),
+        frames=3,
+        clusters=2,
+        per_cluster=1,
+        epochs=1,
+    )
     first = quantize(**kw)
     assert (Path(first) / "quant.json").is_file() and (Path(first) / "calibration.parquet").is_file()
     meta = json.loads((Path(first) / "quant.json").read_text())

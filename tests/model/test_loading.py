@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from quantvggt.model import VGGT, VGGTConfig, load_vggt
-from quantvggt.model import loading
+from quantvggt.model import VGGT, VGGTConfig, load_vggt, loading
 from quantvggt.model.loading import CheckpointError
 from tests.conftest import tiny_config_dict
 
@@ -42,7 +41,7 @@ def test_pt_file_loads_weights_only(tmp_path: Path) -> None:
 
 def test_pt_with_code_is_refused(tmp_path: Path) -> None:
     class Evil:
-        def __reduce__(self):  # noqa: D105
+        def __reduce__(self):
             return (print, ("pwned",))
 
     torch.save({"x": Evil()}, tmp_path / "evil.pt")

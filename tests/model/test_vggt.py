@@ -60,7 +60,9 @@ def test_config_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="unknown keys"):
         VGGTConfig.from_dict({"aggregator": {"embed_dimm": 3}})
     with pytest.raises(ValueError, match="dim_in"):
-        VGGTConfig.from_dict({"aggregator": {"embed_dim": 64, "num_heads": 4, "patch_embed": "conv"}, "camera_head": {"dim_in": 64}})
+        VGGTConfig.from_dict(
+            {"aggregator": {"embed_dim": 64, "num_heads": 4, "patch_embed": "conv"}, "camera_head": {"dim_in": 64}}
+        )
     with pytest.raises(ValueError, match="divisible"):
         VGGTConfig.from_dict({"aggregator": {"depth": 5, "aa_block_size": 2}})
 
@@ -109,9 +111,20 @@ def test_track_head_needs_depth_24() -> None:
 
 def test_vit_patch_embed_interpolates_positions_for_non_square_input() -> None:
     d = {
-        "aggregator": {"img_size": 70, "embed_dim": 384, "depth": 2, "num_heads": 6, "patch_embed": "dinov2_vits14_reg"},
+        "aggregator": {
+            "img_size": 70,
+            "embed_dim": 384,
+            "depth": 2,
+            "num_heads": 6,
+            "patch_embed": "dinov2_vits14_reg",
+        },
         "camera_head": {"dim_in": 768, "trunk_depth": 1, "num_heads": 4},
-        "depth_head": {"dim_in": 768, "features": 32, "out_channels": [16, 32, 64, 64], "intermediate_layer_idx": [0, 1, 1, 1]},
+        "depth_head": {
+            "dim_in": 768,
+            "features": 32,
+            "out_channels": [16, 32, 64, 64],
+            "intermediate_layer_idx": [0, 1, 1, 1],
+        },
         "point_head": None,
     }
     torch.manual_seed(0)

@@ -48,7 +48,11 @@ def test_reconstruction_lowers_block_loss(planted: VGGT) -> None:
     q = copy.deepcopy(planted)
     rep = quantize_(q, get_recipe("quantvggt-w4a4", epochs=5, lr_scale=1e-2, lr_clip=5e-2), calib_batches(3, 0))
     assert len(rep.block_loss) == 8
-    assert list(rep.block_loss)[:3] == ["aggregator.frame_blocks.0", "aggregator.global_blocks.0", "aggregator.frame_blocks.1"]
+    assert list(rep.block_loss)[:3] == [
+        "aggregator.frame_blocks.0",
+        "aggregator.global_blocks.0",
+        "aggregator.frame_blocks.1",
+    ]
     assert all(after < before for before, after in rep.block_loss.values())
 
 
@@ -57,7 +61,7 @@ def test_global_blocks_calibrated_with_cross_frame_layout(planted: VGGT, monkeyp
     blk = planted.aggregator.global_blocks[0]
     orig = type(blk).forward
 
-    def spy(self, x, pos=None):  # noqa: ANN001, ANN202
+    def spy(self, x, pos=None):
         if self is blk:
             seen.setdefault("shape", tuple(x.shape))
         return orig(self, x, pos=pos)

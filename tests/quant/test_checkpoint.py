@@ -49,7 +49,9 @@ def test_dpt_heads_weight_only_round_trip(tiny_model: VGGT, tmp_path: Path) -> N
     ref = copy.deepcopy(tiny_model)
     rep = quantize_(tiny_model, get_recipe("rtn-w4a16", scope=("aggregator", "dpt_heads")))
     convs = [m for m in tiny_model.modules() if isinstance(m, QuantConv2d)]
-    assert len(convs) == 2 * 32 and any(c.transposed for c in convs)  # every conv of both DPT heads, incl. ConvTranspose
+    assert len(convs) == 2 * 32 and any(
+        c.transposed for c in convs
+    )  # every conv of both DPT heads, incl. ConvTranspose
     assert rep.bytes_by_component["depth_head"] < 0.4 * 4 * sum(p.numel() for p in ref.depth_head.parameters())
     x = torch.rand(2, 3, 28, 42)
     with torch.no_grad():

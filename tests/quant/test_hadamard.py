@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantvggt.quant.hadamard import HadamardPlan, dense_rotation, fwht, hadamard_transform, paley_hadamard, random_signs, rotate
+from quantvggt.quant.hadamard import (
+    HadamardPlan,
+    dense_rotation,
+    fwht,
+    hadamard_transform,
+    paley_hadamard,
+    random_signs,
+    rotate,
+)
 
 
 def sylvester(n: int) -> torch.Tensor:
@@ -21,7 +29,20 @@ def test_fwht_equals_dense_product(n: int) -> None:
     torch.testing.assert_close(fwht(x), x @ sylvester(n))
 
 
-@pytest.mark.parametrize("n,kind", [(1024, "pow2"), (2048, "pow2"), (4096, "pow2"), (96, "paley"), (384, "paley"), (768, "paley"), (40, "paley"), (80, "paley"), (56, "blockdiag")])
+@pytest.mark.parametrize(
+    "n,kind",
+    [
+        (1024, "pow2"),
+        (2048, "pow2"),
+        (4096, "pow2"),
+        (96, "paley"),
+        (384, "paley"),
+        (768, "paley"),
+        (40, "paley"),
+        (80, "paley"),
+        (56, "blockdiag"),
+    ],
+)
 def test_rotation_is_orthogonal(n: int, kind: str) -> None:
     plan = HadamardPlan.for_width(n)
     assert plan.kind == kind

@@ -33,7 +33,9 @@ def test_int_path_matches_fake_path(w_bits: int, a_bits: int, rot: bool) -> None
 
 def test_fold_matches_calibration_wrapper() -> None:
     lin = _layer()
-    fake = FakeQuantLinear(lin, 4, 4, random_signs(128, 1), torch.rand(128) + 0.5, learn_smooth=True, lwc=True, lac=True, clip_init=1.0)
+    fake = FakeQuantLinear(
+        lin, 4, 4, random_signs(128, 1), torch.rand(128) + 0.5, learn_smooth=True, lwc=True, lac=True, clip_init=1.0
+    )
     x = torch.randn(40, 128)
     with torch.no_grad():
         want = fake(x)

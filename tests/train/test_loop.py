@@ -15,8 +15,20 @@ from quantvggt.train.losses import camera_loss, conf_regression_loss
 
 
 def _cfg(steps: int) -> TrainConfig:
-    return TrainConfig(steps=steps, batch_size=1, frames=(2, 3), width=56, height=42, pool_scenes=2, pool_frames=4,
-                       save_every=2, log_every=1, warmup=2, val_samples=3, val_every=2)
+    return TrainConfig(
+        steps=steps,
+        batch_size=1,
+        frames=(2, 3),
+        width=56,
+        height=42,
+        pool_scenes=2,
+        pool_frames=4,
+        save_every=2,
+        log_every=1,
+        warmup=2,
+        val_samples=3,
+        val_every=2,
+    )
 
 
 def test_train_and_resume(tmp_path: Path) -> None:
@@ -100,7 +112,9 @@ def test_init_from_export_and_parallel_data(tmp_path: Path) -> None:
     shared = [k for k in c if k in src and c[k].shape == src[k].shape]
     assert "aggregator.frame_blocks.0.attn.qkv.weight" in shared
     assert all(torch.equal(c[k], src[k].half().float()) for k in shared)
-    assert "aggregator.patch_embed.proj.weight" in c and not any(k.startswith("aggregator.patch_embed.proj") for k in src)
+    assert "aggregator.patch_embed.proj.weight" in c and not any(
+        k.startswith("aggregator.patch_embed.proj") for k in src
+    )
 
 
 def test_lr_schedule_by_time() -> None:
