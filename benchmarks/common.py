@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantvggt.quant import quantizer as qz
-from quantvggt.quant.hadamard import dense_rotation
+from quantvggt.lowbit import quantizer as qz
+from quantvggt.lowbit.hadamard import dense_rotation
 from quantvggt.quant.linear import QuantLinear
 
 

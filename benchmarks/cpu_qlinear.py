@@ -24,7 +24,7 @@ from common import bench, state_bytes, to_reference
 
 from quantvggt.model import VGGT, VGGTConfig
 from quantvggt.quant import get_recipe, quantize_
-from quantvggt.quant.hadamard import random_signs
+from quantvggt.lowbit.hadamard import random_signs
 from quantvggt.quant.linear import FakeQuantLinear
 
 SHAPES = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]

@@ -17,8 +17,8 @@ from quantvggt.kernels import reference as ref
 from quantvggt.kernels import triton_w4a4 as tk
 from quantvggt.model import VGGT, VGGTConfig
 from quantvggt.quant import get_recipe, quantize_
-from quantvggt.quant import quantizer as qz
-from quantvggt.quant.hadamard import dense_rotation, random_signs
+from quantvggt.lowbit import quantizer as qz
+from quantvggt.lowbit.hadamard import dense_rotation, random_signs
 
 SHAPES = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]
 

@@ -13,8 +13,8 @@ import torch
 import triton.testing as tt
 
 from quantvggt.kernels import triton_w4a4 as tk
-from quantvggt.quant import quantizer as qz
-from quantvggt.quant.hadamard import random_signs
+from quantvggt.lowbit import quantizer as qz
+from quantvggt.lowbit.hadamard import random_signs
 
 
 def main() -> None:

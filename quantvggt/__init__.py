@@ -1,3 +1,6 @@
 """quantvggt: 4-bit VGGT and batch 3D reconstruction."""
 
 __version__ = "0.1.0"
+
+# The package root wires the floors together: device kernels register into lowbit.registry, which quant/ reads.
+from quantvggt import kernels as _kernels  # noqa: E402, F401

@@ -1,22 +1,15 @@
-"""Low-bit kernels, registered per device type. ``QuantLinear`` asks :func:`dispatch` for the device's forward;
-a kernel may return ``None`` for a layer it does not support, and the plain-torch path runs instead.
-Set ``QUANTVGGT_QLINEAR_BACKEND=fake`` (or ``int``) to force a reference path.
+"""Device kernels for the low-bit ops, registered into :mod:`quantvggt.lowbit.registry` on import.
+
+``QuantLinear`` asks the registry for its device's ``qlinear`` forward; a kernel may return ``None`` for a
+layer it does not support, and the plain-torch path runs instead. Set ``QUANTVGGT_QLINEAR_BACKEND=fake`` (or
+``int``) to force a reference path. Every kernel has a plain-torch reference in :mod:`.reference`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Optional
-
 from torch import Tensor, nn
 
-KernelFn = Callable[[nn.Module, Tensor], Tensor | None]
-_REGISTRY: dict[str, KernelFn] = {}
-
-
-def register(device_type: str, fn: KernelFn) -> None:
-    """Register a QuantLinear forward implementation for a device type ("cuda", "cpu")."""
-    _REGISTRY[device_type] = fn
+from quantvggt.lowbit.registry import register_kernel
 
 
 def _cuda(layer: nn.Module, x: Tensor) -> Tensor | None:
@@ -33,10 +26,5 @@ def _cpu(layer: nn.Module, x: Tensor) -> Tensor | None:
     return qlinear_forward(layer, x)
 
 
-register("cuda", _cuda)
-register("cpu", _cpu)
-
-
-def dispatch(layer: nn.Module, x: Tensor) -> KernelFn | None:
-    """The registered kernel for ``x``'s device, or ``None``."""
-    return _REGISTRY.get(x.device.type)
+register_kernel("qlinear", "cuda", _cuda)
+register_kernel("qlinear", "cpu", _cpu)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from quantvggt.quant import quantizer as qz
-from quantvggt.quant.hadamard import hadamard_transform
+from quantvggt.lowbit import quantizer as qz
+from quantvggt.lowbit.hadamard import hadamard_transform
 
 CACHE_ENV = "QUANTVGGT_CPU_PREPACK_CACHE"
 MIN_TOKENS_FBGEMM = 256  # below this the per-call prepack costs more than it saves (measured, see docs/BENCHMARKS.md)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from quantvggt.quant import quantizer as qz
-from quantvggt.quant.hadamard import rotate
+from quantvggt.lowbit import quantizer as qz
+from quantvggt.lowbit.hadamard import rotate
 
 
 def act_prep_ref(

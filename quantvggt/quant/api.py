@@ -22,7 +22,7 @@ from quantvggt.quant.calibrate import (
     smoothing_scales,
 )
 from quantvggt.quant.config import QuantConfig, QuantVGGTConfig
-from quantvggt.quant.hadamard import HadamardPlan, random_signs, rotate
+from quantvggt.lowbit.hadamard import HadamardPlan, random_signs, rotate
 from quantvggt.quant.linear import FakeQuantLinear, QuantConv2d
 
 log = logging.getLogger(__name__)

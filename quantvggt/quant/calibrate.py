@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantvggt.quant.hadamard import HadamardPlan, rotate
+from quantvggt.lowbit.hadamard import HadamardPlan, rotate
 from quantvggt.quant.linear import FakeQuantLinear
 
 log = logging.getLogger(__name__)

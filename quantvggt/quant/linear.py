@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantvggt.kernels import dispatch
-from quantvggt.quant import quantizer as qz
-from quantvggt.quant.hadamard import HadamardPlan, rotate
+from quantvggt.lowbit.registry import get_kernel
+from quantvggt.lowbit import quantizer as qz
+from quantvggt.lowbit.hadamard import HadamardPlan, rotate
 
 BACKEND_ENV = "QUANTVGGT_QLINEAR_BACKEND"
 BACKENDS = ("auto", "int", "fake")
@@ -108,7 +108,7 @@ class QuantLinear(nn.Module):
         if backend == "fake":
             return self.forward_fake(x)
         if backend == "auto":
-            fn = dispatch(self, x)
+            fn = get_kernel("qlinear", x.device.type)
             y = fn(self, x) if fn is not None else None
             return y if y is not None else self.forward_fake(x)
         raise ValueError(f"unknown QuantLinear backend {backend!r}; choose from {BACKENDS}")

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from quantvggt.kernels.cpu import hadamard_kron, qlinear_forward
-from quantvggt.quant.hadamard import hadamard_transform, random_signs
+from quantvggt.lowbit.hadamard import hadamard_transform, random_signs
 from quantvggt.quant.linear import FakeQuantLinear
 
 

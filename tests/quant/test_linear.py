@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantvggt.quant.hadamard import random_signs
+from quantvggt.lowbit.hadamard import random_signs
 from quantvggt.quant.linear import FakeQuantLinear, QuantLinear
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantvggt.quant import quantizer as qz
+from quantvggt.lowbit import quantizer as qz
 
 
 def test_pack_unpack_all_int4_values() -> None:

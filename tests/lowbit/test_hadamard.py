@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quantvggt.quant.hadamard import (
+from quantvggt.lowbit.hadamard import (
     HadamardPlan,
     dense_rotation,
     fwht,

@@ -1,0 +1,30 @@
+"""Kernel registry: device implementations of quantized ops register here; quantized modules look them up.
+
+``quantvggt.kernels`` fills it when the package is imported (``quantvggt/__init__.py`` imports it), so
+``quant/`` never imports ``kernels/`` and ``kernels/`` never imports ``quant/``. A kernel may return ``None``
+for a layer it does not support; the caller then runs its plain-torch path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+KernelFn = Callable[[nn.Module, Tensor], Tensor | None]
+_KERNELS: dict[tuple[str, str], KernelFn] = {}
+
+
+def register_kernel(op: str, device_type: str, fn: KernelFn) -> None:
+    """Register ``fn`` as the implementation of ``op`` (e.g. ``"qlinear"``) on ``device_type`` ("cpu", "cuda")."""
+    _KERNELS[(op, device_type)] = fn
+
+
+def get_kernel(op: str, device_type: str) -> KernelFn | None:
+    """The registered implementation of ``op`` for ``device_type``, or ``None``."""
+    return _KERNELS.get((op, device_type))
+
+
+def registered() -> list[tuple[str, str]]:
+    """All registered (op, device type) pairs."""
+    return sorted(_KERNELS)
