@@ -1,4 +1,4 @@
-"""Atomic folder writes: build in a hidden temporary sibling, rename into place only when complete."""
+"""Atomic writes of files and folders: build in a hidden temporary sibling, rename into place only when complete."""
 
 from __future__ import annotations
 
@@ -32,3 +32,36 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; on success it is fsynced and renamed onto ``final``, on error removed.
+
+    Readers see the old file or the complete new one; a killed writer leaves only a hidden ``.tmp-*`` file.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".tmp-{final.name}.", dir=final.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:  # durable before it becomes visible
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(final: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``final`` atomically (see :func:`atomic_file`)."""
+    with atomic_file(final) as tmp:
+        tmp.write_bytes(data)
+    return Path(final)
+
+
+def atomic_write_text(final: str | Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``final`` atomically (see :func:`atomic_file`)."""
+    return atomic_write_bytes(final, text.encode())
