@@ -1,6 +1,7 @@
 """QuantVGGT post-training quantization: configs, the ``quantize_`` entry point, layers and checkpoints."""
 
-from quantvggt.quant.api import QuantReport, quantize_
+from quantvggt.quant import methods as _methods  # noqa: F401  (registers the built-in handlers)
+from quantvggt.quant.api import QuantReport, quantize_, register_quantize_handler
 from quantvggt.quant.checkpoint import load_quantized, save_quantized
 from quantvggt.quant.config import (
     RECIPES,
@@ -11,14 +12,19 @@ from quantvggt.quant.config import (
     SmoothQuantConfig,
     get_recipe,
 )
-from quantvggt.quant.linear import FakeQuantLinear, QuantLinear
+from quantvggt.quant.linear import FakeQuantLinear, QuantConv2d, QuantConv2dSpec, QuantLinear, QuantLinearSpec
+from quantvggt.quant.steps import QuantJob
 
 __all__ = [
     "RECIPES",
     "FakeQuantLinear",
     "QuaRotConfig",
     "QuantConfig",
+    "QuantConv2d",
+    "QuantConv2dSpec",
+    "QuantJob",
     "QuantLinear",
+    "QuantLinearSpec",
     "QuantReport",
     "QuantVGGTConfig",
     "RTNConfig",
@@ -26,5 +32,6 @@ __all__ = [
     "get_recipe",
     "load_quantized",
     "quantize_",
+    "register_quantize_handler",
     "save_quantized",
 ]

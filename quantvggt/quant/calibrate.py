@@ -91,10 +91,74 @@ def execution_order(aggregator: nn.Module) -> Iterator[tuple[str, int]]:
                 counters[kind] += 1
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted path) of ``root`` with ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+_set_module = set_module  # older name, kept for callers outside the package
+
+
+def _block_inputs(agg: nn.Module, batches: list[Tensor]) -> list[dict]:
+    """Full-precision token states after the patch embed, per batch: ``x [B, S, P, C]`` and positions."""
+    states = []
+    with torch.no_grad():
+        for images in batches:
+            tokens, pos = agg.embed(images)
+            B, S = images.shape[:2]
+            P, C = tokens.shape[1:]
+            states.append({"x": tokens.reshape(B, S, P, C), "pos": pos})
+    return states
+
+
+def block_layout(kind: str, state: dict) -> tuple[Tensor, Tensor | None]:
+    """A block's real token layout: frame blocks ``(B*S, P, C)``, global blocks ``(B, S*P, C)``."""
+    B, S, P, C = state["x"].shape
+    if kind == "frame":
+        return state["x"].reshape(B * S, P, C), state["pos"]
+    pos = None if state["pos"] is None else state["pos"].reshape(B, S * P, 2)
+    return state["x"].reshape(B, S * P, C), pos
+
+
+def _block_mse(block: nn.Module, kind: str, states: list[dict], targets: list[Tensor]) -> float:
+    with torch.no_grad():
+        total = sum(F.mse_loss(block(*block_layout(kind, st)), t) for st, t in zip(states, targets))
+    return float(total / len(states))
+
+
+def _fit_block(
+    block: nn.Module,
+    kind: str,
+    fakes: list[FakeQuantLinear],
+    states: list[dict],
+    targets: list[Tensor],
+    epochs: int,
+    lr_scale: float,
+    lr_clip: float,
+    weight_decay: float,
+) -> None:
+    """AdamW with a cosine schedule over the block's smoothing and clipping parameters, MSE to full precision."""
+    scale_p = [p for m in fakes for p in m.scale_params()]
+    clip_p = [p for m in fakes for p in m.clip_params()]
+    groups = [g for g in ({"params": scale_p, "lr": lr_scale}, {"params": clip_p, "lr": lr_clip}) if g["params"]]
+    if not groups or epochs <= 0:
+        return
+    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    total = epochs * len(states)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    )
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for st, tgt in zip(states, targets):
+                x, pos = block_layout(kind, st)
+                loss = F.mse_loss(block(x, pos=pos), tgt)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
 
 
 def reconstruct_aggregator(
@@ -114,56 +178,19 @@ def reconstruct_aggregator(
     (MSE before, MSE after) and leaves the fitted :class:`FakeQuantLinear` modules installed.
     """
     agg = model.aggregator
-    states = []
-    with torch.no_grad():
-        for images in batches:
-            tokens, pos = agg.embed(images)
-            B, S = images.shape[:2]
-            P, C = tokens.shape[1:]
-            states.append({"x": tokens.reshape(B, S, P, C), "pos": pos, "B": B, "S": S})
+    states = _block_inputs(agg, batches)
     losses: dict[str, tuple[float, float]] = {}
     for kind, idx in execution_order(agg):
         prefix = f"aggregator.{kind}_blocks.{idx}"
         block = agg.get_submodule(f"{kind}_blocks.{idx}")
-
-        def layout(st: dict) -> tuple[Tensor, Tensor | None]:
-            B, S, P, C = st["x"].shape
-            if kind == "frame":
-                return st["x"].reshape(B * S, P, C), st["pos"]
-            pos = None if st["pos"] is None else st["pos"].reshape(B, S * P, 2)
-            return st["x"].reshape(B, S * P, C), pos
-
         with torch.no_grad():
-            targets = [block(*layout(st)).detach() for st in states]  # full-precision outputs
+            targets = [block(*block_layout(kind, st)).detach() for st in states]  # full-precision outputs
         mine = {n: m for n, m in fakes.items() if n.startswith(prefix + ".")}
         for n, m in mine.items():
-            _set_module(model, n, m)
-
-        def loss_all() -> float:
-            with torch.no_grad():
-                return float(sum(F.mse_loss(block(*layout(st)), t) for st, t in zip(states, targets)) / len(states))
-
-        before = loss_all()
-        scale_p = [p for m in mine.values() for p in m.scale_params()]
-        clip_p = [p for m in mine.values() for p in m.clip_params()]
-        groups = [g for g in ({"params": scale_p, "lr": lr_scale}, {"params": clip_p, "lr": lr_clip}) if g["params"]]
-        if groups and epochs > 0:
-            opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
-            total = epochs * len(states)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-            )
-            with torch.enable_grad():
-                for _ in range(epochs):
-                    for st, tgt in zip(states, targets):
-                        x, pos = layout(st)
-                        out = block(x, pos=pos)
-                        loss = F.mse_loss(out, tgt)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        sched.step()
-        after = loss_all()
+            set_module(model, n, m)
+        before = _block_mse(block, kind, states, targets)
+        _fit_block(block, kind, list(mine.values()), states, targets, epochs, lr_scale, lr_clip, weight_decay)
+        after = _block_mse(block, kind, states, targets)
         losses[prefix] = (before, after)
         log.debug("%s: block MSE %.3e -> %.3e", prefix, before, after)
         for st, t in zip(states, targets):

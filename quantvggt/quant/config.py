@@ -1,19 +1,27 @@
-"""Quantization configs (one dataclass per algorithm) and the named recipes."""
+"""Quantization configs: one dataclass per algorithm, registered by its ``method`` name, and the named recipes.
+
+A config only describes *what* to do; the handler registered for its type in :mod:`quantvggt.quant.api`
+does it. Defining a subclass with a new ``method`` registers it for (de)serialisation and for recipe names
+(``"<method>-w4a4"``); :func:`quantvggt.quant.api.register_quantize_handler` makes ``quantize_`` accept it.
+"""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 SCOPES = ("aggregator", "patch_embed", "camera_head", "dpt_heads")
 VALID_BITS = (4, 6, 8, 16)
+BIT_SETTINGS = {"w4a4": (4, 4), "w4a8": (4, 8), "w6a6": (6, 6), "w8a8": (8, 8), "w4a16": (4, 16), "w8a16": (8, 16)}
+METHODS: dict[str, type[QuantConfig]] = {}
 
 
 @dataclass
 class QuantConfig:
-    """Common settings: bit widths (16 = not quantized), which parts to quantize, per-layer overrides.
+    """Settings every method shares: bit widths (16 = not quantized), parts to quantize, per-layer overrides.
 
     ``layer_bits`` maps an fnmatch pattern over module names (e.g. ``"aggregator.global_blocks.23.*"``)
     to ``(w_bits, a_bits)``; the last matching pattern wins.
@@ -25,9 +33,13 @@ class QuantConfig:
     layer_bits: dict[str, tuple[int, int]] = field(default_factory=dict)
     seed: int = 0
 
-    method = "base"
-    rotate = False
-    smooth = False
+    method: ClassVar[str] = "base"
+    needs_calibration: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.method != "base":
+            METHODS[cls.method] = cls
 
     def __post_init__(self) -> None:
         self.scope = tuple(self.scope)
@@ -36,9 +48,12 @@ class QuantConfig:
                 raise ValueError(f"unknown scope {s!r}; choose from {SCOPES}")
         if not self.scope:
             raise ValueError("scope is empty: nothing would be quantized")
-        for where, (w, a) in [("w_bits/a_bits", (self.w_bits, self.a_bits))] + [
-            (k, tuple(v)) for k, v in self.layer_bits.items()
-        ]:
+        pairs = [("w_bits/a_bits", (self.w_bits, self.a_bits))]
+        pairs += [(k, tuple(v)) for k, v in self.layer_bits.items()]
+        for where, bits in pairs:
+            if len(bits) != 2:
+                raise ValueError(f"{where}: expected (w_bits, a_bits), got {bits}")
+            w, a = bits
             if w not in VALID_BITS or a not in VALID_BITS:
                 raise ValueError(f"{where}: bits must be in {VALID_BITS}, got ({w}, {a})")
             if w == 16:
@@ -52,28 +67,52 @@ class QuantConfig:
         """Recipe-style name, e.g. ``quantvggt-w4a4``."""
         return f"{self.method}-w{self.w_bits}a{self.a_bits}"
 
+    def bits_for(self, layer: str) -> tuple[int, int]:
+        """``(w_bits, a_bits)`` for a module name: the defaults, or the last matching ``layer_bits`` pattern."""
+        bits = (self.w_bits, self.a_bits)
+        for pattern, b in self.layer_bits.items():
+            if fnmatch.fnmatch(layer, pattern):
+                bits = b
+        return bits
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able description including the method."""
         d = dataclasses.asdict(self)
         d["method"] = self.method
         d["scope"] = list(self.scope)
         d["layer_bits"] = {k: list(v) for k, v in self.layer_bits.items()}
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
         return d
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> QuantConfig:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`; unknown methods or options raise ``ValueError`` naming them."""
         d = dict(d)
-        cls = METHODS[d.pop("method")]
+        method = d.pop("method", None)
+        if method not in METHODS:
+            raise ValueError(f"unknown quantization method {method!r}; known: {', '.join(sorted(METHODS))}")
+        cls = METHODS[method]
+        _check_options(cls, d, f"method {method}")
         d["layer_bits"] = {k: tuple(v) for k, v in d.get("layer_bits", {}).items()}
         return cls(**d)
+
+
+def _check_options(cls: type[QuantConfig], options: dict[str, Any], what: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"{what} has no option {', '.join(map(repr, unknown))}; its options: {', '.join(sorted(known))}"
+        )
 
 
 @dataclass
 class RTNConfig(QuantConfig):
     """Round-to-nearest: per-channel weights, per-token activations, nothing else."""
 
-    method = "rtn"
+    method: ClassVar[str] = "rtn"
 
 
 @dataclass
@@ -81,8 +120,8 @@ class SmoothQuantConfig(QuantConfig):
     """SmoothQuant: migrate activation outliers into weights with ``s = max|X|^a / max|W|^(1-a)``, then RTN."""
 
     alpha: float = 0.5
-    method = "smoothquant"
-    smooth = True
+    method: ClassVar[str] = "smoothquant"
+    needs_calibration: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -94,8 +133,7 @@ class SmoothQuantConfig(QuantConfig):
 class QuaRotConfig(QuantConfig):
     """QuaRot-style: randomised Hadamard rotation of each quantized linear's input, then RTN."""
 
-    method = "quarot"
-    rotate = True
+    method: ClassVar[str] = "quarot"
 
 
 @dataclass
@@ -112,9 +150,8 @@ class QuantVGGTConfig(QuantConfig):
     lwc: bool = True
     lac: bool = True
     clip_init: float = 4.0  # sigmoid(4) = 0.982 of the max
-    method = "quantvggt"
-    rotate = True
-    smooth = True
+    method: ClassVar[str] = "quantvggt"
+    needs_calibration: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -125,17 +162,27 @@ class QuantVGGTConfig(QuantConfig):
             raise ValueError("epochs and learning rates must be non-negative")
 
 
-METHODS: dict[str, type[QuantConfig]] = {
-    c.method: c for c in (RTNConfig, SmoothQuantConfig, QuaRotConfig, QuantVGGTConfig)
-}
-BIT_SETTINGS = {"w4a4": (4, 4), "w4a8": (4, 8), "w6a6": (6, 6), "w8a8": (8, 8), "w4a16": (4, 16), "w8a16": (8, 16)}
 RECIPES: dict[str, QuantConfig] = {
     f"{m}-{b}": cls(w_bits=w, a_bits=a) for m, cls in METHODS.items() for b, (w, a) in BIT_SETTINGS.items()
 }
 
 
 def get_recipe(name: str, **overrides: Any) -> QuantConfig:
-    """A fresh copy of a named recipe (e.g. ``"quantvggt-w4a4"``), with field overrides."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
-    return dataclasses.replace(copy.deepcopy(RECIPES[name]), **overrides)
+    """A fresh config for a recipe name ``<method>-<bits>`` (e.g. ``"quantvggt-w4a4"``), with option overrides.
+
+    Works for any registered method; an option the method does not have raises ``ValueError`` naming it.
+    """
+    method, _, bits = name.rpartition("-")
+    if name in RECIPES:
+        base = copy.deepcopy(RECIPES[name])
+    elif method in METHODS and bits in BIT_SETTINGS:
+        w, a = BIT_SETTINGS[bits]
+        base = METHODS[method](w_bits=w, a_bits=a)
+    else:
+        known = ", ".join(sorted(METHODS))
+        raise ValueError(
+            f"unknown recipe {name!r}; recipes are <method>-<bits> with method in ({known}) "
+            f"and bits in ({', '.join(BIT_SETTINGS)})"
+        )
+    _check_options(type(base), overrides, f"recipe {name}")
+    return dataclasses.replace(base, **overrides)

@@ -10,18 +10,94 @@ with ``Wq`` = per-output-channel quantized ``(W R) * smoothing``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantvggt.lowbit.registry import get_kernel
 from quantvggt.lowbit import quantizer as qz
 from quantvggt.lowbit.hadamard import HadamardPlan, rotate
+from quantvggt.lowbit.registry import get_kernel
 
 BACKEND_ENV = "QUANTVGGT_QLINEAR_BACKEND"
 BACKENDS = ("auto", "int", "fake")
+SpecT = TypeVar("SpecT", bound="_Spec")
+
+
+class _Spec:
+    """Shared (de)serialisation for layer specs: exact keys, checked types, tuples for JSON lists."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples as lists)."""
+        d = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls: type[SpecT], d: Any, where: str = "layer") -> SpecT:
+        """Parse and validate; any missing, unknown or mistyped key raises ``ValueError`` naming ``where``."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected an object, got {type(d).__name__}")
+        fields = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        missing, unknown = sorted(set(fields) - set(d)), sorted(set(d) - set(fields))
+        if missing or unknown:
+            raise ValueError(f"{where}: missing keys {missing}, unknown keys {unknown}")
+        out: dict[str, Any] = {}
+        for k, typ in fields.items():
+            v = d[k]
+            if typ == "bool":
+                ok = isinstance(v, bool)
+            elif typ == "int":
+                ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            else:  # tuple[int, int]
+                ok = isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(i, int) and i >= 0 for i in v)
+                v = tuple(v) if ok else v
+            if not ok:
+                raise ValueError(f"{where}: {k} must be {typ}, got {v!r}")
+            out[k] = v
+        try:
+            return cls(**out)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from e
+
+
+@dataclass(frozen=True)
+class QuantLinearSpec(_Spec):
+    """Everything that fixes a :class:`QuantLinear`'s buffers: what checkpoints write and read per layer."""
+
+    in_features: int
+    out_features: int
+    w_bits: int
+    a_bits: int
+    bias: bool
+    rotate: bool
+
+    def __post_init__(self) -> None:
+        if self.w_bits not in (4, 6, 8) or self.a_bits not in (4, 6, 8, 16):
+            raise ValueError(f"unsupported bits w{self.w_bits}a{self.a_bits}")
+        if self.w_bits == 4 and self.in_features % 2:
+            raise ValueError(f"int4 packing needs an even in_features, got {self.in_features}")
+
+
+@dataclass(frozen=True)
+class QuantConv2dSpec(_Spec):
+    """Everything that fixes a :class:`QuantConv2d`'s buffers."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    bias: bool
+    w_bits: int
+    transposed: bool
+
+    def __post_init__(self) -> None:
+        if self.w_bits not in (4, 8):
+            raise ValueError(f"QuantConv2d supports 4 or 8 weight bits, got {self.w_bits}")
 
 
 class QuantLinear(nn.Module):
@@ -46,6 +122,17 @@ class QuantLinear(nn.Module):
         self.register_buffer("signs", torch.ones(in_features, dtype=torch.int8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.backend = "auto"
+
+    def spec(self) -> QuantLinearSpec:
+        """This layer's :class:`QuantLinearSpec`."""
+        return QuantLinearSpec(
+            self.in_features, self.out_features, self.w_bits, self.a_bits, self.bias is not None, self.rotate
+        )
+
+    @classmethod
+    def from_spec(cls, spec: QuantLinearSpec) -> QuantLinear:
+        """An empty layer (buffers of the right shapes) for ``spec``; fill it with ``load_state_dict``."""
+        return cls(spec.in_features, spec.out_features, spec.w_bits, spec.a_bits, spec.bias, spec.rotate)
 
     def extra_repr(self) -> str:
         """Shape and format summary."""
@@ -198,7 +285,7 @@ class FakeQuantLinear(nn.Module):
 
 
 class QuantConv2d(nn.Module):
-    """Weight-only quantized (transposed) 2-D convolution: packed int4/int8 weights per output channel, float activations.
+    """Weight-only quantized (transposed) 2-D convolution: packed int4/int8 weights per channel, float activations.
 
     Used for the DPT heads, whose cost is memory rather than GEMM time; weights are dequantized per call.
     """
@@ -231,6 +318,33 @@ class QuantConv2d(nn.Module):
         )
         self.register_buffer("w_scale", torch.ones(out_channels))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+
+    def spec(self) -> QuantConv2dSpec:
+        """This layer's :class:`QuantConv2dSpec`."""
+        return QuantConv2dSpec(
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,  # type: ignore[arg-type]
+            self.bias is not None,
+            self.w_bits,
+            self.transposed,
+        )
+
+    @classmethod
+    def from_spec(cls, spec: QuantConv2dSpec) -> QuantConv2d:
+        """An empty layer for ``spec``; fill it with ``load_state_dict``."""
+        return cls(
+            spec.in_channels,
+            spec.out_channels,
+            spec.kernel_size,
+            spec.stride,
+            spec.padding,
+            spec.bias,
+            spec.w_bits,
+            spec.transposed,
+        )
 
     @staticmethod
     def from_float(conv: nn.Module, w_bits: int) -> QuantConv2d:

@@ -61,3 +61,74 @@ def test_dpt_heads_weight_only_round_trip(tiny_model: VGGT, tmp_path: Path) -> N
     loaded = load_quantized(save_quantized(tiny_model, tmp_path / "q"))
     with torch.no_grad():
         assert torch.equal(loaded(x)["world_points"], a["world_points"])
+
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+
+
+def test_format_v1_checkpoint_still_loads_and_matches_its_outputs() -> None:
+    """tests/fixtures/quantized-v1 was written by the code before layer specs (format version 1)."""
+    from safetensors.torch import load_file
+
+    model = load_quantized(FIXTURES / "quantized-v1")
+    io = load_file(str(FIXTURES / "quantized-v1-io.safetensors"))
+    assert model.image_size == 56  # v1 kept image_size beside model_config
+    assert model.quant_meta["block_loss"] == {}  # quarot: no reconstruction
+    with torch.no_grad():
+        out = model(io["images"])
+    for k in ("depth", "pose_enc"):
+        assert torch.allclose(out[k], io[k], rtol=1e-5, atol=1e-6), k
+
+
+def _copy_ckpt(tmp_path: Path) -> Path:
+    import shutil
+
+    dst = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "quantized-v1", dst)
+    return dst
+
+
+def _edit(ckpt: Path, fn) -> None:
+    doc = json.loads((ckpt / "quant.json").read_text())
+    fn(doc)
+    (ckpt / "quant.json").write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(format_version=99), "format version 99 is newer"),
+        (lambda d: d.pop("layers"), r"missing keys \['layers'\]"),
+        (lambda d: d["layers"]["aggregator.frame_blocks.0.attn.qkv"].update(a_bits=8), "says w4a8 but the recorded"),
+        (lambda d: d["layers"]["aggregator.frame_blocks.0.attn.qkv"].pop("rotate"), "missing keys"),
+        (
+            lambda d: d["layers"].update({"aggregator.nope": d["layers"]["aggregator.frame_blocks.0.attn.qkv"]}),
+            "does not exist",
+        ),
+        (lambda d: d["config"].update(method="gptq"), "unknown quantization method 'gptq'"),
+        (lambda d: d["model_config"].update(image_size=-3), "invalid model_config"),
+    ],
+)
+def test_bad_quant_json_is_a_clear_error_naming_the_file(tmp_path: Path, edit, message: str) -> None:
+    ckpt = _copy_ckpt(tmp_path)
+    _edit(ckpt, edit)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_quantized(ckpt)
+    assert "quant.json" in str(e.value)
+
+
+def test_quant_json_that_is_not_json(tmp_path: Path) -> None:
+    ckpt = _copy_ckpt(tmp_path)
+    (ckpt / "quant.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"quant.json: not valid JSON"):
+        load_quantized(ckpt)
+
+
+def test_saved_checkpoints_are_format_v2(tiny_model: VGGT, tmp_path: Path) -> None:
+    rep = quantize_(tiny_model, get_recipe("quantvggt-w4a4", epochs=1), [calib_batches(1, 0)[0]])
+    out = save_quantized(tiny_model, tmp_path / "ckpt")
+    doc = json.loads((out / "quant.json").read_text())
+    assert doc["format_version"] == 2 and doc["model_config"]["image_size"] == tiny_model.image_size
+    spec = doc["layers"]["aggregator.frame_blocks.0.attn.qkv"]
+    assert set(spec) == {"in_features", "out_features", "w_bits", "a_bits", "bias", "rotate"}
+    assert doc["block_loss"]["aggregator.frame_blocks.0"] == list(rep.block_loss["aggregator.frame_blocks.0"])
