@@ -151,7 +151,11 @@ def build_model(config: VGGTConfig, sd: dict[str, torch.Tensor], origin: str = "
     with torch.device("meta"):
         model = VGGT(config)
     # 16-bit checkpoints (the shipped small model) load as float32 like the official one; compute dtype is the caller's
-    sd = {k: v.float() if v.is_floating_point() and v.dtype != torch.float32 else v for k, v in sd.items()}
+    # converted in place, one tensor at a time, so the 16-bit copy is freed as we go: peak RSS is the fp32 model
+    # plus one tensor, not fp32 + the whole 16-bit state dict
+    for k in list(sd):
+        if sd[k].is_floating_point() and sd[k].dtype != torch.float32:
+            sd[k] = sd[k].float()
     _strict_load(model, sd, origin)
     model.aggregator.reset_buffers()
     return model.eval()
