@@ -24,7 +24,7 @@ class QuantConfig:
     """Settings every method shares: bit widths (16 = not quantized), parts to quantize, per-layer overrides.
 
     ``layer_bits`` maps an fnmatch pattern over module names (e.g. ``"aggregator.global_blocks.23.*"``)
-    to ``(w_bits, a_bits)``; the last matching pattern wins.
+    to ``(w_bits, a_bits)``; the last matching pattern wins; ``(16, 16)`` leaves a layer in float.
     """
 
     w_bits: int = 4
@@ -56,9 +56,9 @@ class QuantConfig:
             w, a = bits
             if w not in VALID_BITS or a not in VALID_BITS:
                 raise ValueError(f"{where}: bits must be in {VALID_BITS}, got ({w}, {a})")
-            if w == 16:
+            if w == 16 and (where == "w_bits/a_bits" or a != 16):
                 raise ValueError(
-                    f"{where}: weights must be quantized (w_bits < 16); exclude the layer via scope instead"
+                    f"{where}: weights must be quantized (w_bits < 16); (16, 16) in layer_bits keeps a layer float"
                 )
         self.layer_bits = {k: (int(v[0]), int(v[1])) for k, v in self.layer_bits.items()}
 

@@ -75,8 +75,10 @@ def select_targets(model: nn.Module, config: QuantConfig) -> dict[str, Target]:
         if mod.in_features % 2 or mod.in_features < 8:
             log.info("not quantizing %s: in_features %d cannot be packed/rotated", name, mod.in_features)
             continue
-        out[name] = Target(mod, *config.bits_for(name))
-    if not out and "dpt_heads" not in config.scope:
+        w_bits, a_bits = config.bits_for(name)
+        if w_bits < 16:  # (16, 16) in layer_bits keeps the layer float (mixed precision)
+            out[name] = Target(mod, w_bits, a_bits)
+    if not out and "dpt_heads" not in config.scope and not any(b == (16, 16) for b in config.layer_bits.values()):
         raise ValueError(f"scope {config.scope} selects no linear layers in this model")
     return out
 
