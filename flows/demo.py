@@ -11,9 +11,9 @@ import numpy as np
 
 from quantvggt import synth
 from quantvggt.eval import relative_pose_errors
-from quantvggt.pipeline import load_model
+from quantvggt.pipeline import load_model, read_manifest
 from quantvggt.reconstruct import ReconstructionOptions, reconstruct_scene
-from quantvggt.storage import open_storage
+from quantvggt.storage import open_storage, split_uri
 
 DEFAULT_MODEL = "vggt-tiny-synthetic"
 log = logging.getLogger(__name__)
@@ -40,7 +40,6 @@ def main(
     """Run the whole pipeline locally and print where everything is."""
     from flows.quantize import quantize
     from flows.reconstruct import reconstruct
-    from quantvggt.pipeline import ROW_FIELDS  # noqa: F401
 
     root = Path(out).resolve()
     inbox = synth.main(root / "inbox", scenes=scenes, frames=frames, seed=42, size=(224, 168))
@@ -64,30 +63,30 @@ def main(
         scenes=[str(inbox)], checkpoint=ckpt, out=str(root / "reconstructions"), options=opts, num_workers=workers
     )
     print(f"[3/4] reconstructions written; manifest {manifest}")
-    import pyarrow.parquet as pq
-
-    rows = pq.read_table(manifest).to_pylist()
+    results = read_manifest(*split_uri(manifest))
     fm, qm = load_model(model), load_model(ckpt)
     meta = json.loads((Path(ckpt) / "quant.json").read_text())
     lines = [
-        "| scene | status | images | points | seconds | float-vs-4bit rot diff (deg) | trans diff (deg) | depth rel diff |",
+        "| scene | status | images | points | seconds "
+        "| float-vs-4bit rot diff (deg) | trans diff (deg) | depth rel diff |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        ag = agreement(fm, qm, inbox / r["scene"], ReconstructionOptions(**opts)) if r["status"] != "failed" else None
+    for r in results:
+        ag = agreement(fm, qm, inbox / r.scene, ReconstructionOptions(**opts)) if r.ok else None
         cells = (
             f"{ag['rot_diff_deg']:.2f} | {ag['trans_diff_deg']:.2f} | {ag['depth_rel_diff']:.2e}" if ag else "- | - | -"
         )
-        lines.append(f"| {r['scene']} | {r['status']} | {r['images']} | {r['points']} | {r['seconds']:.1f} | {cells} |")
+        lines.append(f"| {r.scene} | {r.status} | {r.images} | {r.points} | {r.seconds:.1f} | {cells} |")
     print("[4/4] summary\n" + "\n".join(lines))
     rep = meta.get("report", {})
     print(
         f"\nmodel {model}, recipe {recipe}: {rep.get('compression_vs_fp16', 0):.2f}x smaller than fp16 "
         f"({rep.get('bytes_16bit', 0) / 1e6:.2f} MB vs {rep.get('fp16_bytes', 0) / 1e6:.2f} MB)"
     )
-    first = root / "reconstructions" / rows[0]["scene"] if rows else root / "reconstructions"
+    first = root / "reconstructions" / results[0].scene if results else root / "reconstructions"
     print(
-        f"\nOutputs: {root / 'reconstructions'}/<scene>/sparse/0 (COLMAP binary) + report.json; manifests in {root / 'reconstructions' / '_manifests'}"
+        f"\nOutputs: {root / 'reconstructions'}/<scene>/sparse/0 (COLMAP binary) + report.json; "
+        f"manifests in {root / 'reconstructions' / '_manifests'}"
     )
     print("Open one in COLMAP:")
     print(f"  colmap gui --import_path {first / 'sparse' / '0'} --image_path {inbox / first.name}")
@@ -96,6 +95,6 @@ def main(
     return {
         "manifest": manifest,
         "checkpoint": ckpt,
-        "rows": rows,
-        "complete": [r["scene"] for r in rows if store.is_complete(r["scene"])],
+        "rows": [r.to_row() for r in results],
+        "complete": [r.scene for r in results if store.is_complete(r.scene)],
     }

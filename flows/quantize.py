@@ -1,4 +1,4 @@
-"""Quantize flow: statistics fan-out (tasks) -> NFDS selection -> calibration -> checkpoint in storage, once per input hash."""
+"""Quantize flow: statistics fan-out (tasks) -> NFDS selection -> calibration -> stored checkpoint, once per inputs."""
 
 from __future__ import annotations
 
@@ -78,8 +78,10 @@ def quantize(
 ) -> str:
     """Return the URI of the quantized checkpoint for these inputs, computing it only if it is not stored yet."""
     from quantvggt.quant import get_recipe, quantize_, save_quantized
+    from quantvggt.quant.cli import recipe_overrides
 
     logger = get_run_logger()
+    config = get_recipe(recipe, **recipe_overrides(seed, scope, epochs))  # bad options fail before any work
     store = open_storage(out)
     with tempfile.TemporaryDirectory(prefix="quantvggt-quantize-") as tmp:
         work = Path(tmp)
@@ -112,12 +114,7 @@ def quantize(
         )
         m = load_model(model, device="cpu")
         calib = nfds.load_selected(manifest, image_size=m.image_size)
-        overrides: dict[str, Any] = {"seed": seed}
-        if scope:
-            overrides["scope"] = tuple(scope)
-        if epochs is not None and recipe.startswith("quantvggt"):
-            overrides["epochs"] = epochs
-        report = quantize_(m, get_recipe(recipe, **overrides), calib)
+        report = quantize_(m, config, calib)
         ckpt = save_quantized(
             m, work / "ckpt", extra={"report": report.to_dict(), "inputs": {"model": model, **params}}
         )

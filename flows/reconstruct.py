@@ -1,4 +1,4 @@
-"""Reconstruct flows: discover scenes, skip finished ones, fan out to Ray actors, write a Parquet manifest + artifact."""
+"""Reconstruct flows: discover scenes, skip finished ones, fan out to Ray actors, write a Parquet manifest + summary."""
 
 from __future__ import annotations
 
@@ -11,30 +11,24 @@ from prefect.artifacts import create_markdown_artifact
 
 from quantvggt.pipeline import expand_scene_uris, markdown_table, write_manifest
 from quantvggt.reconstruct import ReconstructionOptions
+from quantvggt.scene import SceneResult, scene_name
 from quantvggt.storage import open_storage
 
 
 @task(name="discover-scenes")
-def discover(scenes: list[str], out: str, force: bool) -> tuple[list[str], list[dict[str, Any]]]:
-    """Scene URIs still to do, and 'skipped' rows for those already complete in ``out``."""
+def discover(scenes: list[str], out: str, force: bool) -> tuple[list[str], list[SceneResult]]:
+    """Scene URIs still to do, and 'skipped' results for those already complete in ``out``."""
     store = open_storage(out)
     todo, skipped = [], []
     for uri in expand_scene_uris(scenes):
-        name = uri.rstrip("/").rpartition("/")[2]
+        try:
+            name = scene_name(uri)
+        except ValueError:  # left to the workers, whose failed result says why
+            todo.append(uri)
+            continue
         if not force and store.is_complete(name):
-            skipped.append(
-                {
-                    "scene": name,
-                    "status": "skipped",
-                    "images": 0,
-                    "points": 0,
-                    "seconds": 0.0,
-                    "worker": "",
-                    "attempt": 0,
-                    "error": "",
-                    "output": store.uri(name),
-                }
-            )
+            output, report = store.uri(name), store.uri(f"{name}/report.json")
+            skipped.append(SceneResult(name, "skipped", output=output, report=report, source=uri))
         else:
             todo.append(uri)
     return todo, skipped
@@ -49,7 +43,7 @@ def run_batch(
     num_workers: int,
     force: bool,
     ray_address: str | None,
-) -> list[dict[str, Any]]:
+) -> list[SceneResult]:
     """Drive plain Ray actors from this task (no per-worker Prefect servers)."""
     from workers.reconstruct import ensure_ray, run_scenes
 
@@ -76,19 +70,19 @@ def reconstruct(
     scenes = [scenes] if isinstance(scenes, str) else list(scenes)
     todo, skipped = discover(scenes, out, force)
     logger.info("%d scenes to reconstruct, %d already complete", len(todo), len(skipped))
-    rows = skipped + run_batch(todo, checkpoint, out, options or {}, num_workers, force, ray_address)
+    results = skipped + run_batch(todo, checkpoint, out, options or {}, num_workers, force, ray_address)
     store = open_storage(out)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    manifest = write_manifest(rows, store, f"_manifests/{run_id}.parquet")
-    table = markdown_table(rows)
+    manifest = write_manifest(results, store, f"_manifests/{run_id}.parquet")
+    table = markdown_table(results)
     create_markdown_artifact(
         markdown=f"# Reconstruction {run_id}\n\nmanifest: `{manifest}`\n\n{table}\n",
         key="reconstruct-summary",
         description="scenes, images, points, seconds per scene",
     )
-    failed = [r for r in rows if r["status"] == "failed"]
+    failed = [r.scene for r in results if not r.ok]
     if failed:
-        logger.warning("%d scenes failed: %s", len(failed), ", ".join(r["scene"] for r in failed))
+        logger.warning("%d scenes failed: %s", len(failed), ", ".join(failed))
     return manifest
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,17 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
 TARGET_SIZE = 518
 PATCH = 14
+# Refused from the header, before any pixel is decoded. 80 Mpx is above common cameras (61 Mpx full frame) and
+# below Pillow's own decompression-bomb warning (89.5 Mpx); decoded RGB it is ~240 MB.
+MAX_PIXELS = 80_000_000
+# Beyond 20:1 the 518-px-wide resize explodes (a 1x12000 PNG of 129 bytes became a 3-Gpx tensor) and VGGT's
+# 14-px patches see almost nothing of the short side; panoramas (<= ~10:1) pass.
+MAX_ASPECT = 20.0
+# A frame is blank when every channel spans at most this many 8-bit levels (flat white, fully transparent, black).
+BLANK_TOLERANCE = 2
+_DIRECT_MODES = {"1", "L", "P", "RGB", "RGBX", "YCbCr"}  # Pillow's conversion to RGB is exact for these
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_16BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
 
 
 class ImageLoadError(ValueError):
@@ -60,36 +72,143 @@ class PreprocessedImages:
     names: list[str]
 
 
+def check_image_header(width: int, height: int, label: str = "image") -> None:
+    """Refuse sizes unsafe or pointless to decode: over ``MAX_PIXELS`` or more elongated than ``MAX_ASPECT``."""
+    if width < 1 or height < 1:
+        raise ImageLoadError(f"{label}: image has no pixels")
+    if width * height > MAX_PIXELS:
+        raise ImageLoadError(
+            f"{label}: image is {width}x{height} = {width * height / 1e6:.1f} Mpx,"
+            f" over the {MAX_PIXELS / 1e6:.0f} Mpx limit"
+        )
+    aspect = max(width, height) / min(width, height)
+    if aspect > MAX_ASPECT:
+        raise ImageLoadError(
+            f"{label}: image is {width}x{height}, aspect ratio {aspect:.0f}:1 is over the {MAX_ASPECT:.0f}:1 limit"
+        )
+
+
+def _composite_on_white(img: Image.Image) -> Image.Image:
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def _to_rgb(img: Image.Image, label: str) -> Image.Image:
+    """Convert any supported pixel mode to 8-bit RGB faithfully, or raise ``ImageLoadError`` saying why not."""
+    mode = img.mode
+    if mode in _16BIT_MODES or mode in ("I", "F"):
+        if "transparency" in img.info:
+            raise ImageLoadError(f"{label}: {mode} image with a transparent colour key is not supported")
+        arr = np.asarray(img)
+        if mode == "F":
+            # float images have no defined range; [0, 1] is the only convention we can map without guessing
+            if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 1:
+                raise ImageLoadError(
+                    f"{label}: 32-bit float samples outside [0, 1] (range {arr.min():g}..{arr.max():g});"
+                    " not a photograph we can convert faithfully"
+                )
+            arr8 = np.round(arr.astype(np.float64) * 255.0)
+        else:
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < 0 or hi > 65535:
+                raise ImageLoadError(f"{label}: {mode} samples outside 0..65535 (range {lo}..{hi}); not 16-bit data")
+            # full-range /257 (65535 -> 255), not a per-image stretch: brightness stays comparable across a scene
+            arr8 = np.round(arr.astype(np.float64) / 257.0)
+        return Image.fromarray(arr8.astype(np.uint8), "L").convert("RGB")
+    rgba_palette = mode == "P" and getattr(img.palette, "mode", "RGB") == "RGBA"
+    if mode in _ALPHA_MODES or "transparency" in img.info or rgba_palette:
+        if mode not in _ALPHA_MODES and mode not in ("1", "L", "P", "RGB"):
+            raise ImageLoadError(f"{label}: {mode} image with a transparent colour key is not supported")
+        return _composite_on_white(img)
+    if mode == "CMYK":
+        icc = img.info.get("icc_profile")
+        if not icc:
+            return img.convert("RGB")  # device CMYK, no profile: Pillow's standard (255-C)(255-K)/255 mapping
+        try:
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            out = ImageCms.profileToProfile(img, src, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except Exception as e:  # a broken profile would give wrong colours: refuse rather than guess
+            raise ImageLoadError(f"{label}: CMYK image whose ICC profile cannot be applied ({e})") from e
+        assert out is not None
+        return out
+    if mode in _DIRECT_MODES:
+        return img.convert("RGB")
+    raise ImageLoadError(f"{label}: pixel mode {mode} is not supported (convert the image to RGB)")
+
+
 def open_image(source: str | Path | bytes, name: str = "") -> Image.Image:
-    """Decode an image (path or bytes), apply EXIF orientation and composite alpha on white; RGB out."""
+    """Decode an image (path or bytes), apply EXIF orientation and composite alpha on white; RGB out.
+
+    The size is checked from the header before decoding (:func:`check_image_header`); 16-bit grayscale maps to
+    8 bits by /257, and pixel modes that cannot be converted faithfully are refused with ``ImageLoadError``.
+    """
     label = name or str(source if not isinstance(source, bytes) else "<bytes>")
     try:
         if isinstance(source, bytes):
             if not source:
                 raise ImageLoadError(f"{label}: file is empty (0 bytes)")
-            img = Image.open(io.BytesIO(source))
+            fp: io.BytesIO | Path = io.BytesIO(source)
         else:
-            p = Path(source)
-            if not p.is_file():
+            fp = Path(source)
+            if not fp.is_file():
                 raise ImageLoadError(f"{label}: no such file")
-            if p.stat().st_size == 0:
+            if fp.stat().st_size == 0:
                 raise ImageLoadError(f"{label}: file is empty (0 bytes)")
-            img = Image.open(p)
-        img.load()
-        img = ImageOps.exif_transpose(img)
+        with warnings.catch_warnings():
+            # MAX_PIXELS is stricter than Pillow's warning threshold, so its warning would only duplicate ours
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(fp) as raw:
+                check_image_header(raw.width, raw.height, label)
+                raw.load()
+                img = ImageOps.exif_transpose(raw)  # a new image: usable after the file is closed
     except ImageLoadError:
         raise
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(f"{label}: refused before decoding, header claims too many pixels ({e})") from e
     except UnidentifiedImageError as e:
         raise ImageLoadError(f"{label}: not a recognised image format") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"{label}: corrupt or truncated image ({e})") from e
+    except Exception as e:  # decoders raise many types on malformed input (OSError, SyntaxError, struct.error, ...)
+        raise ImageLoadError(f"{label}: corrupt or truncated image ({type(e).__name__}: {e})") from e
     if img.width < 1 or img.height < 1:
         raise ImageLoadError(f"{label}: image has no pixels")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
-    return img.convert("RGB")
+    try:
+        return _to_rgb(img, label)
+    except ImageLoadError:
+        raise
+    except Exception as e:
+        raise ImageLoadError(f"{label}: cannot convert {img.mode} image to RGB ({type(e).__name__}: {e})") from e
+
+
+def frame_is_blank(img: Image.Image, tolerance: int = BLANK_TOLERANCE) -> bool:
+    """Whether an RGB image (as from :func:`open_image`) is one flat colour, e.g. all white or fully transparent."""
+    extrema = (img if img.mode == "RGB" else img.convert("RGB")).getextrema()
+    return all(hi - lo <= tolerance for lo, hi in extrema)  # type: ignore[misc, operator]
+
+
+def reference_index(paths: Sequence[str | Path]) -> int:
+    """Index of the first frame that can serve as VGGT's reference (world) frame: readable and not blank.
+
+    VGGT expresses every camera relative to frame 0, so a blank frame 0 would anchor the scene to nothing.
+    Raises ``ImageLoadError`` when no frame qualifies.
+    """
+    for i, p in enumerate(paths):
+        try:
+            if not frame_is_blank(open_image(p, name=Path(p).name)):
+                return i
+        except ImageLoadError as e:
+            log.warning("not a reference frame: %s", e)
+    raise ImageLoadError(f"none of the {len(paths)} frames can be the reference: all are blank or unreadable")
+
+
+def reference_first(paths: Sequence[str | Path]) -> list[Path]:
+    """``paths`` with the first non-blank frame moved to the front (VGGT's reference frame), others in order."""
+    out = [Path(p) for p in paths]
+    i = reference_index(out)
+    if i:
+        log.info("%s is blank; using %s as the reference frame", out[0].name, out[i].name)
+    return [out[i], *out[:i], *out[i + 1 :]]
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
@@ -188,7 +307,8 @@ def readable_images(folder: str | Path) -> tuple[list[Path], list[dict[str, str]
         try:
             open_image(p, name=p.name)
             good.append(p)
-        except ImageLoadError as e:
-            log.warning("%s: skipping %s", folder.name, e)
-            skipped.append({"name": p.name, "reason": str(e)})
+        except Exception as e:  # one bad file never fails the scan; ImageLoadError is the expected case
+            reason = str(e) if isinstance(e, ImageLoadError) else f"{p.name}: cannot read ({type(e).__name__}: {e})"
+            log.warning("%s: skipping %s", folder.name, reason)
+            skipped.append({"name": p.name, "reason": reason})
     return good, skipped

@@ -2,31 +2,34 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from quantvggt.reconstruct import ReconstructionOptions
 from quantvggt.reconstruct import main as reconstruct_main
+from quantvggt.scene import SceneResult, manifest_schema, scene_name
 from quantvggt.storage import Storage, fetch_scene, find_scenes, open_storage, split_uri
 
 log = logging.getLogger(__name__)
 
-ROW_FIELDS = ("scene", "status", "images", "points", "seconds", "worker", "attempt", "error", "output")
+DEMO_RANDOM = "demo-random"  # the tiny architecture with seeded random (untrained) weights: tries commands offline
 
 
 def load_model(source: str, device: str | None = None) -> torch.nn.Module:
-    """A float model source (hub id, file, folder, s3://, shipped name) or a quantized checkpoint (local or s3://)."""
+    """A float model source (hub id, file, folder, s3://, shipped name), a quantized checkpoint, or ``demo-random``."""
     from quantvggt.model import load_vggt
     from quantvggt.quant import load_quantized
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if source == DEMO_RANDOM:
+        return _demo_model().to(device)
     if source.startswith("s3://"):
         st = open_storage(source)
         if st.exists("quant.json"):
@@ -37,6 +40,17 @@ def load_model(source: str, device: str | None = None) -> torch.nn.Module:
     return load_vggt(source, device=device)
 
 
+def _demo_model(seed: int = 0) -> torch.nn.Module:
+    import json
+
+    from quantvggt.model import VGGT, VGGTConfig
+    from quantvggt.model.loading import ASSETS_DIR
+
+    cfg = VGGTConfig.from_dict(json.loads((ASSETS_DIR / "vggt-tiny-config.json").read_text()))
+    torch.manual_seed(seed)
+    return VGGT(cfg).eval()
+
+
 def expand_scene_uris(inputs: list[str]) -> list[str]:
     """Scene URIs from inputs that are scene folders/prefixes or roots holding scene folders."""
     out: list[str] = []
@@ -44,7 +58,8 @@ def expand_scene_uris(inputs: list[str]) -> list[str]:
         st = open_storage(item)
         scenes = find_scenes(st)
         if not scenes or scenes in (["."], [""]):
-            out.append(str(item).rstrip("/"))  # a scene itself; an empty one is reported as failed, not dropped
+            # a scene itself (an empty one is reported as failed, not dropped); local paths absolute so '.' has a name
+            out.append(str(item).rstrip("/") if "://" in str(item) else os.path.abspath(item))
         else:
             out += [st.uri(s) for s in scenes if s not in (".", "")]
     return sorted(dict.fromkeys(out))
@@ -58,84 +73,64 @@ def process_scene(
     force: bool = False,
     attempt: int = 1,
     worker: str | None = None,
-) -> dict[str, Any]:
-    """Fetch a scene, reconstruct it, upload ``OUT/<scene>/`` with its completion record; one result row.
+) -> SceneResult:
+    """Fetch a scene, reconstruct it, upload ``OUT/<scene>/`` with its completion record.
 
     Never raises for a bad scene: failures come back as ``status="failed"`` with the error.
     """
     t0 = time.perf_counter()
-    worker = worker or f"{socket.gethostname()}:{os.getpid()}"
-    name = scene_uri.rstrip("/").rpartition("/")[2]
-    row: dict[str, Any] = {
-        "scene": name,
-        "status": "failed",
-        "images": 0,
-        "points": 0,
-        "seconds": 0.0,
-        "worker": worker,
-        "attempt": attempt,
-        "error": "",
-        "output": "",
-    }
+    result = SceneResult(
+        scene=scene_uri,  # replaced by its name below, once naming cannot fail the batch
+        worker=worker or f"{socket.gethostname()}:{os.getpid()}",
+        attempt=attempt,
+        source=scene_uri,
+    )
     try:
+        result.scene = name = scene_name(scene_uri)
         out: Storage = open_storage(out_uri)
-        row["output"] = out.uri(name)
+        result.output, result.report = out.uri(name), out.uri(f"{name}/report.json")
         if out.is_complete(name) and not force:
-            row["status"] = "skipped"
-            return row
+            result.status = "skipped"
+            return result
         src, scene = split_uri(scene_uri)
         with tempfile.TemporaryDirectory(prefix="quantvggt-scene-") as tmp:
-            local = fetch_scene(src, scene, Path(tmp) / "in" / scene)
-            result = reconstruct_main(model, local, Path(tmp) / "out", options)
-            import json
-
-            report = json.loads((result / "report.json").read_text())
+            local = fetch_scene(src, scene, Path(tmp) / "in" / name)
+            done = reconstruct_main(model, local, Path(tmp) / "out", options)
             if force:
                 out.delete_prefix(name + "/")
-            out.upload_dir(result, name, extra={"images": report["images"], "points": report["points"]["kept"]})
-        row.update(status="done", images=report["images"], points=report["points"]["kept"])
+            out.upload_dir(done.output, name, extra={"images": done.images, "points": done.points})
+        result.status, result.images, result.points = "done", done.images, done.points
     except Exception as e:  # one bad scene never stops the batch
         log.warning("scene %s failed: %s", scene_uri, e)
-        row["error"] = f"{type(e).__name__}: {e}"
-    row["seconds"] = round(time.perf_counter() - t0, 3)
-    return row
+        result.error = f"{type(e).__name__}: {e}"
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
 
 
-def write_manifest(rows: list[dict[str, Any]], storage: Storage, key: str) -> str:
-    """Write result rows as Parquet to ``key`` (atomic); returns its URI."""
-    import io
-
+def write_manifest(results: list[SceneResult], storage: Storage, key: str) -> str:
+    """Write scene results as Parquet (schema from :class:`SceneResult`) to ``key`` atomically; returns its URI."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(
-        [{f: r.get(f) for f in ROW_FIELDS} for r in rows],
-        schema=pa.schema(
-            [
-                ("scene", pa.string()),
-                ("status", pa.string()),
-                ("images", pa.int64()),
-                ("points", pa.int64()),
-                ("seconds", pa.float64()),
-                ("worker", pa.string()),
-                ("attempt", pa.int64()),
-                ("error", pa.string()),
-                ("output", pa.string()),
-            ]
-        ),
-    )
+    table = pa.Table.from_pylist([r.to_row() for r in results], schema=manifest_schema())
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(key, buf.getvalue())
     return storage.uri(key)
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Summary table (Markdown) of result rows."""
+def read_manifest(storage: Storage, key: str) -> list[SceneResult]:
+    """Scene results of the manifest at ``key`` (older manifests lacking newer columns included)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(io.BytesIO(storage.read_bytes(key))).to_pylist()
+    return [SceneResult.from_row(row) for row in rows]
+
+
+def markdown_table(results: list[SceneResult]) -> str:
+    """Summary table (Markdown) of scene results."""
     lines = ["| scene | status | images | points | seconds | worker | error |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        err = str(r.get("error") or "").replace("|", "/")[:120]
-        lines.append(
-            f"| {r['scene']} | {r['status']} | {r['images']} | {r['points']} | {r['seconds']:.1f} | {r['worker']} | {err} |"
-        )
+    for r in results:
+        err = r.error.replace("|", "/")[:120]
+        lines.append(f"| {r.scene} | {r.status} | {r.images} | {r.points} | {r.seconds:.1f} | {r.worker} | {err} |")
     return "\n".join(lines)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,15 @@ import torch
 
 from quantvggt.fsutil import atomic_dir
 from quantvggt.geometry import pose_encoding_to_extri_intri, unproject_depth
-from quantvggt.images import ImageTransform, load_and_preprocess, pick_frames, readable_images
+from quantvggt.images import (
+    ImageLoadError,
+    ImageTransform,
+    load_and_preprocess,
+    pick_frames,
+    readable_images,
+    reference_first,
+)
+from quantvggt.scene import SceneResult, scene_name
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +76,15 @@ class ScenePrediction:
     report: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class ColmapResult:
+    """What :func:`to_colmap` built from a prediction, which it leaves untouched."""
+
+    reconstruction: Any  # pycolmap.Reconstruction
+    intrinsics: np.ndarray  # [S, 3, 3] model-pixel intrinsics of the cameras as written (shared cameras averaged)
+    report: dict[str, Any]  # "points" (kept, source, confidence statistics) and "cameras" for report.json
+
+
 def scan_scene(scene: str | Path, max_frames: int) -> tuple[list[Path], list[dict], list[str]]:
     """Readable images (subsampled to ``max_frames``), skipped files with reasons, and names dropped by subsampling."""
     scene = Path(scene)
@@ -84,7 +102,11 @@ def scan_scene(scene: str | Path, max_frames: int) -> tuple[list[Path], list[dic
         log.info(
             "%s: %d images over the %d-frame cap; dropped %d evenly", scene.name, len(good), max_frames, len(dropped)
         )
-    return [good[i] for i in keep], skipped, dropped
+    try:
+        paths = reference_first([good[i] for i in keep])  # VGGT's world frame is frame 0: never a blank one
+    except ImageLoadError as e:
+        raise SceneError(f"{scene}: {e}") from e
+    return paths, skipped, dropped
 
 
 def reconstruct_scene(
@@ -92,6 +114,7 @@ def reconstruct_scene(
 ) -> ScenePrediction:
     """Run the model over one scene folder (float or quantized model alike)."""
     options = options or ReconstructionOptions()
+    name = scene_name(scene)
     scene = Path(scene)
     t0 = time.perf_counter()
     paths, skipped, dropped = scan_scene(scene, options.max_frames)
@@ -106,7 +129,7 @@ def reconstruct_scene(
     extr, K = pose_encoding_to_extri_intri(preds["pose_enc"][0].double().cpu(), (H, W))
     np_ = lambda t: None if t is None else t[0].detach().float().cpu().numpy()  # noqa: E731
     report = {
-        "scene": scene.name,
+        "scene": name,
         "images_used": [p.name for p in paths],
         "images_skipped": skipped,
         "images_dropped_by_frame_cap": dropped,
@@ -116,7 +139,7 @@ def reconstruct_scene(
         "quantization": (getattr(model, "quant_meta", None) or {}).get("config"),
     }
     return ScenePrediction(
-        scene=scene.name,
+        scene=name,
         names=[p.name for p in paths],
         original_sizes=batch.original_sizes,
         transforms=batch.transforms,
@@ -197,8 +220,11 @@ def colmap_cameras(pred: ScenePrediction, tol: float) -> list[int]:
     return assign
 
 
-def to_colmap(pred: ScenePrediction, options: ReconstructionOptions | None = None) -> Any:
-    """Build a ``pycolmap.Reconstruction`` (PINHOLE cameras at original resolution, posed images, observed points)."""
+def to_colmap(pred: ScenePrediction, options: ReconstructionOptions | None = None) -> ColmapResult:
+    """Build a ``pycolmap.Reconstruction`` (PINHOLE cameras at original resolution, posed images, observed points).
+
+    ``pred`` is not modified: the adjusted intrinsics and the points/cameras report come back in the result.
+    """
     import pycolmap
 
     options = options or ReconstructionOptions()
@@ -219,12 +245,13 @@ def to_colmap(pred: ScenePrediction, options: ReconstructionOptions | None = Non
         )
     cam_of = colmap_cameras(pred, options.shared_camera_tol)
     rec = pycolmap.Reconstruction()
+    intrinsics = pred.intrinsics.copy()
     for c in sorted(set(cam_of)):
         members = [i for i in range(S) if cam_of[i] == c]
         Ks = np.stack([pred.transforms[i].intrinsics_to_original(pred.intrinsics[i]) for i in members])
         K = Ks.mean(0)
         for i in members:  # unproject with the camera actually written, so observations re-project exactly
-            pred.intrinsics[i] = pred.transforms[i].intrinsics_to_model(K)
+            intrinsics[i] = pred.transforms[i].intrinsics_to_model(K)
         w, h = pred.original_sizes[members[0]]
         rec.add_camera_with_trivial_rig(
             pycolmap.Camera(
@@ -235,7 +262,7 @@ def to_colmap(pred: ScenePrediction, options: ReconstructionOptions | None = Non
                 camera_id=c + 1,
             )
         )
-    f_idx, flat, xyz, conf_stats = select_points(pred, options)
+    f_idx, flat, xyz, conf_stats = select_points(replace(pred, intrinsics=intrinsics), options)
     u = flat % W + 0.5
     v = flat // W + 0.5
     for i in range(S):
@@ -253,13 +280,15 @@ def to_colmap(pred: ScenePrediction, options: ReconstructionOptions | None = Non
             track = pycolmap.Track([pycolmap.TrackElement(i + 1, k)])
             rec.add_point3D(xyz[j].astype(np.float64), track, colors[k])
     rec.update_point_3d_errors()
-    pred.report["points"] = {"kept": int(rec.num_points3D()), "source": options.points_from, "confidence": conf_stats}
-    pred.report["cameras"] = int(rec.num_cameras())
-    return rec
+    report = {
+        "points": {"kept": int(rec.num_points3D()), "source": options.points_from, "confidence": conf_stats},
+        "cameras": int(rec.num_cameras()),
+    }
+    return ColmapResult(rec, intrinsics, report)
 
 
 def write_scene(
-    pred: ScenePrediction, rec: Any, out_root: str | Path, options: ReconstructionOptions | None = None
+    pred: ScenePrediction, colmap: ColmapResult, out_root: str | Path, options: ReconstructionOptions | None = None
 ) -> Path:
     """Write ``OUT/<scene>/sparse/0`` and ``report.json`` via a temporary folder renamed into place."""
     options = options or ReconstructionOptions()
@@ -267,10 +296,10 @@ def write_scene(
     with atomic_dir(final) as tmp:
         sparse = tmp / "sparse" / "0"
         sparse.mkdir(parents=True)
-        rec.write(str(sparse))
+        colmap.reconstruction.write(str(sparse))
         if options.text:
-            rec.write_text(str(sparse))
-        report = dict(pred.report)
+            colmap.reconstruction.write_text(str(sparse))
+        report = {**pred.report, **colmap.report}
         report["options"] = asdict(options)
         report["images"] = len(pred.names)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
@@ -283,14 +312,83 @@ def main(
     out: str | Path,
     options: ReconstructionOptions | None = None,
     overwrite: bool = True,
-) -> Path:
-    """Reconstruct one scene folder and write its COLMAP model; returns ``OUT/<scene>``."""
+) -> SceneResult:
+    """Reconstruct one scene folder and write its COLMAP model to ``OUT/<scene>``; raises for a scene that cannot be.
+
+    With ``overwrite=False`` an existing result is kept and reported as ``skipped``.
+    """
     options = options or ReconstructionOptions()
-    final = Path(out) / Path(scene).name
-    if not overwrite and (final / "report.json").is_file():
-        return final
     t0 = time.perf_counter()
+    name = scene_name(scene)
+    final = Path(out) / name
+    done = SceneResult(name, "done", output=str(final), report=str(final / "report.json"), source=str(scene))
+    if not overwrite and (final / "report.json").is_file():
+        old = json.loads((final / "report.json").read_text())
+        return replace(done, status="skipped", images=old["images"], points=old["points"]["kept"])
     pred = reconstruct_scene(model, scene, options)
-    rec = to_colmap(pred, options)
-    pred.report["timings_s"]["total"] = round(time.perf_counter() - t0, 4)
-    return write_scene(pred, rec, out, options)
+    colmap = to_colmap(pred, options)
+    timings = {**pred.report["timings_s"], "total": round(time.perf_counter() - t0, 4)}
+    write_scene(replace(pred, report={**pred.report, "timings_s": timings}), colmap, out, options)
+    return replace(
+        done,
+        images=len(pred.names),
+        points=colmap.report["points"]["kept"],
+        seconds=round(time.perf_counter() - t0, 3),
+    )
+
+
+# -- the `quantvggt reconstruct` command -----------------------------------------------------------------------------
+HELP = "reconstruct scene folders into COLMAP sparse models"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of ``quantvggt reconstruct``."""
+    parser.add_argument("scenes", nargs="+", help="scene folders of images")
+    parser.add_argument("--out", required=True)
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("--model", default="facebook/VGGT-1B", help="float model source")
+    g.add_argument("--quantized", help="quantized checkpoint folder")
+    parser.add_argument("--max-frames", type=int, default=32)
+    parser.add_argument("--conf-percentile", type=float, default=50.0)
+    parser.add_argument(
+        "--conf-threshold", type=float, default=None, help="absolute confidence threshold (overrides the percentile)"
+    )
+    parser.add_argument("--max-points", type=int, default=100_000)
+    parser.add_argument("--points-from", choices=["depth", "point_map"], default="depth")
+    parser.add_argument("--mode", choices=["crop", "pad"], default="crop")
+    parser.add_argument("--text", action="store_true", help="also write COLMAP text files")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Reconstruct scene folders and write COLMAP models; one bad scene does not stop the others (exit 1)."""
+    from tqdm import tqdm
+
+    from quantvggt.pipeline import load_model
+
+    opts = ReconstructionOptions(
+        max_frames=args.max_frames,
+        conf_percentile=args.conf_percentile,
+        conf_threshold=args.conf_threshold,
+        max_points=args.max_points,
+        text=args.text,
+        points_from=args.points_from,
+        mode=args.mode,
+    )
+    model = load_model(args.quantized or args.model)
+    failed = 0
+    for scene in tqdm(args.scenes, desc="scenes", unit="scene"):
+        try:
+            res = main(model, scene, args.out, opts)
+            tqdm.write(f"{res.scene}: {res.images} images, {res.points} points -> {Path(res.output) / 'sparse' / '0'}")
+        except (ValueError, RuntimeError, OSError) as e:  # SceneError is a ValueError
+            failed += 1
+            tqdm.write(f"{_label(scene)}: FAILED: {e}")
+    print(f"{len(args.scenes) - failed} of {len(args.scenes)} scenes reconstructed into {args.out}")
+    return 1 if failed else 0
+
+
+def _label(scene: str) -> str:
+    try:
+        return scene_name(scene)
+    except ValueError:
+        return repr(scene)

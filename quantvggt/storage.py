@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
+from quantvggt.fsutil import atomic_file, atomic_write_bytes
 from quantvggt.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -60,20 +62,98 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def safe_join(root: str | Path, key: str, allow_root: bool = False) -> Path:
+    """``root / key`` for a '/'-separated object key; a key that could land outside ``root`` raises StorageError.
+
+    Every key-to-local-path mapping goes through here: keys come from listings of remote stores and must not
+    write anywhere else. Refused: NUL bytes, absolute keys, ``..`` components, and the empty key (which maps to
+    ``root`` itself) unless ``allow_root``. The check is lexical; symlinks already inside ``root`` are trusted.
+    """
+    root = Path(root)
+    if not isinstance(key, str):
+        raise StorageError(f"{key!r}: object key is not a string")
+    why = ""
+    if "\x00" in key:
+        why = "contains a NUL byte"
+    elif key.startswith(("/", "\\")):
+        why = "is absolute"
+    elif ".." in re.split(r"[/\\]", key):
+        why = "has a '..' component"
+    elif not allow_root and all(part in ("", ".") for part in key.split("/")):
+        why = "is empty"
+    if not why:
+        dest = root / key
+        norm_root, norm = os.path.normpath(root), os.path.normpath(dest)
+        if norm == norm_root or norm.startswith(norm_root.rstrip(os.sep) + os.sep):
+            return dest
+        why = "leaves the folder"
+    raise StorageError(f"object key {key!r} {why}: refusing to map it under {root}")
+
+
+_TRANSIENT_CODES = ("Throttling", "ThrottlingException", "SlowDown", "RequestTimeout", "TooManyRequests")
+_DENIED_CODES = (
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AllAccessDisabled",
+    "AccountProblem",
+)
+
+
+def s3_error_reason(error: Any) -> str | None:
+    """One-line reason for a permanent S3 error a user can fix (bucket, credentials), else None."""
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    if code == "NoSuchBucket":
+        return "bucket does not exist"
+    if code == "InvalidBucketName":
+        return "invalid bucket name"
+    if code in _DENIED_CODES:
+        return "access denied (check AWS credentials)" + ("" if code in ("403", "AccessDenied") else f" [{code}]")
+    return None
+
+
+def _is_transient(error: Any) -> bool:
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return status >= 500 or status == 429 or code in _TRANSIENT_CODES
+
+
+def _location(what: str) -> str:
+    # ``what`` reads "<verb> s3://bucket/key": errors name the object, as the CLI prints them on one line
+    i = what.find("s3://")
+    return what[i:] if i >= 0 else what
+
+
 def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Call ``fn`` with exponential backoff on transient errors (connection problems, 5xx, throttling)."""
-    from botocore.exceptions import ClientError, EndpointConnectionError
+    """Call ``fn`` with exponential backoff on transient errors (connection problems, 5xx, throttling).
+
+    Errors a retry cannot fix fail at once: a missing bucket, denied access or missing credentials become a
+    one-line :class:`StorageError`; other client errors (e.g. a missing key's 404) propagate unchanged.
+    """
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
     from botocore.exceptions import ConnectionError as BotoConnectionError
 
     for i in range(attempts):
         try:
             return fn()
-        except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-            if (status < 500 and code not in ("Throttling", "SlowDown", "RequestTimeout")) or i == attempts - 1:
+        except (ClientError, S3UploadFailedError) as e:
+            ce = e if isinstance(e, ClientError) else e.__context__  # upload_file wraps the ClientError
+            if not isinstance(ce, ClientError):
+                raise StorageError(f"{what}: {e}") from e
+            reason = s3_error_reason(ce)
+            if reason is not None:
+                raise StorageError(f"{_location(what)}: {reason}") from e
+            if not _is_transient(ce) or i == attempts - 1:
                 raise
             err: Exception = e
+        except (NoCredentialsError, PartialCredentialsError) as e:
+            raise StorageError(f"{_location(what)}: no usable AWS credentials found (check AWS credentials)") from e
         except (EndpointConnectionError, BotoConnectionError, ChecksumMismatch) as e:
             if i == attempts - 1:
                 raise StorageError(f"{what}: {e}") from e
@@ -147,8 +227,9 @@ class Storage:
         """Download every object under ``prefix`` (keeping relative paths)."""
         local = Path(local)
         prefix = prefix.rstrip("/")
-        for key in self.list(prefix + "/"):
-            self.download(key, local / key[len(prefix) + 1 :])
+        dests = {key: safe_join(local, key[len(prefix) + 1 :]) for key in self.list(prefix + "/")}  # all checked first
+        for key, dest in dests.items():
+            self.download(key, dest)
         return local
 
 
@@ -160,7 +241,7 @@ class LocalStorage(Storage):
         self.root_uri = str(self.root)
 
     def _p(self, key: str) -> Path:
-        return self.root / key.lstrip("/")
+        return safe_join(self.root, key.lstrip("/"), allow_root=True)  # keys are root-relative; "" is the root
 
     def list(self, prefix: str = "") -> list[str]:
         base = self._p(prefix)
@@ -178,28 +259,19 @@ class LocalStorage(Storage):
     def read_bytes(self, key: str) -> bytes:
         return self._p(key).read_bytes()
 
+    # atomic_file's temporaries are named .tmp-<name>.<random>, which list() leaves out
     def write_bytes(self, key: str, data: bytes) -> None:
-        dest = self._p(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
+        atomic_write_bytes(self._p(key), data)
 
     def download(self, key: str, dest: str | Path) -> Path:
-        dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
-        shutil.copyfile(self._p(key), tmp)
-        os.replace(tmp, dest)
-        return dest
+        with atomic_file(dest) as tmp:
+            shutil.copyfile(self._p(key), tmp)
+        return Path(dest)
 
     def upload(self, src: str | Path, key: str) -> str:
-        dest = self._p(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
-        shutil.copyfile(src, tmp)
-        digest = sha256_file(tmp)
-        os.replace(tmp, dest)
+        with atomic_file(self._p(key)) as tmp:
+            shutil.copyfile(src, tmp)
+            digest = sha256_file(tmp)
         return digest
 
     def delete_prefix(self, prefix: str) -> None:
@@ -244,8 +316,23 @@ class S3Storage(Storage):
             return True
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                self._require_bucket(key)  # a HEAD 404 cannot tell a missing key from a missing bucket
                 return False
             raise
+
+    def _require_bucket(self, key: str) -> None:
+        """Raise a one-line StorageError if the bucket is missing (checked once per instance)."""
+        from botocore.exceptions import ClientError
+
+        if getattr(self, "_bucket_ok", False):
+            return
+        try:
+            retry(lambda: self.client.head_bucket(Bucket=self.bucket), f"head {self.uri(key)}")
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
+                raise StorageError(f"{self.uri(key)}: bucket does not exist") from e
+            raise
+        self._bucket_ok = True
 
     def read_bytes(self, key: str) -> bytes:
         return retry(
@@ -262,7 +349,9 @@ class S3Storage(Storage):
             ),
             f"commit {self.uri(key)}",
         )
-        retry(lambda: self.client.delete_object(Bucket=self.bucket, Key=tmp_key), f"cleanup {tmp_key}")
+        retry(
+            lambda: self.client.delete_object(Bucket=self.bucket, Key=tmp_key), f"cleanup s3://{self.bucket}/{tmp_key}"
+        )
 
     def write_bytes(self, key: str, data: bytes) -> None:
         tmp_key = self._k(f".tmp/{uuid.uuid4().hex}")
@@ -275,16 +364,13 @@ class S3Storage(Storage):
 
     def download(self, key: str, dest: str | Path) -> Path:
         dest = Path(dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
 
         def once() -> Path:
-            tmp = dest.with_name(f".tmp-{uuid.uuid4().hex}-{dest.name}")
-            self.client.download_file(self.bucket, self._k(key), str(tmp))  # streamed, multipart for large objects
-            want = self.client.head_object(Bucket=self.bucket, Key=self._k(key)).get("Metadata", {}).get("sha256")
-            if want and sha256_file(tmp) != want:
-                tmp.unlink(missing_ok=True)
-                raise ChecksumMismatch(f"{self.uri(key)}: SHA-256 mismatch after download")
-            os.replace(tmp, dest)
+            with atomic_file(dest) as tmp:  # a failed or mismatching download never reaches dest
+                self.client.download_file(self.bucket, self._k(key), str(tmp))  # streamed, multipart for large objects
+                want = self.client.head_object(Bucket=self.bucket, Key=self._k(key)).get("Metadata", {}).get("sha256")
+                if want and sha256_file(tmp) != want:
+                    raise ChecksumMismatch(f"{self.uri(key)}: SHA-256 mismatch after download")
             return dest
 
         return retry(once, f"download {self.uri(key)}")
@@ -301,7 +387,7 @@ class S3Storage(Storage):
 
     def delete_prefix(self, prefix: str) -> None:
         for k in self.list(prefix):
-            retry(lambda k=k: self.client.delete_object(Bucket=self.bucket, Key=self._k(k)), f"delete {k}")
+            retry(lambda k=k: self.client.delete_object(Bucket=self.bucket, Key=self._k(k)), f"delete {self.uri(k)}")
 
 
 def open_storage(uri: str | Path) -> Storage:
@@ -333,10 +419,13 @@ def fetch_scene(storage: Storage, scene: str, local: str | Path) -> Path:
     """Download the files directly inside ``scene`` (not its subfolders) into folder ``local``."""
     local = Path(local)
     local.mkdir(parents=True, exist_ok=True)
+    dests = {}
     for key in storage.list(scene.rstrip("/") + "/"):
         rel = key[len(scene.rstrip("/")) + 1 :]
         if "/" not in rel:
-            storage.download(key, local / rel)
+            dests[key] = safe_join(local, rel)  # every name checked before anything is written
+    for key, dest in dests.items():
+        storage.download(key, dest)
     return local
 
 
@@ -356,14 +445,15 @@ def download_to_cache(uri: str) -> Path:
     keys = [k for k in st.list(key) if k == key or k.startswith(key + "/")]
     if not keys:
         raise FileNotFoundError(f"{uri}: no such object or prefix")
-    root = cache_dir() / "s3" / bucket
+    root = safe_join(cache_dir() / "s3", bucket)
+    dests = {k: safe_join(root, k) for k in keys}  # every key checked before anything is written
     for k in keys:
-        dest = root / k
+        dest = dests[k]
         stamp = dest.with_name(dest.name + ".sha256")
-        head = retry(lambda k=k: st.client.head_object(Bucket=bucket, Key=k), f"head {k}")
+        head = retry(lambda k=k: st.client.head_object(Bucket=bucket, Key=k), f"head s3://{bucket}/{k}")
         want = head.get("Metadata", {}).get("sha256") or head.get("ETag", "").strip('"')
         if dest.is_file() and stamp.is_file() and stamp.read_text() == want:
             continue
         st.download(k, dest)
         stamp.write_text(want)
-    return root / key
+    return safe_join(root, key, allow_root=True)

@@ -6,6 +6,7 @@ extrinsics and intrinsics), ``depth/frame_XXX.npy`` (z-depth, float32) and a COL
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 from dataclasses import dataclass
@@ -197,7 +198,7 @@ def main(
     size: tuple[int, int] = (224, 168),
     overwrite: bool = False,
 ) -> Path:
-    """Write ``scenes`` synthetic scene folders ``scene_XXX`` under ``out``; existing ones are kept unless ``overwrite``."""
+    """Write ``scenes`` synthetic scene folders ``scene_XXX`` under ``out``; existing ones kept unless ``overwrite``."""
     out = Path(out)
     for s in range(scenes):
         folder = out / f"scene_{s:03d}"
@@ -220,3 +221,33 @@ def load_gt(scene: str | Path) -> dict:
         "width": d["width"],
         "height": d["height"],
     }
+
+
+# -- the `quantvggt synth` command -----------------------------------------------------------------------------------
+HELP = "render synthetic scenes with ground truth"
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT such as 224x168, got {text!r}") from None
+    return w, h
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of ``quantvggt synth``."""
+    parser.add_argument("out")
+    parser.add_argument("--scenes", type=int, default=3)
+    parser.add_argument("--frames", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=_size, default=(224, 168), help="WxH")
+    parser.add_argument("--overwrite", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Render synthetic scenes with ground truth."""
+    w, h = args.size
+    out = main(args.out, scenes=args.scenes, frames=args.frames, seed=args.seed, size=(w, h), overwrite=args.overwrite)
+    print(f"wrote {args.scenes} scenes of {args.frames} frames ({w}x{h}) to {out}")
+    return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from quantvggt.cli import Command
+
 
 def test_predict_runs_on_bundled_samples() -> None:
     from quantvggt.cli import ASSETS
@@ -107,7 +109,7 @@ def test_synth_and_reconstruct_commands(tmp_path) -> None:
     (tmp_path / "model" / "config.json").write_text(_json.dumps({**m.config.to_dict(), "image_size": 112}))
 
     def run(*a):
-        return subprocess.run([sys.executable, "-m", "flows.cli", *a], capture_output=True, text=True, timeout=600)
+        return subprocess.run([sys.executable, "-m", "quantvggt.cli", *a], capture_output=True, text=True, timeout=600)
 
     out = run("synth", str(tmp_path / "scenes"), "--scenes", "2", "--frames", "3", "--size", "112x84")
     assert out.returncode == 0, out.stderr
@@ -128,3 +130,86 @@ def test_synth_and_reconstruct_commands(tmp_path) -> None:
     assert out.returncode == 1  # one scene failed, the others were still reconstructed
     assert "scene_empty: FAILED" in out.stdout and "2 of 3 scenes reconstructed" in out.stdout
     assert (tmp_path / "out" / "scene_001" / "sparse" / "0" / "images.txt").is_file()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quantvggt.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_recipe_option_it_lacks_is_a_one_line_error(tmp_path) -> None:
+    # rtn has no block reconstruction: the recipe rejects --epochs before any model is loaded
+    out = _cli(
+        "quantize",
+        "--model",
+        str(tmp_path / "no-model"),
+        "--calibration",
+        str(tmp_path / "no-scenes"),
+        "--recipe",
+        "rtn-w4a4",
+        "--epochs",
+        "3",
+        "--out",
+        str(tmp_path / "q"),
+    )
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "rtn-w4a4" in lines[0] and "epochs" in lines[0], out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "q").exists()
+
+
+def test_missing_scene_folder_is_one_line_and_verbose_adds_the_traceback(tmp_path) -> None:
+    args = ("reconstruct", str(tmp_path / "nowhere"), "--model", "demo-random", "--out", str(tmp_path / "out"))
+    out = _cli(*args)
+    assert out.returncode == 1 and "nowhere: FAILED: " in out.stdout and "not a folder" in out.stdout
+    out = _cli("predict", str(tmp_path / "missing.png"), "--model", "demo-random")
+    assert out.returncode == 2 and "missing.png" in out.stderr and "Traceback" not in out.stderr
+    assert len([line for line in out.stderr.splitlines() if "error" in line.lower()]) == 1
+    out = _cli("-v", "predict", str(tmp_path / "missing.png"), "--model", "demo-random")
+    assert out.returncode == 2 and "Traceback" in out.stderr
+
+
+def test_orchestration_commands_come_from_entry_points() -> None:
+    from quantvggt.cli import COMMANDS, build_parser, plugin_commands
+
+    plugins = {c.name for c in plugin_commands(list(COMMANDS))}
+    assert {"demo", "submit", "serve", "status"} <= plugins
+    text = build_parser().format_help()
+    for name in (*COMMANDS, "demo", "submit", "serve", "status"):
+        assert name in text
+    assert "queue scene folders for the reconstruct deployment" in text
+
+
+def test_library_parser_imports_neither_prefect_nor_ray() -> None:
+    code = (
+        "import sys; import quantvggt.cli as c; c.build_parser(c.builtin_commands()); "
+        "import quantvggt.pipeline, quantvggt.reconstruct, quantvggt.scene; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'ray')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_plugins_are_read_from_the_entry_point_group(monkeypatch, capsys) -> None:
+    from importlib.metadata import EntryPoint
+
+    import quantvggt.cli as cli
+
+    eps = [
+        EntryPoint("hello", "tests.test_cli:_HELLO", cli.ENTRY_POINT_GROUP),
+        EntryPoint("broken", "tests.no_such_module:thing", cli.ENTRY_POINT_GROUP),
+        EntryPoint("clash", "tests.test_cli:_CLASH", cli.ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(cli, "entry_points", lambda group: [e for e in eps if e.group == group])
+    assert [c.name for c in cli.plugin_commands(list(cli.COMMANDS))] == ["hello"]  # broken and clash left out
+    assert cli.main(["hello", "--who", "you"]) == 0
+    assert capsys.readouterr().out == "hello you\n"
+
+
+def _hello(args) -> int:
+    print(f"hello {args.who}")
+    return 0
+
+
+_HELLO = Command("hello", "say hello", lambda p: p.add_argument("--who", default="world"), _hello)
+_CLASH = Command("synth", "not the real synth", lambda p: None, _hello)

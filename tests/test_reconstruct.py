@@ -32,7 +32,7 @@ def _copy_scene(src: Path, dst: Path) -> Path:
 
 def test_colmap_model_round_trip(model, synth_scenes: Path, tmp_path: Path) -> None:
     opts = ReconstructionOptions(max_points=2000, conf_percentile=20)
-    out = main(model, synth_scenes / "scene_000", tmp_path / "out", opts)
+    out = Path(main(model, synth_scenes / "scene_000", tmp_path / "out", opts).output)
     sparse = out / "sparse" / "0"
     assert {"cameras.bin", "images.bin", "points3D.bin", "rigs.bin", "frames.bin"} <= {p.name for p in sparse.iterdir()}
     report = json.loads((out / "report.json").read_text())
@@ -56,7 +56,7 @@ def test_colmap_itself_reads_the_model(model, synth_scenes: Path, tmp_path: Path
     colmap = shutil.which("colmap")
     if colmap is None:
         pytest.skip("COLMAP is not installed (CI installs it with apt-get install colmap)")
-    out = main(model, synth_scenes / "scene_001", tmp_path / "out", ReconstructionOptions(max_points=500))
+    out = Path(main(model, synth_scenes / "scene_001", tmp_path / "out", ReconstructionOptions(max_points=500)).output)
     env = dict(os.environ, QT_QPA_PLATFORM="offscreen")
     res = subprocess.run(
         [colmap, "model_analyzer", "--path", str(out / "sparse" / "0")],
@@ -77,7 +77,7 @@ def test_bad_images_skipped_and_reported(model, synth_scenes: Path, tmp_path: Pa
     (scene / "corrupt.png").write_bytes((scene / "frame_000.png").read_bytes()[:100])
     (scene / "notes.txt").write_text("not an image")  # not an image extension: ignored entirely
     (scene / "fake.webp").write_text("text pretending")
-    out = main(model, scene, tmp_path / "out", ReconstructionOptions(max_points=100))
+    out = Path(main(model, scene, tmp_path / "out", ReconstructionOptions(max_points=100)).output)
     report = json.loads((out / "report.json").read_text())
     skipped = {s["name"]: s["reason"] for s in report["images_skipped"]}
     assert set(skipped) == {"empty.jpg", "corrupt.png", "fake.webp"}
@@ -96,7 +96,11 @@ def test_too_few_images_is_a_clear_error(model, tmp_path: Path) -> None:
 
 
 def test_frame_cap_subsamples_evenly(model, synth_scenes: Path, tmp_path: Path) -> None:
-    out = main(model, synth_scenes / "scene_000", tmp_path / "out", ReconstructionOptions(max_frames=3, max_points=50))
+    out = Path(
+        main(
+            model, synth_scenes / "scene_000", tmp_path / "out", ReconstructionOptions(max_frames=3, max_points=50)
+        ).output
+    )
     report = json.loads((out / "report.json").read_text())
     assert (
         report["images_used"] == ["frame_000.png", "frame_002.png", "frame_005.png"] or len(report["images_used"]) == 3
@@ -108,7 +112,7 @@ def test_mixed_sizes_get_their_own_cameras(model, synth_scenes: Path, tmp_path: 
     scene = _copy_scene(synth_scenes / "scene_000", tmp_path / "mixed")
     Image.open(scene / "frame_001.png").resize((160, 90)).save(scene / "frame_001.png")
     pred = reconstruct_scene(model, scene, ReconstructionOptions())
-    rec = to_colmap(pred, ReconstructionOptions(max_points=200))
+    rec = to_colmap(pred, ReconstructionOptions(max_points=200)).reconstruction
     sizes = sorted({(c.width, c.height) for c in rec.cameras.values()})
     assert sizes == [(112, 84), (160, 90)]
     assert rec.compute_mean_reprojection_error() < 1e-3
@@ -118,9 +122,9 @@ def test_crash_leaves_no_complete_looking_output(
     model, synth_scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pred = reconstruct_scene(model, synth_scenes / "scene_000")
-    rec = to_colmap(pred, ReconstructionOptions(max_points=100))
+    colmap = to_colmap(pred, ReconstructionOptions(max_points=100))
 
-    class Boom(Exception):
+    class Boom(Exception):  # noqa: N818
         pass
 
     def exploding_dumps(*a: object, **k: object) -> str:
@@ -128,12 +132,46 @@ def test_crash_leaves_no_complete_looking_output(
 
     monkeypatch.setattr("quantvggt.reconstruct.json.dumps", exploding_dumps)
     with pytest.raises(Boom):
-        write_scene(pred, rec, tmp_path / "out")
+        write_scene(pred, colmap, tmp_path / "out")
     assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_text_and_point_map_options(model, synth_scenes: Path, tmp_path: Path) -> None:
     opts = ReconstructionOptions(points_from="point_map", conf_threshold=0.0, max_points=64, text=True)
-    out = main(model, synth_scenes / "scene_000", tmp_path / "out", opts)
+    out = Path(main(model, synth_scenes / "scene_000", tmp_path / "out", opts).output)
     assert (out / "sparse" / "0" / "points3D.txt").is_file()
     assert json.loads((out / "report.json").read_text())["points"]["kept"] == 64
+
+
+def test_to_colmap_leaves_its_input_unchanged(model, synth_scenes: Path) -> None:
+    import copy
+
+    pred = reconstruct_scene(model, synth_scenes / "scene_000", ReconstructionOptions())
+    before = copy.deepcopy(pred)
+    colmap = to_colmap(pred, ReconstructionOptions(max_points=100))
+    for name in ("extrinsics", "intrinsics", "depth", "depth_conf", "world_points", "images"):
+        np.testing.assert_array_equal(getattr(pred, name), getattr(before, name), err_msg=name)
+    assert pred.report == before.report and "points" not in pred.report
+    assert colmap.report["points"]["kept"] == colmap.reconstruction.num_points3D() == 100
+    assert colmap.report["cameras"] == 1 and colmap.intrinsics.shape == pred.intrinsics.shape
+    # one shared camera: every frame's written intrinsics are the average of the predicted ones
+    np.testing.assert_allclose(colmap.intrinsics, np.broadcast_to(colmap.intrinsics[0], colmap.intrinsics.shape))
+
+
+def test_main_returns_a_scene_result(model, synth_scenes: Path, tmp_path: Path) -> None:
+    opts = ReconstructionOptions(max_points=100)
+    res = main(model, synth_scenes / "scene_001", tmp_path / "out", opts)
+    assert (res.scene, res.status, res.images, res.points) == ("scene_001", "done", 6, 100)
+    assert res.output == str(tmp_path / "out" / "scene_001") and res.seconds > 0 and res.error == ""
+    report = json.loads(Path(res.report).read_text())
+    assert report["images"] == res.images and report["points"]["kept"] == res.points
+    again = main(model, synth_scenes / "scene_001", tmp_path / "out", opts, overwrite=False)
+    assert (again.status, again.images, again.points) == ("skipped", 6, 100)
+
+
+def test_scene_given_as_dot_is_named_after_its_folder(
+    model, synth_scenes: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(synth_scenes / "scene_000")
+    res = main(model, ".", tmp_path / "out", ReconstructionOptions(max_points=50))
+    assert res.scene == "scene_000" and (tmp_path / "out" / "scene_000" / "sparse" / "0" / "points3D.bin").is_file()

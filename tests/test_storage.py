@@ -72,3 +72,16 @@ def test_s3_checksum_mismatch_detected(s3_endpoint: str, tmp_path: Path, monkeyp
     with pytest.raises(StorageError, match="SHA-256 mismatch"):
         st.download("f.bin", tmp_path / "out.bin")
     assert not (tmp_path / "out.bin").exists()
+
+
+def test_local_temporaries_are_never_listed(tmp_path: Path) -> None:
+    from quantvggt.fsutil import atomic_file
+
+    store = open_storage(tmp_path / "root")
+    store.write_bytes("s/done.bin", b"x")
+    with atomic_file(tmp_path / "root" / "s" / "half.bin") as tmp:  # a writer still busy (or killed) ...
+        tmp.write_bytes(b"partial")
+        assert tmp.name.startswith(".tmp-half.bin.")
+        assert store.list() == ["s/done.bin"] and store.list("s/") == ["s/done.bin"]  # ... is invisible
+    assert store.list() == ["s/done.bin", "s/half.bin"]
+    assert not [p for p in (tmp_path / "root").rglob("*") if p.name.startswith(".tmp-")]

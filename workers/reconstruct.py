@@ -13,13 +13,14 @@ import ray
 from ray.exceptions import RayActorError, WorkerCrashedError
 
 from quantvggt.reconstruct import ReconstructionOptions
+from quantvggt.scene import SceneResult, scene_name
 
 log = logging.getLogger(__name__)
 
 
 @ray.remote
 class ReconstructionWorker:
-    """Holds one loaded model; ``process`` returns a result row and never raises for a bad scene."""
+    """Holds one loaded model; ``process`` returns a :class:`SceneResult` and never raises for a bad scene."""
 
     def __init__(self, model_uri: str, options: dict[str, Any]) -> None:
         import torch
@@ -31,7 +32,7 @@ class ReconstructionWorker:
         self.options = ReconstructionOptions(**options)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
 
-    def process(self, scene_uri: str, out_uri: str, force: bool, attempt: int) -> dict[str, Any]:
+    def process(self, scene_uri: str, out_uri: str, force: bool, attempt: int) -> SceneResult:
         """Reconstruct one scene and upload it."""
         from quantvggt.pipeline import process_scene
 
@@ -64,7 +65,7 @@ def run_scenes(
     force: bool = False,
     max_attempts: int = 3,
     on_dispatch: Callable[[Any, str, int], None] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[SceneResult]:
     """Fan scenes out over ``num_workers`` actors; a scene whose worker dies is retried on a fresh worker.
 
     Each scene is in flight on at most one worker at a time, and a finished scene is skipped by the worker
@@ -79,7 +80,7 @@ def run_scenes(
     idle = [actor_cls.remote(model_uri, opts) for _ in range(n)]
     queue = [(s, 1) for s in scene_uris]
     inflight: dict[Any, tuple[str, int, Any]] = {}
-    rows: list[dict[str, Any]] = []
+    results: list[SceneResult] = []
     while queue or inflight:
         while queue and idle:
             scene, attempt = queue.pop(0)
@@ -92,7 +93,7 @@ def run_scenes(
         ref = done[0]
         scene, attempt, actor = inflight.pop(ref)
         try:
-            rows.append(ray.get(ref))
+            results.append(ray.get(ref))
             idle.append(actor)
         except (RayActorError, WorkerCrashedError) as e:
             log.warning("worker died on %s (attempt %d): %s", scene, attempt, e)
@@ -100,21 +101,16 @@ def run_scenes(
             if attempt < max_attempts:
                 queue.append((scene, attempt + 1))
             else:
-                name = scene.rstrip("/").rpartition("/")[2]
-                rows.append(
-                    {
-                        "scene": name,
-                        "status": "failed",
-                        "images": 0,
-                        "points": 0,
-                        "seconds": 0.0,
-                        "worker": "",
-                        "attempt": attempt,
-                        "error": f"worker died {attempt} times: {e}",
-                        "output": "",
-                    }
-                )
+                error = f"worker died {attempt} times: {e}"
+                results.append(SceneResult(_name(scene), attempt=attempt, error=error, source=scene))
     for actor in idle:
         ray.kill(actor)
-    order = {s.rstrip("/").rpartition("/")[2]: i for i, s in enumerate(scene_uris)}
-    return sorted(rows, key=lambda r: order.get(r["scene"], 0))
+    order = {s: i for i, s in enumerate(scene_uris)}
+    return sorted(results, key=lambda r: order.get(r.source, 0))
+
+
+def _name(scene_uri: str) -> str:
+    try:
+        return scene_name(scene_uri)
+    except ValueError:  # an unnameable URI still gets its row (process_scene reports why it failed)
+        return scene_uri

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 from quantvggt.images import load_and_preprocess, pick_frames, readable_images
 

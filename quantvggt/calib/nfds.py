@@ -1,4 +1,4 @@
-"""Noise-Filtered Diverse Sampling (NFDS): choose calibration samples by deep-layer statistics and frame-aware clustering.
+"""Noise-Filtered Diverse Sampling (NFDS): choose calibration samples by deep-layer statistics and frame clustering.
 
 1. Candidate pool: one sample (K frames, seeded) per scene folder; a scene's group is its parent folder
    (or a manifest column).
@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from quantvggt.fsutil import atomic_file
 from quantvggt.images import list_images, load_and_preprocess, pick_frames, readable_images
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def _scene_folders(path: Path) -> list[Path]:
 def candidate_pool(
     pool: Sequence[str | Path], frames: int = 10, seed: int = 0, group_column: str = "group"
 ) -> list[Candidate]:
-    """Candidates from scene folders, folders of scene folders, or a CSV/Parquet manifest with ``scene`` [+ group] columns."""
+    """Candidates from scene folders, folders of scene folders, or a CSV/Parquet manifest (``scene`` [+ group])."""
     scenes: list[tuple[Path, str]] = []
     for item in pool:
         p = Path(item)
@@ -164,7 +166,8 @@ def select(
                     for i, bad in zip(idx, iqr_outliers(vals)):
                         if bad:
                             rows[i]["outlier"] = True
-                            reason = f"{rows[i]['layers'][li]} {stat.split('_')[1]}={rows[i][stat][li]:.4g} outside IQR fence of group {g}"
+                            value = f"{stat.split('_')[1]}={rows[i][stat][li]:.4g}"
+                            reason = f"{rows[i]['layers'][li]} {value} outside IQR fence of group {g}"
                             rows[i]["outlier_reason"] = "; ".join(filter(None, [rows[i]["outlier_reason"], reason]))
         for r in rows:
             if r["outlier"]:
@@ -201,7 +204,6 @@ def write_manifest(rows: list[dict[str, Any]], path: str | Path) -> Path:
     import pyarrow.parquet as pq
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cols = [
         "sample_id",
         "scene",
@@ -217,9 +219,8 @@ def write_manifest(rows: list[dict[str, Any]], path: str | Path) -> Path:
         "selected",
     ]
     table = pa.Table.from_pylist([{c: (list(r[c]) if c == "frames" else r[c]) for c in cols} for r in rows])
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        pq.write_table(table, tmp)
     return path
 
 
@@ -305,3 +306,46 @@ def main(
     write_manifest(rows, out)
     plot_selection(rows, out.with_suffix(".png"))
     return out
+
+
+# -- the `quantvggt select-calibration` command ----------------------------------------------------------------------
+HELP = "choose a calibration set with Noise-Filtered Diverse Sampling"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of ``quantvggt select-calibration``."""
+    parser.add_argument("pool", nargs="+", help="scene folders, folders of scene folders, or a .csv/.parquet manifest")
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True, help="manifest .parquet (a .png plot is written beside it)")
+    parser.add_argument("--clusters", type=int, default=5)
+    parser.add_argument("--per-cluster", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run NFDS over a pool of scenes and write the selection manifest (+ PNG)."""
+    from tqdm import tqdm
+
+    from quantvggt.pipeline import load_model
+
+    model = load_model(args.model)
+    out = main(
+        model,
+        args.pool,
+        args.out,
+        frames=args.frames,
+        n_clusters=args.clusters,
+        per_cluster=args.per_cluster,
+        seed=args.seed,
+        overwrite=True,
+        progress=lambda xs: tqdm(xs, desc="statistics", unit="sample"),
+    )
+    rows = read_manifest(out)
+    selected, filtered = sum(r["selected"] for r in rows), sum(r["outlier"] for r in rows)
+    print(f"{selected} selected of {len(rows)} candidates; {filtered} filtered as outliers")
+    for r in rows:
+        if r["outlier"]:
+            print(f"  filtered {r['sample_id']}: {r['outlier_reason']}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0

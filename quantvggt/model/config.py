@@ -110,6 +110,7 @@ class TrackHeadConfig:
     corr_levels: int = 7
     corr_radius: int = 4
     hidden_size: int = 384
+    pos_embed: bool = True  # upstream's current default; releases before its track-head fix hard-coded False
 
 
 _PARTS: dict[str, type] = {

@@ -267,7 +267,7 @@ class TrackHead(nn.Module):
             features=cfg.features,
             feature_only=True,
             down_ratio=2,
-            pos_embed=False,
+            pos_embed=cfg.pos_embed,  # adds a fixed sin/cos table, no parameters: old checkpoints load either way
             intermediate_layer_idx=list(intermediate_layer_idx),
         )
         self.feature_extractor = DPTHead(dpt_cfg)

@@ -18,7 +18,7 @@ FRESH_SEED_BASE = 1 << 32  # scenes rendered during training (pool refresh): dis
 
 @dataclass
 class RenderedScene:
-    """One rendered scene: images uint8 ``[K,H,W,3]``, z-depth ``[K,H,W]``, extrinsics ``[K,3,4]``, intrinsics ``[K,3,3]``."""
+    """One rendered scene: images uint8 ``[K,H,W,3]``, z-depth ``[K,H,W]``, extrinsics ``[K,3,4]``, K ``[K,3,3]``."""
 
     images: np.ndarray
     depth: np.ndarray

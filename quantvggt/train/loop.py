@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -17,6 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from quantvggt.fsutil import atomic_dir, atomic_file, atomic_write_text
 from quantvggt.model import VGGT, VGGTConfig
 from quantvggt.train.data import VAL_SEED_BASE, ScenePool
 from quantvggt.train.losses import camera_loss, conf_regression_loss
@@ -186,8 +186,6 @@ def validate(model: VGGT, samples: list[dict[str, Tensor]], device: torch.device
 
 def export_model(run: str | Path, dest: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Write a run's weights (cast to ``dtype``) and config as a loadable model folder ``dest`` (atomically)."""
-    from quantvggt.fsutil import atomic_dir
-
     run, dest = Path(run), Path(dest)
     sd = load_file(str(run / "model.safetensors"))
     with atomic_dir(dest) as tmp:
@@ -207,23 +205,24 @@ def export_model(run: str | Path, dest: str | Path, dtype: torch.dtype = torch.f
 def save_checkpoint(
     out: Path, model: VGGT, opt: torch.optim.Optimizer, step: int, cfg: TrainConfig, rng: np.random.Generator
 ) -> None:
-    """Write weights, config and optimiser state atomically (``*.tmp`` then rename)."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors.tmp")
-    )
-    # image_size: the checkpoint folder loads with load_vggt at the resolution it is trained at
-    (out / "config.json.tmp").write_text(json.dumps(model.config.to_dict(), indent=1))
+    """Write weights, config and optimiser state, each atomically, renamed into place only once all are written."""
     state = {
         "optimizer": opt.state_dict(),
         "step": torch.tensor(step),
         "torch_rng": torch.get_rng_state(),
         "np_rng": json.dumps(rng.bit_generator.state),
     }
-    torch.save(state, out / "train_state.pt.tmp")
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    for name in ("model.safetensors", "config.json", "train_state.pt"):
-        os.replace(out / f"{name}.tmp", out / name)
+    # nested so the renames happen together at the end, weights first: a crash mid-write leaves the previous set
+    with (
+        atomic_file(out / "train_state.pt") as state_tmp,
+        atomic_file(out / "config.json") as config_tmp,
+        atomic_file(out / "model.safetensors") as model_tmp,
+    ):
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(model_tmp))
+        # image_size: the checkpoint folder loads with load_vggt at the resolution it is trained at
+        config_tmp.write_text(json.dumps(model.config.to_dict(), indent=1))
+        torch.save(state, state_tmp)
+        atomic_write_text(out / "train_config.json", json.dumps(asdict(cfg), indent=1))
 
 
 def plot_losses(log_path: Path, png: Path) -> None:
@@ -249,6 +248,140 @@ def plot_losses(log_path: Path, png: Path) -> None:
     plt.close(fig)
 
 
+def _run_config(out: Path, cfg: TrainConfig | None) -> TrainConfig:
+    """The run's config: the one saved in ``out`` when resuming (it wins over ``cfg``), else ``cfg`` or the default."""
+    if (out / "train_config.json").is_file():
+        saved = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+        if cfg is not None and asdict(cfg) != asdict(saved):
+            log.warning("resuming with the saved train_config.json (the one passed differs)")
+        return saved
+    return cfg or TrainConfig()
+
+
+def _init_from(model: VGGT, cfg: TrainConfig) -> None:
+    """Start a new run from another model's weights (all of them, or with ``init_partial`` those that fit)."""
+    from quantvggt.model.loading import load_vggt
+
+    init = load_vggt(cfg.init_from)  # any model source; 16-bit checkpoints come back as float32
+    src = init.state_dict()
+    if cfg.init_partial:
+        own = model.state_dict()
+        take = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
+        model.load_state_dict(take, strict=False)
+        log.info(
+            "initialised %d of %d tensors from %s (fresh: %s)",
+            len(take),
+            len(own),
+            cfg.init_from,
+            sorted({k.split(".")[1] if k.count(".") > 1 else k for k in set(own) - set(take)}),
+        )
+        return
+    if init.config.to_dict() != model.config.to_dict():
+        raise ValueError(
+            f"{cfg.init_from}: model config differs from this run's; "
+            "init_from needs the same architecture (or init_partial)"
+        )
+    model.load_state_dict(src, strict=True)
+    log.info("initialised from %s", cfg.init_from)
+
+
+def build_model(out: Path, cfg: TrainConfig, dev: torch.device) -> tuple[VGGT, torch.optim.Optimizer, bool]:
+    """The model and optimiser on ``dev``: resumed weights from ``out``, else ``init_from``'s, else fresh ones.
+
+    Returns whether the run resumes (its optimiser and generator states are then restored by :func:`resume`).
+    """
+    model = VGGT(VGGTConfig.from_dict({**cfg.model, "image_size": cfg.width}))
+    resuming = (out / "train_state.pt").is_file()
+    if resuming:
+        model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
+    elif cfg.init_from:
+        _init_from(model, cfg)
+    model.to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return model, opt, resuming
+
+
+def resume(out: Path, opt: torch.optim.Optimizer, rng: np.random.Generator, dev: torch.device) -> int:
+    """Restore the optimiser and both random generators from ``out``; returns the step to continue from."""
+    state = torch.load(out / "train_state.pt", weights_only=True, map_location=dev)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    rng.bit_generator.state = json.loads(state["np_rng"])
+    step = int(state["step"])
+    log.info("resumed at step %d", step)
+    return step
+
+
+def build_pool(cfg: TrainConfig, step: int, workers: int) -> ScenePool:
+    """Render the training scene pool (its refresh stream continues from ``step`` on resume)."""
+    t0 = time.perf_counter()
+    pool = ScenePool(
+        cfg.pool_scenes,
+        cfg.pool_frames,
+        cfg.width,
+        cfg.height,
+        cfg.seed,
+        workers=max(workers, 1),
+        refresh_every=cfg.pool_refresh_every,
+        stream=step,
+    )
+    log.info("rendered %d training scenes in %.0fs", cfg.pool_scenes, time.perf_counter() - t0)
+    return pool
+
+
+def train_step(
+    model: VGGT, opt: torch.optim.Optimizer, b: dict[str, Tensor], cfg: TrainConfig, lr: float
+) -> dict[str, Tensor]:
+    """One optimiser step on batch ``b`` at learning rate ``lr``; returns the (detached) loss terms."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    tokens, psi = model.aggregator(b["images"])
+    poses = model.camera_head(tokens)
+    depth, depth_conf = model.depth_head(tokens, b["images"], psi)
+    pts, pts_conf = model.point_head(tokens, b["images"], psi)
+    l_cam = camera_loss(poses, b["pose_enc"])
+    l_depth = conf_regression_loss(depth, depth_conf, b["depth"][..., None], b["valid"])
+    l_pts = conf_regression_loss(pts, pts_conf, b["world_points"], b["valid"])
+    loss = cfg.camera_weight * l_cam + cfg.dense_weight * (l_depth + l_pts)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    return {"loss": loss.detach(), "camera": l_cam.detach(), "depth": l_depth.detach(), "points": l_pts.detach()}
+
+
+def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def log_losses(log_path: Path, step: int, acc: dict[str, Tensor], cfg: TrainConfig, lr: float, elapsed: float) -> None:
+    """Append the mean loss terms of the last ``cfg.log_every`` steps to ``log.jsonl``."""
+    row = {"step": step, **{k: float(v) / cfg.log_every for k, v in acc.items()}, "lr": lr, "elapsed_s": elapsed}
+    _append_jsonl(log_path, row)
+    log.info(
+        "step %d loss %.4f (cam %.4f depth %.4f pts %.4f)",
+        step,
+        row["loss"],
+        row["camera"],
+        row["depth"],
+        row["points"],
+    )
+
+
+def log_validation(out: Path, step: int, model: VGGT, samples: list[dict[str, Tensor]], dev: torch.device) -> None:
+    """Validate on the held-out samples and append the result to ``val.jsonl``."""
+    row = {"step": step, **validate(model, samples, dev)}
+    _append_jsonl(out / "val.jsonl", row)
+    log.info(
+        "step %d held-out camera L1 %.4f (constant guess %.4f), depth abs-rel %.4f",
+        step,
+        row["val_camera"],
+        row["val_camera_const"],
+        row["val_depth_absrel"],
+    )
+
+
 def main(
     out: str | Path,
     cfg: TrainConfig | None = None,
@@ -265,12 +398,7 @@ def main(
     if schedule_by_time and max_minutes is None:
         raise ValueError("schedule_by_time needs max_minutes")
     out = Path(out)
-    if (out / "train_config.json").is_file():
-        saved = TrainConfig(**json.loads((out / "train_config.json").read_text()))
-        if cfg is not None and asdict(cfg) != asdict(saved):
-            log.warning("resuming with the saved train_config.json (the one passed differs)")
-        cfg = saved
-    cfg = cfg or TrainConfig()
+    cfg = _run_config(out, cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -278,56 +406,9 @@ def main(
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    model = VGGT(VGGTConfig.from_dict({**cfg.model, "image_size": cfg.width}))
-    step = 0
-    resume = (out / "train_state.pt").is_file()
-    if resume:
-        model.load_state_dict(load_file(str(out / "model.safetensors")), strict=True)
-    elif cfg.init_from:
-        from quantvggt.model.loading import load_vggt
-
-        init = load_vggt(cfg.init_from)  # any model source; 16-bit checkpoints come back as float32
-        src = init.state_dict()
-        if cfg.init_partial:
-            own = model.state_dict()
-            take = {k: v for k, v in src.items() if k in own and own[k].shape == v.shape}
-            model.load_state_dict(take, strict=False)
-            log.info(
-                "initialised %d of %d tensors from %s (fresh: %s)",
-                len(take),
-                len(own),
-                cfg.init_from,
-                sorted({k.split(".")[1] if k.count(".") > 1 else k for k in set(own) - set(take)}),
-            )
-        else:
-            if init.config.to_dict() != model.config.to_dict():
-                raise ValueError(
-                    f"{cfg.init_from}: model config differs from this run's; "
-                    "init_from needs the same architecture (or init_partial)"
-                )
-            model.load_state_dict(src, strict=True)
-            log.info("initialised from %s", cfg.init_from)
-    model.to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if resume:
-        state = torch.load(out / "train_state.pt", weights_only=True, map_location=dev)
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
-        rng.bit_generator.state = json.loads(state["np_rng"])
-        log.info("resumed at step %d", step)
-    t_pool = time.perf_counter()
-    pool = ScenePool(
-        cfg.pool_scenes,
-        cfg.pool_frames,
-        cfg.width,
-        cfg.height,
-        cfg.seed,
-        workers=max(workers, 1),
-        refresh_every=cfg.pool_refresh_every,
-        stream=step,
-    )
-    log.info("rendered %d training scenes in %.0fs", cfg.pool_scenes, time.perf_counter() - t_pool)
+    model, opt, resuming = build_model(out, cfg, dev)
+    step = resume(out, opt, rng, dev) if resuming else 0
+    pool = build_pool(cfg, step, workers)
     model.train()
     t0 = time.perf_counter()
     log_path = out / "log.jsonl"
@@ -342,54 +423,16 @@ def main(
         b = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
         progress = elapsed / (60 * max_minutes) if schedule_by_time and max_minutes else None
         lr = _lr_at(step, cfg, progress)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        tokens, psi = model.aggregator(b["images"])
-        poses = model.camera_head(tokens)
-        depth, depth_conf = model.depth_head(tokens, b["images"], psi)
-        pts, pts_conf = model.point_head(tokens, b["images"], psi)
-        l_cam = camera_loss(poses, b["pose_enc"])
-        l_depth = conf_regression_loss(depth, depth_conf, b["depth"][..., None], b["valid"])
-        l_pts = conf_regression_loss(pts, pts_conf, b["world_points"], b["valid"])
-        loss = cfg.camera_weight * l_cam + cfg.dense_weight * (l_depth + l_pts)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        losses = train_step(model, opt, b, cfg, lr)
         step += 1
-        for k, v in (("loss", loss), ("camera", l_cam), ("depth", l_depth), ("points", l_pts)):
-            acc[k] = acc.get(k, 0.0) + v.detach()  # summed on the device: no per-step host sync on a GPU
+        for k, v in losses.items():
+            acc[k] = acc.get(k, 0.0) + v  # summed on the device: no per-step host sync on a GPU
         if step % cfg.log_every == 0:
-            row = {
-                "step": step,
-                **{k: float(v) / cfg.log_every for k, v in acc.items()},
-                "lr": lr,
-                "elapsed_s": round(time.perf_counter() - t0, 1),
-            }
-            with log_path.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            log.info(
-                "step %d loss %.4f (cam %.4f depth %.4f pts %.4f)",
-                step,
-                row["loss"],
-                row["camera"],
-                row["depth"],
-                row["points"],
-            )
+            log_losses(log_path, step, acc, cfg, lr, round(time.perf_counter() - t0, 1))
             acc = {}
         if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
-            if val_set is None:
-                val_set = validation_set(cfg)
-            row = {"step": step, **validate(model, val_set, dev)}
-            with (out / "val.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
-            log.info(
-                "step %d held-out camera L1 %.4f (constant guess %.4f), depth abs-rel %.4f",
-                step,
-                row["val_camera"],
-                row["val_camera_const"],
-                row["val_depth_absrel"],
-            )
+            val_set = val_set if val_set is not None else validation_set(cfg)
+            log_validation(out, step, model, val_set, dev)
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(out, model, opt, step, cfg, rng)
             plot_losses(log_path, out / "loss.png")

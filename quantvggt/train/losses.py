@@ -1,4 +1,4 @@
-"""VGGT-style training losses: pose-encoding L1 over refinement iterations, confidence-weighted regression with gradient terms."""
+"""Training losses: pose-encoding L1 over refinement iterations, confidence-weighted regression with gradient terms."""
 
 from __future__ import annotations
 

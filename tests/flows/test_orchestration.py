@@ -1,4 +1,4 @@
-"""End to end over a real S3 endpoint (moto server): quantize once, reconstruct on Ray, skip finished, retry dead workers."""
+"""End to end over a real S3 endpoint (moto server): quantize once, reconstruct on Ray, skip done, retry dead actors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pycolmap
 import pytest
 
+from quantvggt.scene import scene_name
 from quantvggt.storage import open_storage
 
 
@@ -107,15 +108,16 @@ def test_dead_worker_scene_is_retried_and_written_once(bucket: str, ray_local) -
             ray.kill(actor, no_restart=True)  # the worker dies while its scene is in flight
 
     out = f"{bucket}/out-retry"
-    rows = run_scenes(
+    results = run_scenes(
         [f"{bucket}/inbox/scene_000", f"{bucket}/inbox/scene_001"],
         f"{bucket}/models/tiny-w4a4",
         out,
         num_workers=2,
         on_dispatch=kill_first,
     )
+    rows = [r.to_row() for r in results]
     by = {r["scene"]: r for r in rows}
-    victim = killed[0].rpartition("/")[2]
+    victim = scene_name(killed[0])
     assert len(rows) == 2 and by[victim]["status"] == "done" and by[victim]["attempt"] == 2
     st = open_storage(out)
     assert st.is_complete(victim)

@@ -1,0 +1,72 @@
+"""The ``quantvggt quantize`` command: calibrate and quantize a model, then write a quantized checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import Any
+
+HELP = "calibrate + quantize a model and write a quantized checkpoint"
+
+
+def recipe_overrides(
+    seed: int | None = None, scope: Sequence[str] | None = None, epochs: int | None = None
+) -> dict[str, Any]:
+    """``get_recipe`` keyword overrides from command/flow options; options left at ``None`` keep the recipe's value.
+
+    The recipe itself rejects an option it does not have (e.g. ``epochs`` for rtn-w4a4), so this never filters.
+    """
+    overrides: dict[str, Any] = {}
+    if seed is not None:
+        overrides["seed"] = seed
+    if scope:
+        overrides["scope"] = tuple(scope)
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    return overrides
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Options of ``quantvggt quantize``."""
+    parser.add_argument("--model", required=True, help="float model source (hub id, file, folder, s3://)")
+    parser.add_argument(
+        "--calibration", nargs="+", required=True, help="scene image folders, or a selection manifest .parquet"
+    )
+    parser.add_argument(
+        "--recipe", default="quantvggt-w4a4", help="e.g. rtn-w4a4, quarot-w4a4, quantvggt-w4a4, quantvggt-w8a8"
+    )
+    parser.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
+    parser.add_argument("--frames", type=int, default=10, help="frames per calibration sample")
+    parser.add_argument(
+        "--scope", nargs="+", choices=["aggregator", "patch_embed", "camera_head"], help="parts to quantize"
+    )
+    parser.add_argument("--epochs", type=int, help="block-reconstruction epochs (quantvggt recipes)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Calibrate and quantize a model, then write a quantized checkpoint folder."""
+    from quantvggt.calib import folder_samples
+    from quantvggt.calib.nfds import load_selected
+    from quantvggt.pipeline import load_model
+    from quantvggt.quant import get_recipe, quantize_, save_quantized
+
+    # the recipe first: a misspelt or foreign option fails before minutes of model loading and calibration
+    config = get_recipe(args.recipe, **recipe_overrides(args.seed, args.scope, args.epochs))
+    model = load_model(args.model)
+    calib = []
+    for path in args.calibration:
+        if str(path).endswith(".parquet"):
+            calib += load_selected(path, image_size=model.image_size)
+        else:
+            calib += folder_samples([path], frames=args.frames, image_size=model.image_size)
+    report = quantize_(model, config, calib)
+    out = save_quantized(model, args.out, extra={"report": report.to_dict()})
+    print(f"recipe {report.recipe}: {len(report.layers)} layers quantized in {report.seconds:.1f}s")
+    print(
+        f"bytes: {report.quantized_bytes:,} ({report.bytes_16bit:,} with floats at 16 bit); "
+        f"fp16 {report.fp16_bytes:,} -> {report.compression_vs_fp16:.2f}x; "
+        f"fp32 {report.fp32_bytes:,} -> {report.compression_vs_fp32:.2f}x"
+    )
+    print(f"wrote {out}")
+    return 0
