@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import posixpath
 import types
@@ -113,3 +114,40 @@ def manifest_schema() -> Any:
 
     hints = typing.get_type_hints(SceneResult)
     return pa.schema([(f.name, arrow_type(hints[f.name])) for f in dataclasses.fields(SceneResult)])
+
+
+def scene_source_key(uri_or_path: str | os.PathLike[str]) -> str:
+    """A normalised identity for a scene source: absolute local path, or the URI without trailing slashes."""
+    s = os.fspath(uri_or_path)
+    if "://" in s:
+        return s.rstrip("/")
+    return os.path.abspath(s)
+
+
+def output_names(scenes: list[str], on_collision: Literal["error", "suffix"] = "error") -> dict[str, str]:
+    """Map each scene source to a unique output name (:func:`scene_name`), refusing or resolving collisions.
+
+    Two sources with the same folder name (``in/scene_000`` and ``other/scene_000``) would write the same
+    ``OUT/scene_000``: with ``on_collision="error"`` that is a ``ValueError`` naming both; with ``"suffix"``
+    every colliding source gets ``<name>-<8 hex of its parent>``, the same whatever the order of the inputs.
+    """
+    if on_collision not in ("error", "suffix"):
+        raise ValueError(f"on_collision must be 'error' or 'suffix', got {on_collision!r}")
+    by_name: dict[str, list[str]] = {}
+    for s in dict.fromkeys(scenes):
+        by_name.setdefault(scene_name(s), []).append(s)
+    out: dict[str, str] = {}
+    for name, sources in by_name.items():
+        keys = {scene_source_key(s) for s in sources}
+        if len(keys) == 1:
+            out.update({s: name for s in sources})
+            continue
+        if on_collision == "error":
+            raise ValueError(
+                f"scenes {', '.join(sorted(keys))} would all write the output folder {name!r}; "
+                "rename one, or pass --on-collision suffix to name each <name>-<hash of its parent>"
+            )
+        for s in sources:
+            parent = scene_source_key(s).rpartition("/")[0]
+            out[s] = f"{name}-{hashlib.sha1(parent.encode()).hexdigest()[:8]}"
+    return out

@@ -95,3 +95,21 @@ def test_scene_name_of_dot_paths_is_the_real_folder(tmp_path: Path, monkeypatch:
 def test_scene_name_without_a_usable_name(given: str) -> None:
     with pytest.raises(ValueError, match="scene"):
         scene_name(given)
+
+
+def test_output_names_refuse_or_resolve_collisions(tmp_path) -> None:
+    from quantvggt.scene import output_names
+
+    a, b = str(tmp_path / "in" / "scene_000"), str(tmp_path / "other" / "scene_000")
+    c = str(tmp_path / "in" / "scene_001")
+    with pytest.raises(ValueError, match="would all write the output folder 'scene_000'"):
+        output_names([a, b, c])
+    names = output_names([a, b, c], on_collision="suffix")
+    assert names[c] == "scene_001" and len({names[a], names[b]}) == 2
+    assert names == output_names([c, b, a], on_collision="suffix")  # order does not matter
+    assert output_names(["s3://x/in/scene_000", "s3://x/in/scene_000/"]) == {
+        "s3://x/in/scene_000": "scene_000",
+        "s3://x/in/scene_000/": "scene_000",
+    }  # same source twice is fine
+    with pytest.raises(ValueError, match="would all write"):
+        output_names(["s3://x/a/scene_000", "s3://x/b/scene_000"])
