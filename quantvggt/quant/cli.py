@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,10 +39,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
     parser.add_argument("--frames", type=int, default=10, help="frames per calibration sample")
     parser.add_argument(
-        "--scope", nargs="+", choices=["aggregator", "patch_embed", "camera_head"], help="parts to quantize"
+        "--scope",
+        nargs="+",
+        choices=["aggregator", "patch_embed", "camera_head", "dpt_heads"],
+        help="parts to quantize",
+    )
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--budget",
+        type=_budget,
+        help="mixed precision: per-layer widths {16, 8, 4} chosen by measured sensitivity "
+        "until the model is this many times smaller than fp16, e.g. 3.5x",
+    )
+    size.add_argument("--max-mb", type=float, help="mixed precision: the same, for a size limit in MB (1e6 bytes)")
+    size.add_argument(
+        "--layer-bits", help="reuse a per-layer bit map: a quantized checkpoint folder (its quant.json) or a JSON file"
     )
     parser.add_argument("--epochs", type=int, help="block-reconstruction epochs (quantvggt recipes)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text.lower().removesuffix("x"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"budget must look like 3.5x, got {text!r}") from e
+    if not value > 1.0:
+        raise argparse.ArgumentTypeError(f"budget must be > 1x (smaller than fp16), got {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,9 +75,13 @@ def run(args: argparse.Namespace) -> int:
     from quantvggt.calib.nfds import load_selected
     from quantvggt.pipeline import load_model
     from quantvggt.quant import get_recipe, quantize_, save_quantized
+    from quantvggt.quant.sensitivity import mixed_precision, read_layer_bits
 
     # the recipe first: a misspelt or foreign option fails before minutes of model loading and calibration
-    config = get_recipe(args.recipe, **recipe_overrides(args.seed, args.scope, args.epochs))
+    overrides = recipe_overrides(args.seed, args.scope, args.epochs)
+    if args.layer_bits:
+        overrides["layer_bits"] = read_layer_bits(args.layer_bits)
+    config = get_recipe(args.recipe, **overrides)
     model = load_model(args.model)
     calib = []
     for path in args.calibration:
@@ -60,8 +89,17 @@ def run(args: argparse.Namespace) -> int:
             calib += load_selected(path, image_size=model.image_size)
         else:
             calib += folder_samples([path], frames=args.frames, image_size=model.image_size)
+    extra: dict[str, Any] = {}
+    if args.budget or args.max_mb:
+        max_bytes = int(args.max_mb * 1e6) if args.max_mb else None
+        bits = mixed_precision(model, config, calib, budget=args.budget, max_bytes=max_bytes)
+        config = dataclasses.replace(config, layer_bits=bits.layer_bits)
+        extra["mixed_precision"] = bits.to_json()
+        print(f"mixed precision: {bits.compression_vs_fp16:.2f}x smaller than fp16 (predicted)")
+        for part, counts in bits.summary().items():
+            print(f"  {part:24s} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     report = quantize_(model, config, calib)
-    out = save_quantized(model, args.out, extra={"report": report.to_dict()})
+    out = save_quantized(model, args.out, extra={"report": report.to_dict(), **extra})
     print(f"recipe {report.recipe}: {len(report.layers)} layers quantized in {report.seconds:.1f}s")
     print(
         f"bytes: {report.quantized_bytes:,} ({report.bytes_16bit:,} with floats at 16 bit); "

@@ -196,12 +196,16 @@ def mixed_precision(
 
 
 def read_layer_bits(path: str | Path) -> dict[str, tuple[int, int]]:
-    """Read a ``--layer-bits`` JSON file (a :meth:`BitMap.to_json` document or a plain name -> [w, a] map)."""
+    """Read a ``--layer-bits`` file: a :meth:`BitMap.to_json` document, a name -> [w, a] map, or a checkpoint."""
     path = Path(path)
+    if path.is_dir():
+        path = path / "quant.json"
     try:
         doc = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: cannot read layer bits ({e})") from e
+    if isinstance(doc, dict) and isinstance(doc.get("config"), dict):  # a quantized checkpoint's quant.json
+        doc = doc["config"]
     raw = doc.get("layer_bits", doc) if isinstance(doc, dict) else None
     if not isinstance(raw, dict) or not all(
         isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(b, int) for b in v) for v in raw.values()
