@@ -114,20 +114,31 @@ def main(
     base = model_loader()
     fp16_bytes = bytes_at_16bit(base)
     results = []
+    sensitivity: dict[tuple[str, ...], dict] = {}  # per scope: the probe does not depend on the method
     for name in recipes:
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         if name != "fp":
-            kw = dict((recipe_overrides or {}).get(name.split("-")[0], {}))
-            rep = quantize_(model, get_recipe(name, **kw), calibration)
+            recipe, scope, budget = parse_recipe_spec(name)
+            kw = dict((recipe_overrides or {}).get(recipe.split("-")[0], {}))
+            if scope:
+                kw["scope"] = scope
+            config = get_recipe(recipe, **kw)
+            if budget is not None:
+                config = _mixed(model, config, calibration or [], budget, sensitivity)
+            rep = quantize_(model, config, calibration)
             nbytes, ratio = rep.bytes_16bit, rep.compression_vs_fp16
         else:
             nbytes, ratio = fp16_bytes, 1.0
         calib_s = time.perf_counter() - t0
         metrics = evaluate_model(model, scenes, options)
         row = {"recipe": name, **metrics, "bytes_16bit": nbytes, "compression_vs_fp16": ratio, "calibration_s": calib_s}
-        log.info("%s: AUC@30 %.3f", name, metrics["auc@30"])
+        log.info("%s: AUC@30 %.3f (%.2fx smaller than fp16)", name, metrics["auc@30"], ratio)
         results.append(row)
+        # written after every row: a long evaluation that dies keeps what it measured
+        (out / "results.json").write_text(
+            json.dumps({"scenes": [str(s) for s in scenes], "results": results}, indent=1)
+        )
     (out / "results.json").write_text(json.dumps({"scenes": [str(s) for s in scenes], "results": results}, indent=1))
     cols = [
         "recipe",
@@ -162,7 +173,72 @@ def main(
         lines.append(line)
     (out / "table.md").write_text("\n".join(lines) + "\n")
     _bar_chart(results, out / "auc.png")
+    _size_chart(results, out / "size_vs_auc.png")
     return out
+
+
+def parse_recipe_spec(spec: str) -> tuple[str, tuple[str, ...] | None, float | None]:
+    """``recipe[@scope+scope...][@3.5x]`` -> (recipe, scope or None, mixed-precision budget or None).
+
+    E.g. ``quantvggt-w4a4@aggregator+camera_head+dpt_heads@3.6x``: QuantVGGT over those parts with per-layer
+    widths chosen by sensitivity until the model is 3.6x smaller than fp16.
+    """
+    recipe, *parts = spec.split("@")
+    scope: tuple[str, ...] | None = None
+    budget: float | None = None
+    for part in parts:
+        if part.lower().endswith("x"):
+            try:
+                budget = float(part[:-1])
+            except ValueError as e:
+                raise ValueError(f"{spec}: budget {part!r} is not a number followed by x") from e
+        elif part:
+            scope = tuple(part.split("+"))
+    return recipe, scope, budget
+
+
+def _mixed(model: torch.nn.Module, config: Any, calibration: list, budget: float, cache: dict) -> Any:
+    import dataclasses
+
+    from quantvggt.quant.calibrate import as_batch
+    from quantvggt.quant.sensitivity import choose_bits, layer_sensitivity
+
+    if config.scope not in cache:
+        batches = [as_batch(c["images"] if isinstance(c, dict) else c) for c in calibration]
+        cache[config.scope] = layer_sensitivity(model.eval(), config, batches)
+    bits = choose_bits(model, config, cache[config.scope], budget=budget)
+    return dataclasses.replace(config, layer_bits=bits.layer_bits)
+
+
+def _size_chart(results: list[dict], png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in results:
+        method = r["recipe"].split("-")[0]
+        marker = "*" if r["recipe"].count("@") and r["recipe"].endswith("x") else "o"
+        ax.scatter(
+            r["compression_vs_fp16"],
+            r["auc@30"],
+            marker=marker,
+            s=60 if marker == "*" else 30,
+            label=method,
+            color=f"C{['fp', 'rtn', 'smoothquant', 'quarot', 'quantvggt'].index(method) % 10}"
+            if method in ("fp", "rtn", "smoothquant", "quarot", "quantvggt")
+            else "k",
+        )
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))
+    ax.legend(uniq.values(), uniq.keys(), fontsize=8, title="method (* = mixed precision)", title_fontsize=8)
+    ax.set_xlabel("x smaller than fp16")
+    ax.set_ylabel("pose AUC@30")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
 
 
 def _bar_chart(results: list[dict], png: Path) -> None:
@@ -194,7 +270,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``quantvggt evaluate``."""
     parser.add_argument("--model", required=True)
     parser.add_argument("--scenes", required=True, help="evaluation set (from `quantvggt synth`)")
-    parser.add_argument("--recipes", default=",".join(DEFAULT_RECIPES))
+    parser.add_argument(
+        "--recipes",
+        default=",".join(DEFAULT_RECIPES),
+        help="comma-separated; each recipe[@scope+scope...][@3.5x], e.g. quantvggt-w4a4@aggregator+camera_head@3x "
+        "(the @Nx suffix chooses per-layer widths by sensitivity until the model is N times smaller than fp16)",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument(
         "--calibration-pool", help="scene folders for NFDS (default: a fresh synthetic pool, seed --pool-seed)"
