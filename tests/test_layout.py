@@ -56,3 +56,11 @@ def test_kernels_fill_the_registry() -> None:
     from quantvggt.lowbit.registry import registered
 
     assert {("qlinear", "cpu"), ("qlinear", "cuda")} <= set(registered())
+
+
+def test_importing_the_package_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, quantvggt; assert 'torch' not in sys.modules, 'torch imported by quantvggt/__init__'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -7,9 +7,12 @@ layer it does not support, and the plain-torch path runs instead. Set ``QUANTVGG
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
 
 from quantvggt.lowbit.registry import register_kernel
+
+if TYPE_CHECKING:  # registration must stay free of torch so that `import quantvggt` is cheap
+    from torch import Tensor, nn
 
 
 def _cuda(layer: nn.Module, x: Tensor) -> Tensor | None:

@@ -8,10 +8,12 @@ for a layer it does not support; the caller then runs its plain-torch path.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-from torch import Tensor, nn
+if TYPE_CHECKING:  # importing torch here would make `import quantvggt` (and `quantvggt --help`) pay for it
+    from torch import Tensor, nn
 
-KernelFn = Callable[[nn.Module, Tensor], Tensor | None]
+KernelFn = Callable[["nn.Module", "Tensor"], Any]
 _KERNELS: dict[tuple[str, str], KernelFn] = {}
 
 
