@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quantvggt.lowbit.attention import check_attention_kind, int8_attention_ref
+from quantvggt.lowbit.registry import get_kernel
+
 
 class Mlp(nn.Module):
     """Two-layer perceptron: fc1 -> GELU -> fc2."""
@@ -64,7 +67,14 @@ class PositionGetter:
 
 
 class RotaryPositionEmbedding2D(nn.Module):
-    """2D RoPE: the first half of each head's features rotates with y, the second half with x."""
+    """2D RoPE: the first half of each head's features rotates with y, the second half with x.
+
+    The cos/sin tables have a fixed length (``MAX_POSITIONS``, grids up to 57k px) instead of ``max(positions)``:
+    reading the maximum would be a host sync and a ``torch.compile`` graph break in every block. Rows depend only
+    on their own position, so the values are the same as a table cut at the maximum.
+    """
+
+    MAX_POSITIONS = 4096
 
     def __init__(self, frequency: float = 100.0, scaling_factor: float = 1.0) -> None:
         super().__init__()
@@ -96,8 +106,7 @@ class RotaryPositionEmbedding2D(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor) -> Tensor:
         """Rotate ``tokens [B, heads, N, D]`` by ``positions [B, N, 2]`` (y, x)."""
         dim = tokens.size(-1) // 2
-        max_pos = int(positions.max()) + 1
-        cos, sin = self._components(dim, max_pos, tokens.device, tokens.dtype)
+        cos, sin = self._components(dim, self.MAX_POSITIONS, tokens.device, tokens.dtype)
         y_feat, x_feat = tokens.chunk(2, dim=-1)
         y_feat = self._rope_1d(y_feat, positions[..., 0], cos, sin)
         x_feat = self._rope_1d(x_feat, positions[..., 1], cos, sin)
@@ -105,7 +114,11 @@ class RotaryPositionEmbedding2D(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with optional QK LayerNorm and 2D RoPE."""
+    """Multi-head self-attention with optional QK LayerNorm and 2D RoPE.
+
+    ``attention`` is ``"sdpa"`` (exact) or ``"int8"``: INT8 Q·K^T after QK-norm and RoPE, through the registry's
+    ``attention_int8`` kernel for the device (the torch reference where none is registered).
+    """
 
     def __init__(
         self,
@@ -115,6 +128,7 @@ class Attention(nn.Module):
         proj_bias: bool = True,
         qk_norm: bool = False,
         rope: RotaryPositionEmbedding2D | None = None,
+        attention: str = "sdpa",
     ) -> None:
         super().__init__()
         if dim % num_heads != 0:
@@ -126,6 +140,20 @@ class Attention(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.rope = rope
+        self.attention = check_attention_kind(attention)  # a plain attribute: not in the state dict
+
+    @staticmethod
+    def _int8_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """INT8 attention forward; where gradients are needed (calibration) they are exact attention's (STE)."""
+        kernel = get_kernel("attention_int8", q.device.type)
+        with torch.no_grad():  # the kernels are forward-only (rounding has no useful gradient)
+            out = kernel(q, k, v) if kernel is not None else None
+            if out is None:  # no kernel for this device or shape: the reference has the same numerics
+                out = int8_attention_ref(q, k, v)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            exact = F.scaled_dot_product_attention(q, k, v)
+            out = exact + (out.to(exact.dtype) - exact).detach()
+        return out
 
     def forward(self, x: Tensor, pos: Tensor | None = None) -> Tensor:
         """Attend over the token axis of ``x [B, N, C]``."""
@@ -136,7 +164,10 @@ class Attention(nn.Module):
         if self.rope is not None and pos is not None:
             q = self.rope(q, pos)
             k = self.rope(k, pos)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if self.attention == "int8":
+            x = self._int8_attention(q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj(x)
 

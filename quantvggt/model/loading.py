@@ -167,8 +167,12 @@ def load_vggt(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     config: VGGTConfig | None = None,
+    compile: bool = False,
 ) -> VGGT:
-    """Load a VGGT from a hub id, local file/folder, ``s3://`` URI or shipped model name, in eval mode."""
+    """Load a VGGT from a hub id, local file/folder, ``s3://`` URI or shipped model name, in eval mode.
+
+    ``compile=True`` wraps the forward in ``torch.compile`` (see :meth:`VGGT.compile_`).
+    """
     weights, cfg_path = resolve_source(source)
     if cfg_path is not None and config is None:
         try:
@@ -180,4 +184,5 @@ def load_vggt(
     log.info("loading VGGT weights from %s", weights)
     model = build_model(config, read_state_dict(weights), str(weights))
     model.source = source
-    return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
+    return model.compile_() if compile else model

@@ -35,6 +35,15 @@ class VGGT(nn.Module):
         self.source: str | None = None  # where the weights came from (set by the loaders)
         self.quant_meta: dict[str, Any] | None = None  # set by quantize_ / load_quantized
 
+    def compile_(self, backend: str = "inductor", dynamic: bool | None = None) -> VGGT:
+        """``torch.compile`` this model's forward in place (zero graph breaks, quantized layers as custom ops).
+
+        The first call per input shape compiles; a second frame count makes Dynamo mark the frame axis dynamic, so
+        scenes of other sizes reuse that graph instead of recompiling per size.
+        """
+        self.compile(backend=backend, dynamic=dynamic)
+        return self
+
     @property
     def image_size(self) -> int:
         """Preprocessing target width the model expects (``config.image_size``)."""

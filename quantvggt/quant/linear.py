@@ -11,7 +11,9 @@ with ``Wq`` = per-output-channel quantized ``(W R) * smoothing``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -122,6 +124,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("signs", torch.ones(in_features, dtype=torch.int8))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self.backend = "auto"
+        self._register()
 
     def spec(self) -> QuantLinearSpec:
         """This layer's :class:`QuantLinearSpec`."""
@@ -188,6 +191,21 @@ class QuantLinear(nn.Module):
         return F.linear(h, self.dequantized_weight(), self.bias).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The device kernel; under ``torch.compile`` the same, called as the opaque op ``quantvggt::qlinear``."""
+        if torch.compiler.is_compiling():
+            return torch.ops.quantvggt.qlinear(x, self._handle, self.out_features)
+        return self.forward_eager(x)
+
+    def _register(self) -> None:
+        self._handle = next(_HANDLES)
+        _LIVE[self._handle] = self
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Copies (deepcopy, pickling to Ray workers) get their own op handle."""
+        super().__setstate__(state)
+        self._register()
+
+    def forward_eager(self, x: Tensor) -> Tensor:
         """Dispatch on ``backend`` (or the ``QUANTVGGT_QLINEAR_BACKEND`` environment variable)."""
         backend = os.environ.get(BACKEND_ENV, self.backend)
         if backend == "int":
@@ -203,6 +221,26 @@ class QuantLinear(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes held by this layer's buffers (packed weights, scales, signs, bias)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+
+# Compiled graphs call quantized layers through one custom op, so the kernels (fbgemm prepacks, Triton launches,
+# caches on the layer) stay opaque to Dynamo: no graph breaks, and Inductor fuses the elementwise work around them.
+# The op takes a handle to the live layer because a custom op cannot take a module.
+_HANDLES = itertools.count(1)
+_LIVE: weakref.WeakValueDictionary[int, QuantLinear] = weakref.WeakValueDictionary()
+
+
+@torch.library.custom_op("quantvggt::qlinear", mutates_args=())
+def _qlinear_op(x: Tensor, handle: int, out_features: int) -> Tensor:
+    layer = _LIVE.get(handle)
+    if layer is None:
+        raise RuntimeError(f"quantvggt::qlinear: layer handle {handle} is gone (the model was freed)")
+    return layer.forward_eager(x)
+
+
+@_qlinear_op.register_fake
+def _qlinear_fake(x: Tensor, handle: int, out_features: int) -> Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 class FakeQuantLinear(nn.Module):
