@@ -32,6 +32,8 @@ class VGGT(nn.Module):
             )
         self.track_head = TrackHead(config.track_head, TRACK_LAYERS) if config.track_head else None
         self.autocast_cuda = True
+        # upstream runs the heads in fp32; "bf16" runs them under bf16 autocast (CUDA, or CPU for accuracy checks)
+        self.heads_precision = "fp32"
         self.source: str | None = None  # where the weights came from (set by the loaders)
         self.quant_meta: dict[str, Any] | None = None  # set by quantize_ / load_quantized
 
@@ -77,8 +79,13 @@ class VGGT(nn.Module):
         if on_cuda:
             tokens = [None if t is None else t.float() for t in tokens]
         preds: dict[str, Tensor] = {}
-        no_amp = torch.autocast("cuda", enabled=False) if on_cuda else contextlib.nullcontext()
-        with no_amp:
+        if self.heads_precision == "bf16":
+            heads_ctx: contextlib.AbstractContextManager = torch.autocast(images.device.type, dtype=torch.bfloat16)
+        elif self.heads_precision == "fp32":
+            heads_ctx = torch.autocast("cuda", enabled=False) if on_cuda else contextlib.nullcontext()
+        else:
+            raise ValueError(f"heads_precision must be 'fp32' or 'bf16', got {self.heads_precision!r}")
+        with heads_ctx:
             if self.camera_head is not None:
                 preds["pose_enc"] = self.camera_head(tokens)[-1]
             if self.depth_head is not None:
@@ -90,5 +97,6 @@ class VGGT(nn.Module):
                 preds["track"], preds["vis"] = tracks[-1], vis
                 if conf is not None:
                     preds["conf"] = conf
+        preds = {k: v.float() if v.is_floating_point() else v for k, v in preds.items()}
         preds["images"] = images
         return preds
