@@ -15,10 +15,10 @@ import torch.nn.functional as F
 
 from quantvggt.kernels import reference as ref
 from quantvggt.kernels import triton_w4a4 as tk
-from quantvggt.model import VGGT, VGGTConfig
-from quantvggt.quant import get_recipe, quantize_
 from quantvggt.lowbit import quantizer as qz
 from quantvggt.lowbit.hadamard import dense_rotation, random_signs
+from quantvggt.model import VGGT, VGGTConfig
+from quantvggt.quant import get_recipe, quantize_
 
 SHAPES = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]
 
@@ -45,7 +45,8 @@ def main() -> None:
     print(torch.cuda.get_device_name())
     M = 13740
     print(
-        "| K x N | act levels mismatch | GEMM max rel err | bf16 ms | fake-quant ref ms | w4a4 ms (prep+gemm) | vs bf16 | vs ref |"
+        "| K x N | act levels mismatch | GEMM max rel err | bf16 ms | fake-quant ref ms | w4a4 ms (prep+gemm) "
+        "| vs bf16 | vs ref |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for K, N in SHAPES:

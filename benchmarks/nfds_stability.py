@@ -110,11 +110,13 @@ def main() -> None:
                 err = float(np.mean([float((last_tokens(q, x) - r).norm() / r.norm()) for x, r in zip(held, refs)]))
                 res[arm].append(err)
             print(
-                f"seed {seed}: nfds {res['nfds'][-1]:.4f}  random {res['random'][-1]:.4f}  (noise scenes in random subset: {noise_picked[-1]})",
+                f"seed {seed}: nfds {res['nfds'][-1]:.4f}  random {res['random'][-1]:.4f}  "
+                f"(noise scenes in random subset: {noise_picked[-1]})",
                 flush=True,
             )
         print(
-            f"\npool: {args.scenes} synthetic + {args.noise} noise scenes; {k} samples per calibration set; quantvggt-w4a4, {args.epochs} epochs"
+            f"\npool: {args.scenes} synthetic + {args.noise} noise scenes; {k} samples per calibration set; "
+            f"quantvggt-w4a4, {args.epochs} epochs"
         )
         print("| calibration set | mean rel. error | std | min | max |")
         print("|---|---|---|---|---|")

@@ -1,6 +1,7 @@
 """Plot the camera loss of consecutive training stages against training samples seen (docs/train_stages.png).
 
-    python benchmarks/plot_training.py OUT.png LOG.jsonl:BATCH:LABEL[:MAX_STEP] ... [--val VAL.jsonl:OFFSET_SAMPLES:BATCH]
+    python benchmarks/plot_training.py OUT.png LOG.jsonl:BATCH:LABEL[:MAX_STEP] ... \
+        [--val VAL.jsonl:OFFSET_SAMPLES:BATCH]
 
 Each stage starts where the previous one stopped (x = cumulative samples); ``--val`` adds a run's held-out
 validation (camera L1 of the last refinement next to the best constant guess).
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import matplotlib
 
@@ -28,7 +30,7 @@ def main() -> None:
     offset = 0
     for spec in args.stages:
         path, batch, label, *cap = spec.split(":")
-        rows = [json.loads(x) for x in open(path) if x.strip()]
+        rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
         if cap:
             rows = [r for r in rows if r["step"] <= int(cap[0])]
         xs = [offset + r["step"] * int(batch) for r in rows]
@@ -37,7 +39,7 @@ def main() -> None:
     ax2 = ax.twinx()
     for spec in args.val:
         path, start, batch = spec.split(":")
-        rows = [json.loads(x) for x in open(path) if x.strip()]
+        rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
         xs = [int(start) + r["step"] * int(batch) for r in rows]
         ax2.plot(xs, [r["val_camera"] for r in rows], "k.-", label="held-out camera L1")
         ax2.plot(xs, [r["val_camera_const"] for r in rows], "k--", label="held-out, best constant pose")

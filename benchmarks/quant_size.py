@@ -58,7 +58,9 @@ def main() -> None:
     if args.scopes:
         scopes = [tuple(s.split("+")) for s in args.scopes.split(",")]
     print(
-        f"arch={args.arch} track_head={cfg.track_head is not None} params={sum(p.numel() for p in base.parameters()):,} calib={len(calib)}x{tuple(calib[0].shape)} epochs={args.epochs}"
+        f"arch={args.arch} track_head={cfg.track_head is not None} "
+        f"params={sum(p.numel() for p in base.parameters()):,} "
+        f"calib={len(calib)}x{tuple(calib[0].shape)} epochs={args.epochs}"
     )
     print("| recipe | scope | layers | checkpoint MB | x vs fp16 (floats at 16 bit) | x vs fp32 | calib s |")
     print("|---|---|---|---|---|---|---|")
@@ -78,7 +80,8 @@ def main() -> None:
             else:
                 mb = rep.quantized_bytes / 1e6  # tensor bytes; the safetensors header adds < 1 MB
             print(
-                f"| {name} | {'+'.join(scope)} | {len(rep.layers)} | {mb:.2f} | {rep.compression_vs_fp16:.2f} | {rep.compression_vs_fp32:.2f} | {dt:.1f} |"
+                f"| {name} | {'+'.join(scope)} | {len(rep.layers)} | {mb:.2f} | {rep.compression_vs_fp16:.2f} "
+                f"| {rep.compression_vs_fp32:.2f} | {dt:.1f} |"
             )
             del model
 

@@ -72,7 +72,7 @@ def extri_intri_to_pose_encoding(extrinsics: Tensor, intrinsics: Tensor, image_s
 
 
 def pose_encoding_to_extri_intri(pose_enc: Tensor, image_size_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
-    """``absT_quaR_FoV`` encoding ``[...,9]`` -> extrinsics ``[...,3,4]``, intrinsics ``[...,3,3]`` (principal point at centre)."""
+    """``absT_quaR_FoV`` ``[...,9]`` -> extrinsics ``[...,3,4]``, intrinsics ``[...,3,3]`` (centred principal point)."""
     T, quat, fov_h, fov_w = pose_enc[..., :3], pose_enc[..., 3:7], pose_enc[..., 7], pose_enc[..., 8]
     extr = torch.cat([quat_to_mat(quat), T[..., None]], -1)
     H, W = image_size_hw

@@ -12,7 +12,7 @@ from quantvggt.lowbit.hadamard import rotate
 def act_prep_ref(
     x: Tensor, signs: Tensor | None, act_scale: Tensor, act_clip: Tensor, bits: int
 ) -> tuple[Tensor, Tensor]:
-    """Rotate (if ``signs``), pre-scale, per-token quantize: ``x [M, K]`` -> (int8 levels ``[M, K]``, fp32 scale ``[M]``)."""
+    """Rotate (if ``signs``), pre-scale, per-token quantize: ``x [M, K]`` -> (int8 levels ``[M, K]``, scale ``[M]``)."""
     h = x.float()
     if signs is not None:
         h = rotate(h, signs.float())

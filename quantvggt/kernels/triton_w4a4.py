@@ -71,7 +71,7 @@ def _act_prep_kernel(
 def act_prep(
     x: Tensor, signs: Tensor | None, act_scale: Tensor, act_clip: float, bits: int, block_m: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Fused Hadamard rotation (power-of-two widths) + pre-scale + per-token quantization -> (int8 ``[M,K]``, fp32 ``[M]``)."""
+    """Fused Hadamard rotation (power-of-two widths) + pre-scale + per-token quantization -> (int8 [M,K], fp32 [M])."""
     M, K = x.shape
     if block_m is None:
         block_m = 16 if INTERPRET else max(1, 4096 // K)  # keep a program's row tile within the register file
