@@ -287,12 +287,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-cluster", type=int, default=4)
     parser.add_argument("--epochs", type=int, help="block-reconstruction epochs for quantvggt recipes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--attention", choices=["sdpa", "int8"], help="frame/global attention of every row (default: sdpa)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Float vs quantization recipes on a synthetic evaluation set; writes table.md/.csv, results.json, auc.png."""
     from quantvggt import synth
     from quantvggt.calib import nfds
+    from quantvggt.model.aggregator import set_attention
     from quantvggt.pipeline import load_model
 
     out = Path(args.out)
@@ -318,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     # --epochs applies to the quantvggt family only: the other recipes have no block reconstruction
     overrides = {"quantvggt": {"epochs": args.epochs}} if args.epochs is not None else {}
     recipes = [r.strip() for r in args.recipes.split(",")]
-    main(lambda: load_model(args.model), args.scenes, out, recipes, calib, overrides)
+    main(lambda: set_attention(load_model(args.model), args.attention), args.scenes, out, recipes, calib, overrides)
     print((out / "table.md").read_text())
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'auc.png'}")
     return 0

@@ -3,6 +3,10 @@
 ``QuantLinear`` asks the registry for its device's ``qlinear`` forward; a kernel may return ``None`` for a
 layer it does not support, and the plain-torch path runs instead. Set ``QUANTVGGT_QLINEAR_BACKEND=fake`` (or
 ``int``) to force a reference path. Every kernel has a plain-torch reference in :mod:`.reference`.
+
+``attention_int8`` (``fn(q, k, v) -> out``, ``[B, H, N, D]``) is INT8 Q·K^T attention: the Triton kernel on CUDA
+(:mod:`.triton_attention`), the plain-torch reference :func:`quantvggt.lowbit.attention.int8_attention_ref` on CPU,
+so both devices quantize alike. ``None`` from a kernel means "not supported here": the caller runs the reference.
 """
 
 from __future__ import annotations
@@ -31,3 +35,21 @@ def _cpu(layer: nn.Module, x: Tensor) -> Tensor | None:
 
 register_kernel("qlinear", "cuda", _cuda)
 register_kernel("qlinear", "cpu", _cpu)
+
+
+def _attention_cuda(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:
+    try:
+        from quantvggt.kernels.triton_attention import attention_forward
+    except ImportError:  # triton missing: the caller runs the torch reference
+        return None
+    return attention_forward(q, k, v)
+
+
+def _attention_cpu(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    from quantvggt.lowbit.attention import int8_attention_ref
+
+    return int8_attention_ref(q, k, v)
+
+
+register_kernel("attention_int8", "cuda", _attention_cuda)
+register_kernel("attention_int8", "cpu", _attention_cpu)

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
+from quantvggt.lowbit.attention import check_attention_kind
 from quantvggt.model.config import AggregatorConfig
 from quantvggt.model.dinov2 import build_vit
 from quantvggt.model.layers import Block, PatchEmbed, PositionGetter, RotaryPositionEmbedding2D
@@ -36,7 +37,7 @@ class Aggregator(nn.Module):
         self.position_getter = PositionGetter() if self.rope is not None else None
 
         def make_block() -> Block:
-            return Block(
+            block = Block(
                 cfg.embed_dim,
                 cfg.num_heads,
                 cfg.mlp_ratio,
@@ -47,6 +48,8 @@ class Aggregator(nn.Module):
                 qk_norm=cfg.qk_norm,
                 rope=self.rope,
             )
+            block.attn.attention = cfg.attention  # frame/global blocks only (not the patch embed's or the heads')
+            return block
 
         self.frame_blocks = nn.ModuleList([make_block() for _ in range(cfg.depth)])
         self.global_blocks = nn.ModuleList([make_block() for _ in range(cfg.depth)])
@@ -119,3 +122,24 @@ class Aggregator(nn.Module):
                 layer = len(outputs)
                 outputs.append(torch.cat([f, g], dim=-1) if layer in keep else None)
         return outputs, self.patch_start_idx
+
+
+def set_attention(model: nn.Module, kind: str | None) -> nn.Module:
+    """Switch the frame/global attention of every aggregator in ``model`` to ``kind`` ("sdpa" | "int8"); returns it.
+
+    The aggregator config is updated too, so ``model.config.to_dict()`` (and a quantized checkpoint saved afterwards)
+    records the choice. ``None`` leaves the model as it is.
+    """
+    if kind is None:
+        return model
+    check_attention_kind(kind)
+    found = False
+    for module in model.modules():
+        if isinstance(module, Aggregator):
+            found = True
+            module.cfg.attention = kind
+            for block in (*module.frame_blocks, *module.global_blocks):
+                block.attn.attention = kind
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no aggregator whose attention could be set")
+    return model

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from quantvggt.lowbit.attention import check_attention_kind
 from quantvggt.model.dinov2 import VIT_SIZES
 
 
@@ -36,8 +37,10 @@ class AggregatorConfig:
     qk_norm: bool = True
     rope_freq: int = 100
     init_values: float = 0.01
+    attention: str = "sdpa"  # frame/global attention: exact "sdpa" or "int8" Q·K^T (quantvggt.lowbit.attention)
 
     def __post_init__(self) -> None:
+        check_attention_kind(self.attention)
         if self.depth % self.aa_block_size:
             raise ValueError(f"depth {self.depth} must be divisible by aa_block_size {self.aa_block_size}")
         if self.embed_dim % self.num_heads:
