@@ -1,10 +1,22 @@
-"""CPU: per-layer and whole-model latency of the 4-bit path vs float and vs the reference approach.
+"""CPU: per-layer and whole-model latency of the 4-bit path vs fp32, bf16 and PyTorch's int8 dynamic quantization.
 
-    python benchmarks/cpu_qlinear.py --layers          # the four VGGT-1B aggregator shapes at M tokens
-    python benchmarks/cpu_qlinear.py --model tiny      # tiny model at several frame counts
-    python benchmarks/cpu_qlinear.py --model 1b        # VGGT-1B architecture (seeded weights), small input
+    python benchmarks/cpu_qlinear.py --layers --tokens 1044 --repeat 5 --threads 1   # VGGT-1B layer shapes
+    python benchmarks/cpu_qlinear.py --layers --shapes camera --tokens 4             # camera head: M = S frames
+    python benchmarks/cpu_qlinear.py --split --tokens 1044 --threads 1               # where one call's time goes
+    python benchmarks/cpu_qlinear.py --model 1b --frames 4 --side 224 --repeat 3     # VGGT-1B, seeded weights
+    python benchmarks/cpu_qlinear.py --model tiny --frames 2,4,8 --side 224
 
-Every ratio printed is measured in this process against a baseline run in the same process.
+Contenders, all in this process, timed in interleaved rounds (each round runs every contender once; the median
+round is reported, so load from other processes hits all of them alike):
+
+* ``fp32``: ``F.linear`` / the float model;
+* ``int8 dyn``: ``torch.ao.quantization.quantize_dynamic`` (int8 weights, per-tensor dynamic int8 activations,
+  fbgemm), what a user on a CPU cluster would call;
+* ``bf16``: weights and activations in bfloat16 (per layer), ``torch.autocast("cpu", torch.bfloat16)`` (model);
+* ``W4A4 speed`` / ``W4A4 memory``: our QuantLinear in :mod:`quantvggt.kernels.cpu`'s two modes (int8 weights
+  cached at 1 byte/weight, or int4 unpacked per call).
+
+Every ratio is ``fp32 time / contender time`` (above 1 is faster than fp32).
 """
 
 from __future__ import annotations
@@ -12,7 +24,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import resource
+import statistics
 import sys
+import time
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -20,98 +38,226 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, state_bytes, to_reference
+from common import state_bytes
 
+from quantvggt.kernels import cpu, cpu_native
+from quantvggt.lowbit.hadamard import random_signs
 from quantvggt.model import VGGT, VGGTConfig
 from quantvggt.quant import get_recipe, quantize_
-from quantvggt.lowbit.hadamard import random_signs
 from quantvggt.quant.linear import FakeQuantLinear
 
-SHAPES = [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)]
+SHAPES = {  # qkv, proj, fc1, fc2
+    "aggregator": [(1024, 3072), (1024, 1024), (1024, 4096), (4096, 1024)],  # and DINOv2 patch embed; M = S x 261
+    "camera": [(2048, 6144), (2048, 2048), (2048, 8192), (8192, 2048)],  # camera-head trunk; M = S frames
+}
 
 
-def layers(M: int, repeat: int) -> None:
-    """Per-layer table for the aggregator shapes."""
-    print(f"per layer, M={M} tokens, threads={torch.get_num_threads()}")
-    print(
-        "| K x N | fp32 ms | 4-bit (ours) ms | reference ms | ours vs fp32 | ours vs reference | weight bytes fp32 / ours |"
+CLOCK = time.perf_counter  # --clock cpu: time.process_time, for 1-thread runs on a machine shared with other jobs
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median seconds per contender over ``repeat`` rounds that each run every contender once (after one warmup)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = CLOCK()
+            fn()
+            times[k].append(CLOCK() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def with_mode(mode: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with :data:`quantvggt.kernels.cpu.mode` set to ``mode``."""
+
+    def run() -> object:
+        prev, cpu.mode = cpu.mode, mode
+        try:
+            return fn()
+        finally:
+            cpu.mode = prev
+
+    return run
+
+
+def header() -> str:
+    """One line naming the machine's kernels and threads."""
+    native = "native kernels" if cpu_native.lib() is not None else "plain-torch kernels (no C compiler)"
+    clock = "process CPU time" if CLOCK is time.process_time else "wall time"
+    return (
+        f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"threads={torch.get_num_threads()}, {native}, {clock}, load average {os.getloadavg()[0]:.1f}"
     )
-    print("|---|---|---|---|---|---|---|")
-    from common import ReferenceFakeQuantLinear
 
-    for K, N in SHAPES:
-        torch.manual_seed(0)
-        lin = nn.Linear(K, N)
-        ql = FakeQuantLinear(lin, 4, 4, random_signs(K, 0), torch.rand(K) + 0.5).to_quant_linear()
-        ref = ReferenceFakeQuantLinear(ql)
+
+def _layer(K: int, N: int) -> tuple[nn.Linear, nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    lin = nn.Linear(K, N)
+    ql = FakeQuantLinear(lin, 4, 4, random_signs(K, 0), torch.rand(K) + 0.5).to_quant_linear()
+    dyn = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(lin)), {nn.Linear}, dtype=torch.qint8)
+    return lin, ql, dyn
+
+
+def layers(M: int, repeat: int, shapes: str) -> None:
+    """Per-layer table for VGGT-1B layer shapes at ``M`` tokens."""
+    print(f"per layer ({shapes} shapes), M={M} tokens; {header()}; median of {repeat} interleaved rounds")
+    print(
+        "| K x N | fp32 ms | int8 dyn ms | bf16 ms | W4A4 speed ms | W4A4 memory ms "
+        "| int8 dyn vs fp32 | bf16 vs fp32 | **speed vs fp32** | memory vs fp32 | **speed vs int8 dyn** |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for K, N in SHAPES[shapes]:
+        lin, ql, dyn = _layer(K, N)
         x = torch.randn(M, K)
+        xb, wb, bb = x.bfloat16(), lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()
         with torch.no_grad():
-            t_fp = bench(lambda: F.linear(x, lin.weight, lin.bias), repeat)
-            t_q = bench(lambda: ql(x), repeat)
-            t_r = bench(lambda: ref(x), repeat) if ref is not None else float("nan")
-        wb = K * N * 4
-        qb = ql.qweight.numel() + 4 * N + 4 * K + K
+            t = interleaved(
+                {
+                    "fp32": lambda: F.linear(x, lin.weight, lin.bias),
+                    "dyn": lambda: dyn(x),
+                    "bf16": lambda: F.linear(xb, wb, bb),
+                    "speed": with_mode("speed", lambda: ql(x)),
+                    "memory": with_mode("memory", lambda: ql(x)),
+                },
+                repeat,
+            )
+        ms = {k: v * 1e3 for k, v in t.items()}
+        r = {k: t["fp32"] / v for k, v in t.items()}
         print(
-            f"| {K}x{N} | {t_fp * 1e3:.1f} | {t_q * 1e3:.1f} | {t_r * 1e3:.1f} | {t_fp / t_q:.2f}x | {t_r / t_q:.2f}x | {wb / 1e6:.1f} MB / {qb / 1e6:.2f} MB |"
+            f"| {K}x{N} | {ms['fp32']:.1f} | {ms['dyn']:.1f} | {ms['bf16']:.1f} | {ms['speed']:.1f} | "
+            f"{ms['memory']:.1f} | {r['dyn']:.2f}x | {r['bf16']:.2f}x | **{r['speed']:.2f}x** | {r['memory']:.2f}x | "
+            f"**{t['dyn'] / t['speed']:.2f}x** |"
         )
 
 
-def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, with_reference: bool = True) -> None:
-    """Whole-model latency for float, ours (quantvggt-w4a4 weights, RTN-speed identical) and the reference approach."""
+def split(M: int, repeat: int, shapes: str) -> None:
+    """Where one W4A4 call's time goes, per shape (ms)."""
+    print(f"inside one W4A4 call, M={M} tokens; {header()}; median of {repeat} interleaved rounds")
+    print(
+        "| K x N | act quant (native) | act quant (torch) | int4 unpack | int8 GEMM | epilogue | whole call (speed) |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for K, N in SHAPES[shapes]:
+        _, ql, _ = _layer(K, N)
+        x = torch.randn(M, K)
+        levels, s = cpu.act_quant(ql, x)
+        w = cpu.gemm_weight(ql)
+        acc = torch._int_mm(levels, w)
+        native = cpu_native.lib() is not None
+        fns = {
+            "act": lambda: cpu.act_quant(ql, x),
+            "act_torch": lambda: cpu.act_levels(ql, x),
+            "unpack": lambda: cpu._unpack(ql),
+            "gemm": lambda: torch._int_mm(levels, w),
+            "epi": lambda: cpu._epilogue(acc.clone() if not native else acc, s, ql),
+            "call": with_mode("speed", lambda: ql(x)),
+        }
+        with torch.no_grad():
+            ms = {k: v * 1e3 for k, v in interleaved(fns, repeat).items()}
+        print(
+            f"| {K}x{N} | {ms['act']:.2f} | {ms['act_torch']:.2f} | {ms['unpack']:.2f} | {ms['gemm']:.2f} | "
+            f"{ms['epi']:.2f} | {ms['call']:.2f} |"
+        )
+
+
+def bf16_autocast(model: nn.Module, x: torch.Tensor) -> object:
+    """The float model under CPU bf16 autocast (how a user runs a float model in bf16)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(x)
+
+
+def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, contenders: list[str]) -> None:
+    """Whole-model latency: fp32, int8 dynamic, bf16 autocast (opt-in) and our W4A4 in both modes, in one process."""
     torch.manual_seed(0)
     if arch == "tiny":
-        cfg = VGGTConfig.from_dict(
-            json.loads(
-                (Path(__file__).resolve().parent.parent / "quantvggt" / "assets" / "vggt-tiny-config.json").read_text()
-            )
-        )
+        cfg_path = Path(__file__).resolve().parent.parent / "quantvggt" / "assets" / "vggt-tiny-config.json"
+        cfg = VGGTConfig.from_dict(json.loads(cfg_path.read_text()))
+        scope: tuple[str, ...] = ("aggregator",)
     else:
-        cfg = VGGTConfig(track_head=None)
+        cfg = VGGTConfig(track_head=None)  # reconstruction never runs the track head
+        scope = ("aggregator", "patch_embed", "camera_head")
     base = VGGT(cfg).eval()
+    models: dict[str, nn.Module] = {"fp32": base}
     q = copy.deepcopy(base)
-    quantize_(q, get_recipe("quarot-w4a4", scope=("aggregator", "patch_embed") if arch == "1b" else ("aggregator",)))
-    ref = to_reference(copy.deepcopy(q)) if with_reference else None
+    report = quantize_(q, get_recipe("quarot-w4a4", scope=scope))
+    n_layers = getattr(report, "n_layers", None) or sum(1 for m in q.modules() if hasattr(m, "qweight"))
+    if "int8dyn" in contenders:
+        models["int8dyn"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8)
     print(
-        f"whole model {arch}, {side}x{side} px, threads={torch.get_num_threads()}; state MB: float {state_bytes(base) / 1e6:.1f}, "
-        f"ours {state_bytes(q) / 1e6:.1f}" + (f", reference {state_bytes(ref) / 1e6:.1f}" if ref is not None else "")
+        f"whole model {arch}, {side}x{side} px, quarot-w4a4 over {'+'.join(scope)} ({n_layers} layers); {header()}; "
+        f"median of {repeat} interleaved rounds"
     )
-    print("| frames | fp32 s | 4-bit (ours) s | reference s | ours vs fp32 | ours vs reference | peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
-    import resource
-
+    print(
+        f"state MB: fp32 {state_bytes(base) / 1e6:.0f}, W4A4 {state_bytes(q) / 1e6:.0f} (int4 at rest)"
+        + (f", int8 dyn {state_bytes(models['int8dyn']) / 1e6:.0f} (float part only)" if "int8dyn" in models else "")
+    )
+    cols = ["fp32", *[c for c in ("int8dyn", "bf16") if c in models or c in contenders], "speed", "memory"]
+    head = " | ".join(f"{c} s" for c in cols) + " | " + " | ".join(f"{c} vs fp32" for c in cols[1:])
+    print(f"| frames | {head} |")
+    print("|---" * (2 * len(cols)) + "|")
     for S in frames_list:
         x = torch.rand(S, 3, side, side)
+        fns: dict[str, Callable[[], object]] = {"fp32": lambda: base(x)}
+        if "int8dyn" in models:
+            fns["int8dyn"] = lambda: models["int8dyn"](x)
+        if "bf16" in contenders:
+            fns["bf16"] = lambda: bf16_autocast(base, x)
+        fns["speed"] = with_mode("speed", lambda: q(x))
+        fns["memory"] = with_mode("memory", lambda: q(x))
         with torch.no_grad():
-            t_fp = bench(lambda: base(x), repeat)
-            t_q = bench(lambda: q(x), repeat)
-            t_r = bench(lambda: ref(x), repeat) if ref is not None else float("nan")
+            t = interleaved(fns, repeat)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"| {S} | {t_fp:.3f} | {t_q:.3f} | {t_r:.3f} | {t_fp / t_q:.2f}x | {t_r / t_q:.2f}x | {rss:.0f} |")
+        print(
+            f"| {S} | "
+            + " | ".join(f"{t[c]:.3f}" for c in cols)
+            + " | "
+            + " | ".join(f"{t['fp32'] / t[c]:.2f}x" for c in cols[1:])
+            + f" |  (speed-mode weight caches {cpu.cached_bytes(q) / 1e6:.0f} MB; peak RSS so far {rss:.0f} MB)"
+        )
 
 
 def main() -> None:
     """CLI."""
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--layers", action="store_true")
-    ap.add_argument("--tokens", type=int, default=2048)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", action="store_true", help="per-layer table")
+    ap.add_argument("--split", action="store_true", help="per-stage breakdown of one W4A4 call")
+    ap.add_argument("--tokens", type=int, default=1044, help="M: 4 frames x 261 tokens at 224 px")
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="aggregator", help="layer shapes for --layers/--split")
     ap.add_argument("--model", choices=["tiny", "1b"])
-    ap.add_argument("--frames", default="2,4,8")
-    ap.add_argument("--side", type=int, default=0)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--frames", default="4")
+    ap.add_argument("--side", type=int, default=224)
+    ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument(
-        "--no-reference",
-        action="store_true",
-        help="skip the reference approach (it needs ~2x the float model's memory)",
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: process CPU time (1 thread only), robust when other jobs share the cores",
     )
+    ap.add_argument("--contenders", default="int8dyn", help="for --model, besides fp32 and ours: int8dyn,bf16")
     args = ap.parse_args()
+    warnings.filterwarnings("ignore", message=r".*(deprecat|migrat).*", category=Warning)  # torch.ao's notices
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.clock == "cpu":
+        if torch.get_num_threads() != 1:
+            ap.error("--clock cpu sums the CPU time of all threads: use it with --threads 1")
+        global CLOCK
+        CLOCK = time.process_time
     if args.layers:
-        layers(args.tokens, args.repeat)
+        layers(args.tokens, args.repeat, args.shapes)
+    if args.split:
+        split(args.tokens, args.repeat, args.shapes)
     if args.model:
-        side = args.side or (224 if args.model == "tiny" else 112)
-        whole_model(args.model, [int(f) for f in args.frames.split(",")], side, args.repeat, not args.no_reference)
+        whole_model(
+            args.model,
+            [int(f) for f in args.frames.split(",")],
+            args.side,
+            args.repeat,
+            [c for c in args.contenders.split(",") if c],
+        )
 
 
 if __name__ == "__main__":

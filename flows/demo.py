@@ -39,7 +39,7 @@ def main(
 ) -> dict[str, Any]:
     """Run the whole pipeline locally and print where everything is."""
     from flows.quantize import quantize
-    from flows.reconstruct import reconstruct
+    from flows.reconstruct import ScenesFailedError, reconstruct
 
     root = Path(out).resolve()
     inbox = synth.main(root / "inbox", scenes=scenes, frames=frames, seed=42, size=(224, 168))
@@ -59,9 +59,13 @@ def main(
     )
     print(f"[2/4] quantized checkpoint: {ckpt}")
     opts = {"max_points": 20000}
-    manifest = reconstruct(
-        scenes=[str(inbox)], checkpoint=ckpt, out=str(root / "reconstructions"), options=opts, num_workers=workers
-    )
+    failure: ScenesFailedError | None = None
+    try:
+        manifest = reconstruct(
+            scenes=[str(inbox)], checkpoint=ckpt, out=str(root / "reconstructions"), options=opts, num_workers=workers
+        )
+    except ScenesFailedError as e:  # the summary below still shows every scene, the failed ones with their errors
+        manifest, failure = e.manifest, e
     print(f"[3/4] reconstructions written; manifest {manifest}")
     results = read_manifest(*split_uri(manifest))
     fm, qm = load_model(model), load_model(ckpt)
@@ -91,6 +95,9 @@ def main(
     print("Open one in COLMAP:")
     print(f"  colmap gui --import_path {first / 'sparse' / '0'} --image_path {inbox / first.name}")
     print(f"  colmap model_analyzer --path {first / 'sparse' / '0'}")
+    print(f"Picture of it: {first / 'preview.png'}")
+    if failure is not None:
+        raise failure
     store = open_storage(root / "reconstructions")
     return {
         "manifest": manifest,

@@ -1,42 +1,150 @@
-"""Reconstruct flows: discover scenes, skip finished ones, fan out to Ray actors, write a Parquet manifest + summary."""
+"""Reconstruct flows: check parameters, find scenes, fan out to Ray actors, write a manifest, show what happened.
+
+A run writes what it can whatever fails: a Parquet manifest with one row per scene (a local copy under the cache
+folder when the output store cannot be written), a table, a Markdown summary (full errors, previews) and links as
+Prefect artifacts, and a progress artifact while scenes are reconstructed. More failed scenes than
+``allowed_failures`` (default 0) end the run **Failed** (:class:`ScenesFailedError`, which names the manifest).
+"""
 
 from __future__ import annotations
 
 import time
-import uuid
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
 
-from quantvggt.pipeline import expand_scene_uris, markdown_table, write_manifest
+from flows import route_library_logs
+from flows.params import ParameterError, check_inbox, check_storage_root, require, resolve_checkpoint
+from flows.report import browse_url, read_previews, scene_rows, summary_markdown
+from quantvggt.pipeline import expand_scene_uris, write_manifest
 from quantvggt.reconstruct import ReconstructionOptions
-from quantvggt.scene import SceneResult, scene_name
-from quantvggt.storage import open_storage
+from quantvggt.scene import SceneResult, Status, output_names, scene_name
+from quantvggt.storage import Storage, StorageError, StorageUnavailableError, cache_dir, open_storage
+
+route_library_logs()
+Collision = Literal["error", "suffix"]
+RETRY_DELAYS_S = [30, 120]  # storage outages outlast botocore's per-request retries (seconds)
 
 
-@task(name="discover-scenes")
-def discover(scenes: list[str], out: str, force: bool) -> tuple[list[str], list[SceneResult]]:
-    """Scene URIs still to do, and 'skipped' results for those already complete in ``out``."""
-    store = open_storage(out)
-    todo, skipped = [], []
-    for uri in expand_scene_uris(scenes):
+class ScenesFailedError(RuntimeError):
+    """More scenes failed than the run allows; ``manifest`` is where every scene's row is."""
+
+    def __init__(self, message: str, manifest: str = "") -> None:
+        super().__init__(message)
+        self.manifest = manifest
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Prefect pickles the exception as the run's result
+        return (type(self), (str(self), self.manifest))
+
+
+def storage_outage(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry a task only when storage was unreachable (nothing else passes later)."""
+    try:
+        state.result()
+    except StorageUnavailableError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _label(uri: str) -> str:
+    try:
+        return scene_name(uri)
+    except ValueError:
+        return uri
+
+
+@task(name="discover-scenes", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAYS_S,
+      retry_condition_fn=storage_outage)  # fmt: skip
+def discover(
+    scenes: list[str], out: str, force: bool, on_collision: Collision
+) -> tuple[list[tuple[str, str]], list[SceneResult]]:
+    """(scene URI, output name) pairs to reconstruct, and the results decided here (complete, unlistable, colliding).
+
+    A scene counts as complete only if its completion record names the same source; a result of another source
+    under the same name fails the scene (``on_collision="error"``) or sends it to ``<name>-<hash of its parent>``.
+    """
+    logger = get_run_logger()
+    decided: list[SceneResult] = []
+    uris: list[str] = []
+    for item in scenes:
         try:
-            name = scene_name(uri)
-        except ValueError:  # left to the workers, whose failed result says why
-            todo.append(uri)
+            uris += expand_scene_uris([item])
+        except StorageUnavailableError:
+            raise  # the task is retried for an outage
+        except (StorageError, OSError, ValueError) as e:  # this input only: the others go on
+            decided.append(SceneResult(_label(item), error=f"cannot list scenes: {e}", source=item))
+    uris = list(dict.fromkeys(uris))
+    names, collided = _names(uris, on_collision)
+    decided += collided
+    store = open_storage(out)
+    todo: list[tuple[str, str]] = []
+    for uri, name in names.items():
+        if not force and store.is_complete(name, source=uri):
+            decided.append(_result(store, name, uri, "skipped"))
             continue
-        if not force and store.is_complete(name):
-            output, report = store.uri(name), store.uri(f"{name}/report.json")
-            skipped.append(SceneResult(name, "skipped", output=output, report=report, source=uri))
-        else:
-            todo.append(uri)
-    return todo, skipped
+        record = None if force else store.completion_record(name)
+        if record is not None:  # complete, but for another source with the same folder name
+            if on_collision == "error":
+                error = (
+                    f"{store.uri(name)} holds the result of another scene folder with the same name "
+                    f"({record.get('source')}); rename one, or run with on_collision='suffix' to write "
+                    "<name>-<hash of its parent>"
+                )
+                decided.append(_result(store, name, uri, "failed", error))
+                continue
+            suffixed = output_names([record["source"], uri], on_collision="suffix")[uri]
+            logger.info("%s holds %s; %s goes to %s", store.uri(name), record.get("source"), uri, suffixed)
+            name = suffixed
+            if store.is_complete(name, source=uri):
+                decided.append(_result(store, name, uri, "skipped"))
+                continue
+        todo.append((uri, name))
+    return todo, decided
 
 
-@task(name="ray-batch")
+def _result(store: Storage, name: str, uri: str, status: Status, error: str = "") -> SceneResult:
+    return SceneResult(
+        name, status, error=error, output=store.uri(name), report=store.uri(f"{name}/report.json"), source=uri
+    )
+
+
+def _names(uris: list[str], on_collision: Collision) -> tuple[dict[str, str], list[SceneResult]]:
+    """Output names (:func:`output_names`); with "error", only the colliding scenes fail, each naming the others."""
+    named: dict[str, str] = {}
+    failed: list[SceneResult] = []
+    nameable = []
+    for uri in uris:
+        try:
+            scene_name(uri)
+            nameable.append(uri)
+        except ValueError as e:
+            failed.append(SceneResult(uri, error=f"ValueError: {e}", source=uri))
+    try:
+        return output_names(nameable, on_collision=on_collision), failed
+    except ValueError as e:  # on_collision="error": fail the colliding scenes, keep the rest
+        suffixed = output_names(nameable, on_collision="suffix")
+        for uri in nameable:
+            if suffixed[uri] == scene_name(uri):
+                named[uri] = suffixed[uri]
+            else:
+                failed.append(SceneResult(scene_name(uri), error=f"ValueError: {e}", source=uri))
+        return named, failed
+
+
+@task(name="ray-batch", cache_policy=NO_CACHE)
 def run_batch(
-    scene_uris: list[str],
+    todo: list[tuple[str, str]],
     checkpoint: str,
     out: str,
     options: dict[str, Any],
@@ -44,18 +152,70 @@ def run_batch(
     force: bool,
     ray_address: str | None,
 ) -> list[SceneResult]:
-    """Drive plain Ray actors from this task (no per-worker Prefect servers)."""
+    """Reconstruct on Ray actors driven from this task; every scene gets a result, whatever fails on the way."""
     from workers.reconstruct import ensure_ray, run_scenes
 
-    if not scene_uris:
+    logger = get_run_logger()
+    if not todo:
         return []
-    ensure_ray(ray_address, num_cpus=max(num_workers, 1))
-    return run_scenes(
-        scene_uris, checkpoint, out, ReconstructionOptions(**options), num_workers=num_workers, force=force
-    )
+    uris, names = [u for u, _ in todo], dict(todo)
+    results: dict[str, SceneResult] = {}
+    progress = create_progress_artifact(0.0, key="reconstruct-progress", description=f"{len(todo)} scenes")
+
+    def on_result(r: SceneResult) -> None:  # each scene's line is logged by the workers' logger (routed here)
+        results[r.source] = r
+        update_progress_artifact(progress, 100.0 * len(results) / len(todo), f"{len(results)} of {len(todo)} scenes")
+
+    try:
+        where = ensure_ray(ray_address, num_cpus=max(num_workers, 1))
+        logger.info("reconstructing %d scenes on %d Ray workers (%s)", len(todo), num_workers, where)
+        run_scenes(
+            uris,
+            checkpoint,
+            out,
+            ReconstructionOptions(**options),
+            num_workers=num_workers,
+            force=force,
+            names=names,
+            on_result=on_result,
+        )
+    except Exception as e:  # Ray unreachable or the batch broke: the scenes without a result get this error
+        logger.error("batch stopped: %s: %s", type(e).__name__, e)
+        for uri in uris:
+            if uri not in results:
+                on_result(SceneResult(names[uri], error=f"batch failed: {type(e).__name__}: {e}", source=uri))
+    return [results[u] for u in uris]
 
 
-@flow(name="reconstruct")
+@task(name="write-manifest", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAYS_S,
+      retry_condition_fn=storage_outage)  # fmt: skip
+def save_manifest(results: list[SceneResult], out: str, run_name: str) -> str:
+    """The run's Parquet manifest in ``OUT/_manifests/``; returns its URI."""
+    return write_manifest(results, open_storage(out), f"_manifests/{run_name}.parquet")
+
+
+def _manifest_anyway(results: list[SceneResult], out: str, run_name: str) -> tuple[str, str]:
+    """(manifest URI, why it is not in ``out``): ``out`` if it can be written, else a local copy under the cache."""
+    try:
+        return save_manifest(results, out, run_name), ""
+    except Exception as e:
+        local = open_storage(cache_dir() / "manifests")
+        return write_manifest(results, local, f"{run_name}.parquet"), f"{type(e).__name__}: {e}"
+
+
+def _publish(results: list[SceneResult], out: str, manifest: str, title: str) -> None:
+    """Table, Markdown (with previews) and link artifacts of the run."""
+    try:
+        previews = read_previews(open_storage(out), results)
+    except Exception:  # pictures are a bonus: the store may be the thing that failed
+        previews = {}
+    create_table_artifact(scene_rows(results), key="reconstruct-scenes", description=f"{title}: one row per scene")
+    create_markdown_artifact(summary_markdown(title, results, manifest, previews), key="reconstruct-summary")
+    create_link_artifact(browse_url(manifest), link_text=manifest, key="reconstruct-manifest")
+    create_link_artifact(browse_url(out), link_text=out, key="reconstruct-output")
+
+
+@flow(name="reconstruct", persist_result=True)
 def reconstruct(
     scenes: list[str] | str,
     checkpoint: str,
@@ -64,29 +224,56 @@ def reconstruct(
     force: bool = False,
     num_workers: int = 2,
     ray_address: str | None = None,
+    on_collision: Collision = "error",
+    allowed_failures: int = 0,
 ) -> str:
-    """Reconstruct scene folders (local or s3://) with a (quantized) checkpoint; returns the manifest URI."""
+    """Reconstruct scene folders (local or s3://) into ``out``; returns the manifest URI.
+
+    ``on_collision``: two sources with the same folder name fail ("error") or get ``<name>-<hash>`` ("suffix").
+    The run fails when more than ``allowed_failures`` scenes fail (after writing the manifest and artifacts).
+    """
     logger = get_run_logger()
     scenes = [scenes] if isinstance(scenes, str) else list(scenes)
-    todo, skipped = discover(scenes, out, force)
-    logger.info("%d scenes to reconstruct, %d already complete", len(todo), len(skipped))
-    results = skipped + run_batch(todo, checkpoint, out, options or {}, num_workers, force, ray_address)
-    store = open_storage(out)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    manifest = write_manifest(results, store, f"_manifests/{run_id}.parquet")
-    table = markdown_table(results)
-    create_markdown_artifact(
-        markdown=f"# Reconstruction {run_id}\n\nmanifest: `{manifest}`\n\n{table}\n",
-        key="reconstruct-summary",
-        description="scenes, images, points, seconds per scene",
-    )
-    failed = [r.scene for r in results if not r.ok]
+    require(scenes=scenes, checkpoint=checkpoint, out=out)
+    if on_collision not in ("error", "suffix"):
+        raise ParameterError(f"on_collision must be 'error' or 'suffix', got {on_collision!r}")
+    options = options or {}
+    ReconstructionOptions(**options)  # bad options fail before any work
+    check_storage_root(out)
+    run_name = time.strftime("%Y%m%dT%H%M%S") + "-" + (flow_run.get_name() or "local")
+    try:
+        model, model_error = resolve_checkpoint(checkpoint), ""
+    except (ParameterError, StorageError) as e:  # deterministic: no worker is started, every scene says why
+        model, model_error = checkpoint, str(e)
+    try:
+        todo, decided = discover(scenes, out, force, on_collision)
+    except Exception as e:  # nothing could be listed, even after retries: one row per input says why
+        todo, decided = [], [SceneResult(_label(s), error=f"cannot list scenes: {e}", source=s) for s in scenes]
+    logger.info("%d scenes to reconstruct, %d decided without a worker", len(todo), len(decided))
+    if model_error:
+        logger.error("checkpoint unusable: %s", model_error)
+        batch = [SceneResult(n, error=f"checkpoint unusable: {model_error}", source=u) for u, n in todo]
+    else:
+        batch = run_batch(todo, model, out, options, num_workers, force, ray_address)
+    results = decided + batch
+    manifest, not_in_out = _manifest_anyway(results, out, run_name)
+    if not_in_out:
+        logger.error("manifest not written to %s (%s); a copy is at %s", out, not_in_out, manifest)
+    _publish(results, out, manifest, f"Reconstruction {run_name}")
+    failed = [r for r in results if not r.ok]
+    if len(failed) > allowed_failures or not_in_out:
+        names = ", ".join(r.scene for r in failed[:10]) + (" ..." if len(failed) > 10 else "")
+        raise ScenesFailedError(
+            f"{len(failed)} of {len(results)} scenes failed ({names}); first error: {failed[0].error if failed else ''}"
+            f"{'; manifest not written to the output: ' + not_in_out if not_in_out else ''}; manifest: {manifest}",
+            manifest,
+        )
     if failed:
-        logger.warning("%d scenes failed: %s", len(failed), ", ".join(failed))
+        logger.warning("%d scenes failed (allowed: %d): %s", len(failed), allowed_failures, manifest)
     return manifest
 
 
-@flow(name="reconstruct-nightly")
+@flow(name="reconstruct-nightly", persist_result=True)
 def reconstruct_nightly(
     inbox: str,
     checkpoint: str,
@@ -94,6 +281,11 @@ def reconstruct_nightly(
     options: dict[str, Any] | None = None,
     num_workers: int = 2,
     ray_address: str | None = None,
+    on_collision: Collision = "error",
+    allowed_failures: int = 0,
 ) -> str:
-    """Scan ``inbox`` for scene folders not yet complete in ``out`` and reconstruct them."""
-    return reconstruct([inbox], checkpoint, out, options, False, num_workers, ray_address)
+    """Scan ``inbox`` for scene folders not yet complete in ``out`` (for that source) and reconstruct them."""
+    check_inbox(inbox)
+    return reconstruct(
+        [inbox], checkpoint, out, options, False, num_workers, ray_address, on_collision, allowed_failures
+    )

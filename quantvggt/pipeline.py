@@ -8,22 +8,33 @@ import os
 import socket
 import tempfile
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
+from quantvggt.fsutil import check_outputs_outside_inputs
 from quantvggt.reconstruct import ReconstructionOptions
 from quantvggt.reconstruct import main as reconstruct_main
-from quantvggt.scene import SceneResult, manifest_schema, scene_name
+from quantvggt.scene import SceneResult, manifest_schema, scene_name, scene_source_key
 from quantvggt.storage import Storage, fetch_scene, find_scenes, open_storage, split_uri
 
 log = logging.getLogger(__name__)
 
+PREVIEW = "preview.png"  # the picture of a scene's reconstruction, beside its report.json
 DEMO_RANDOM = "demo-random"  # the tiny architecture with seeded random (untrained) weights: tries commands offline
 
 
-def load_model(source: str, device: str | None = None) -> torch.nn.Module:
-    """A float model source (hub id, file, folder, s3://, shipped name), a quantized checkpoint, or ``demo-random``."""
+def load_model(source: str, device: str | None = None, compile: bool = False) -> torch.nn.Module:
+    """A float model source (hub id, file, folder, s3://, shipped name), a quantized checkpoint, or ``demo-random``.
+
+    ``compile=True`` returns it ``torch.compile``-d (zero graph breaks; quantized layers run as custom ops).
+    """
+    model = _load_model(source, device)
+    return model.compile_() if compile else model
+
+
+def _load_model(source: str, device: str | None = None) -> torch.nn.Module:
     from quantvggt.model import load_vggt
     from quantvggt.quant import load_quantized
 
@@ -73,10 +84,15 @@ def process_scene(
     force: bool = False,
     attempt: int = 1,
     worker: str | None = None,
+    name: str | None = None,
+    checkpoint: str = "",
 ) -> SceneResult:
-    """Fetch a scene, reconstruct it, upload ``OUT/<scene>/`` with its completion record.
+    """Fetch a scene, reconstruct it, upload ``OUT/<name>/`` (with ``preview.png``) and its completion record.
 
-    Never raises for a bad scene: failures come back as ``status="failed"`` with the error.
+    ``name`` defaults to :func:`scene_name` (callers with several sources pass :func:`output_names`' choice). The
+    completion record carries the source URI, ``checkpoint`` and the options; a finished result counts as done only
+    for the same source: ``OUT/<name>`` holding another source's result fails this scene instead of skipping it
+    (``force`` replaces it). Never raises for a bad scene: failures come back as ``status="failed"`` with the error.
     """
     t0 = time.perf_counter()
     result = SceneResult(
@@ -85,26 +101,57 @@ def process_scene(
         attempt=attempt,
         source=scene_uri,
     )
+    local: Path | None = None
     try:
-        result.scene = name = scene_name(scene_uri)
+        result.scene = name = name or scene_name(scene_uri)
         out: Storage = open_storage(out_uri)
         result.output, result.report = out.uri(name), out.uri(f"{name}/report.json")
-        if out.is_complete(name) and not force:
-            result.status = "skipped"
-            return result
+        check_outputs_outside_inputs([result.output], [scene_uri])  # else force/upload replace the scene's images
+        record = None if force else out.completion_record(name)
+        if record is not None:
+            if record.get("source") in (None, "", scene_source_key(scene_uri)):  # records without a source: older
+                result.status = "skipped"
+                return result
+            raise ValueError(
+                f"{out.uri(name)} holds the result of another scene folder with the same name ({record['source']}); "
+                "rename one, reconstruct with on_collision='suffix', or force to replace it"
+            )
         src, scene = split_uri(scene_uri)
         with tempfile.TemporaryDirectory(prefix="quantvggt-scene-") as tmp:
             local = fetch_scene(src, scene, Path(tmp) / "in" / name)
-            done = reconstruct_main(model, local, Path(tmp) / "out", options)
+            # the fetched scene is a temporary folder, gone after the upload: the workspace's images are copies
+            opts = replace(options, images="copy") if options.images == "link" else options
+            done = reconstruct_main(model, local, Path(tmp) / "out", opts)
             if force:
                 out.delete_prefix(name + "/")
-            out.upload_dir(done.output, name, extra={"images": done.images, "points": done.points})
+            write_preview(Path(done.output))
+            record = {
+                "images": done.images,
+                "points": done.points,
+                "source": scene_source_key(scene_uri),
+                "checkpoint": checkpoint,
+                "options": asdict(options),
+            }
+            out.upload_dir(done.output, name, extra=record)
         result.status, result.images, result.points = "done", done.images, done.points
     except Exception as e:  # one bad scene never stops the batch
         log.warning("scene %s failed: %s", scene_uri, e)
         result.error = f"{type(e).__name__}: {e}"
+        if local is not None:  # name the scene as the user gave it, not its temporary copy
+            result.error = result.error.replace(str(local), scene_uri)
     result.seconds = round(time.perf_counter() - t0, 3)
     return result
+
+
+def write_preview(result_folder: Path) -> Path | None:
+    """``preview.png`` beside ``report.json``; a picture that cannot be drawn is logged and never fails the scene."""
+    from quantvggt.preview import render_preview
+
+    try:
+        return render_preview(result_folder, result_folder / PREVIEW)
+    except Exception as e:
+        log.warning("no preview for %s: %s: %s", result_folder.name, type(e).__name__, e)
+        return None
 
 
 def write_manifest(results: list[SceneResult], storage: Storage, key: str) -> str:

@@ -45,9 +45,11 @@ def run(args: argparse.Namespace) -> int:
     from quantvggt.pipeline import DEMO_RANDOM, load_model
 
     source = args.model if args.model != DEMO_RANDOM else "tiny config, seeded random weights (untrained)"
-    model = load_model(args.model)
     paths = [Path(p) for p in args.images]
+    # images first: a bad one (unreadable, or a header claiming 30000x30000) is a one-line ImageLoadError naming
+    # the file, before the minutes a large model takes to load
     batch = load_and_preprocess(paths, mode=args.mode)
+    model = load_model(args.model)
     images = batch.images.to(next(model.parameters()).device)
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -1,7 +1,10 @@
 """One storage interface over local folders and ``s3://bucket/prefix`` (boto3; S3-compatible endpoints work).
 
-Endpoint, region and credentials come from the standard AWS chain; ``QUANTVGGT_S3_ENDPOINT`` (or
-``AWS_ENDPOINT_URL``) points at MinIO, moto or another S3-compatible service.
+Endpoint, region and credentials come from the standard AWS chain: ``AWS_ENDPOINT_URL`` (read by boto3 and the
+aws CLI alike) points at MinIO, moto or another S3-compatible service; ``QUANTVGGT_S3_ENDPOINT`` is an older alias
+that wins when set. Transient errors (connection problems, 5xx, throttling) are retried by botocore's own retry
+modes (``standard`` unless ``AWS_RETRY_MODE`` says otherwise); every other botocore error becomes a one-line
+:class:`StorageError` naming the object.
 
 Writes are atomic: an object is first written under a temporary key and then copied into place (locally: a
 temporary file renamed). A result folder counts as done only when its completion record ``_COMPLETE.json``
@@ -24,6 +27,7 @@ from typing import Any, TypeVar
 
 from quantvggt.fsutil import atomic_file, atomic_write_bytes
 from quantvggt.images import IMAGE_EXTENSIONS
+from quantvggt.scene import scene_source_key
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,6 +36,18 @@ COMPLETE = "_COMPLETE.json"
 
 class StorageError(RuntimeError):
     """A storage operation failed after retries, or data failed verification."""
+
+
+class ObjectNotFoundError(StorageError, FileNotFoundError):
+    """The key does not exist (the bucket does)."""
+
+
+class StorageUnavailableError(StorageError):
+    """The endpoint could not be reached, or kept failing or throttling, through botocore's retries.
+
+    The one storage failure that may pass later: callers that retry at a coarser level (a Prefect task) retry this
+    and nothing else.
+    """
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -44,13 +60,37 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+STORAGE_ENV_PREFIXES = ("AWS_",)  # boto3's own configuration: endpoint, region, credentials, retry mode
+STORAGE_ENV_NAMES = ("QUANTVGGT_S3_ENDPOINT",)
+DEFAULT_MAX_ATTEMPTS = 5  # botocore's standard mode: ~15 s of jittered backoff before an endpoint counts as down
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint override: ``QUANTVGGT_S3_ENDPOINT`` (alias), else None so boto3 reads ``AWS_ENDPOINT_URL``."""
+    return os.environ.get("QUANTVGGT_S3_ENDPOINT") or None
+
+
 def s3_client() -> Any:
-    """A boto3 S3 client honouring ``QUANTVGGT_S3_ENDPOINT`` / ``AWS_ENDPOINT_URL`` with adaptive retries."""
+    """A boto3 S3 client: endpoint from ``AWS_ENDPOINT_URL`` (or the alias), botocore's standard retry mode."""
     import boto3
     from botocore.config import Config
 
-    endpoint = os.environ.get("QUANTVGGT_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
-    return boto3.client("s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 8, "mode": "adaptive"}))
+    retries: dict[str, Any] = {}
+    if not os.environ.get("AWS_RETRY_MODE"):  # an explicit AWS_RETRY_MODE / AWS_MAX_ATTEMPTS is the user's choice
+        retries["mode"] = "standard"
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["total_max_attempts"] = DEFAULT_MAX_ATTEMPTS
+    return boto3.client("s3", endpoint_url=s3_endpoint(), config=Config(retries=retries))
+
+
+def storage_env() -> dict[str, str]:
+    """The environment variables that configure storage here (``AWS_*``, the endpoint alias), for other processes.
+
+    Ray workers started before the user exported these (e.g. by ``infra/start-local.sh``) do not have them: pass
+    this as a Ray ``runtime_env``'s ``env_vars``. On a real cluster prefer instance roles over exported keys, since
+    a runtime_env is visible in Ray's job metadata.
+    """
+    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES) or k in STORAGE_ENV_NAMES}
 
 
 def sha256_file(path: str | Path) -> str:
@@ -90,7 +130,6 @@ def safe_join(root: str | Path, key: str, allow_root: bool = False) -> Path:
     raise StorageError(f"object key {key!r} {why}: refusing to map it under {root}")
 
 
-_TRANSIENT_CODES = ("Throttling", "ThrottlingException", "SlowDown", "RequestTimeout", "TooManyRequests")
 _DENIED_CODES = (
     "AccessDenied",
     "403",
@@ -103,6 +142,8 @@ _DENIED_CODES = (
     "AllAccessDisabled",
     "AccountProblem",
 )
+_MISSING_KEY_CODES = ("404", "NoSuchKey", "NotFound")
+_THROTTLING_CODES = ("Throttling", "ThrottlingException", "SlowDown", "RequestTimeout", "TooManyRequests")
 
 
 def s3_error_reason(error: Any) -> str | None:
@@ -117,54 +158,66 @@ def s3_error_reason(error: Any) -> str | None:
     return None
 
 
-def _is_transient(error: Any) -> bool:
-    code = str(error.response.get("Error", {}).get("Code", ""))
-    status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    return status >= 500 or status == 429 or code in _TRANSIENT_CODES
-
-
 def _location(what: str) -> str:
     # ``what`` reads "<verb> s3://bucket/key": errors name the object, as the CLI prints them on one line
     i = what.find("s3://")
     return what[i:] if i >= 0 else what
 
 
-def retry(fn: Callable[[], T], what: str, attempts: int = 5, base_delay: float = 0.2) -> T:
-    """Call ``fn`` with exponential backoff on transient errors (connection problems, 5xx, throttling).
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
 
-    Errors a retry cannot fix fail at once: a missing bucket, denied access or missing credentials become a
-    one-line :class:`StorageError`; other client errors (e.g. a missing key's 404) propagate unchanged.
+
+def s3_call(fn: Callable[[], T], what: str) -> T:
+    """Call ``fn`` (one boto3 operation) and turn every botocore error into a one-line :class:`StorageError`.
+
+    botocore has already retried transient errors by then (see :func:`s3_client`), so nothing is retried here. A
+    missing bucket, denied access or missing credentials say so; a missing key is :class:`ObjectNotFoundError` (also a
+    ``FileNotFoundError``, as for local folders); an unreachable endpoint names the endpoint.
     """
-    from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from boto3.exceptions import Boto3Error, S3UploadFailedError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        ConnectionError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
 
-    for i in range(attempts):
-        try:
-            return fn()
-        except (ClientError, S3UploadFailedError) as e:
-            ce = e if isinstance(e, ClientError) else e.__context__  # upload_file wraps the ClientError
-            if not isinstance(ce, ClientError):
-                raise StorageError(f"{what}: {e}") from e
-            reason = s3_error_reason(ce)
-            if reason is not None:
-                raise StorageError(f"{_location(what)}: {reason}") from e
-            if not _is_transient(ce) or i == attempts - 1:
-                raise
-            err: Exception = e
-        except (NoCredentialsError, PartialCredentialsError) as e:
-            raise StorageError(f"{_location(what)}: no usable AWS credentials found (check AWS credentials)") from e
-        except (EndpointConnectionError, BotoConnectionError, ChecksumMismatch) as e:
-            if i == attempts - 1:
-                raise StorageError(f"{what}: {e}") from e
-            err = e
-        delay = base_delay * 2**i
-        log.warning("%s failed (%s); retrying in %.1fs", what, err, delay)
-        time.sleep(delay)
-    raise AssertionError("unreachable")
+    where = _location(what)
+    try:
+        return fn()
+    except (ClientError, S3UploadFailedError) as e:
+        ce = e if isinstance(e, ClientError) else e.__context__  # upload_file wraps the ClientError
+        if not isinstance(ce, ClientError):
+            raise StorageError(f"{what}: {_one_line(str(e))}") from e
+        reason = s3_error_reason(ce)
+        if reason is not None:
+            raise StorageError(f"{where}: {reason}") from e
+        err = ce.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        if code in _MISSING_KEY_CODES:
+            raise ObjectNotFoundError(f"{where}: no such object") from e
+        status = ce.response.get("ResponseMetadata", {}).get("HTTPStatusCode", "?")
+        detail = _one_line(err.get("Message", "")) or code
+        message = f"{what}: S3 error {code or status} (HTTP {status}): {detail}"
+        if (isinstance(status, int) and (status >= 500 or status == 429)) or code in _THROTTLING_CODES:
+            raise StorageUnavailableError(f"{message} (after botocore's retries)") from e
+        raise StorageError(message) from e
+    except (NoCredentialsError, PartialCredentialsError) as e:
+        raise StorageError(f"{where}: no usable AWS credentials found (check AWS credentials)") from e
+    except (EndpointConnectionError, ConnectionError) as e:
+        url = getattr(e, "kwargs", {}).get("endpoint_url") or s3_endpoint() or os.environ.get("AWS_ENDPOINT_URL", "")
+        raise StorageUnavailableError(
+            f"{what}: cannot reach the S3 endpoint {url or '(AWS default)'} after botocore's retries "
+            f"(check AWS_ENDPOINT_URL): {_one_line(str(e))}"
+        ) from e
+    except (BotoCoreError, Boto3Error) as e:
+        raise StorageError(f"{what}: {type(e).__name__}: {_one_line(str(e))}") from e
 
 
-class ChecksumMismatch(StorageError):
+class ChecksumMismatch(StorageError):  # noqa: N818 (a public name callers already catch)
     """Downloaded bytes do not match the stored SHA-256."""
 
 
@@ -206,9 +259,23 @@ class Storage:
         raise NotImplementedError
 
     # -- folders with completion records ---------------------------------------------------------------------
-    def is_complete(self, prefix: str) -> bool:
-        """Whether ``prefix`` holds a finished result (its completion record exists)."""
-        return self.exists(f"{prefix.rstrip('/')}/{COMPLETE}")
+    def is_complete(self, prefix: str, source: str | None = None) -> bool:
+        """Whether ``prefix`` holds a finished result (its completion record exists).
+
+        With ``source``, only a result made from that source counts: a record naming another source (the same
+        folder name under another prefix) is not complete for this one. Records without a source (older ones) count.
+        """
+        if source is None:
+            return self.exists(f"{prefix.rstrip('/')}/{COMPLETE}")
+        record = self.completion_record(prefix)
+        return record is not None and record.get("source") in (None, "", scene_source_key(source))
+
+    def completion_record(self, prefix: str) -> dict | None:
+        """The completion record of ``prefix`` (files, checksums and what the writer added), or None if unfinished."""
+        key = f"{prefix.rstrip('/')}/{COMPLETE}"
+        if not self.exists(key):
+            return None
+        return json.loads(self.read_bytes(key))
 
     def upload_dir(self, local: str | Path, prefix: str, extra: dict | None = None) -> dict:
         """Upload a folder, then write its completion record last; returns the record."""
@@ -299,7 +366,7 @@ class S3Storage(Storage):
         out = []
         full = self._k(prefix)
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in retry(
+        for page in s3_call(
             lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full)), f"list {self.uri(prefix)}"
         ):
             for obj in page.get("Contents", []):
@@ -309,38 +376,30 @@ class S3Storage(Storage):
         return sorted(out)
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
-            retry(lambda: self.client.head_object(Bucket=self.bucket, Key=self._k(key)), f"head {self.uri(key)}")
+            s3_call(lambda: self.client.head_object(Bucket=self.bucket, Key=self._k(key)), f"head {self.uri(key)}")
             return True
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                self._require_bucket(key)  # a HEAD 404 cannot tell a missing key from a missing bucket
-                return False
-            raise
+        except ObjectNotFoundError:
+            self._require_bucket(key)  # a HEAD 404 cannot tell a missing key from a missing bucket
+            return False
 
     def _require_bucket(self, key: str) -> None:
         """Raise a one-line StorageError if the bucket is missing (checked once per instance)."""
-        from botocore.exceptions import ClientError
-
         if getattr(self, "_bucket_ok", False):
             return
         try:
-            retry(lambda: self.client.head_bucket(Bucket=self.bucket), f"head {self.uri(key)}")
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchBucket", "NotFound"):
-                raise StorageError(f"{self.uri(key)}: bucket does not exist") from e
-            raise
+            s3_call(lambda: self.client.head_bucket(Bucket=self.bucket), f"head {self.uri(key)}")
+        except ObjectNotFoundError as e:  # HEAD has no body: a missing bucket is a bare 404
+            raise StorageError(f"{self.uri(key)}: bucket does not exist") from e
         self._bucket_ok = True
 
     def read_bytes(self, key: str) -> bytes:
-        return retry(
+        return s3_call(
             lambda: self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read(), f"get {self.uri(key)}"
         )
 
     def _commit(self, tmp_key: str, key: str) -> None:
-        retry(
+        s3_call(
             lambda: self.client.copy_object(
                 Bucket=self.bucket,
                 Key=self._k(key),
@@ -349,36 +408,45 @@ class S3Storage(Storage):
             ),
             f"commit {self.uri(key)}",
         )
-        retry(
+        s3_call(
             lambda: self.client.delete_object(Bucket=self.bucket, Key=tmp_key), f"cleanup s3://{self.bucket}/{tmp_key}"
         )
 
     def write_bytes(self, key: str, data: bytes) -> None:
         tmp_key = self._k(f".tmp/{uuid.uuid4().hex}")
         digest = hashlib.sha256(data).hexdigest()
-        retry(
+        s3_call(
             lambda: self.client.put_object(Bucket=self.bucket, Key=tmp_key, Body=data, Metadata={"sha256": digest}),
             f"put {self.uri(key)}",
         )
         self._commit(tmp_key, key)
 
-    def download(self, key: str, dest: str | Path) -> Path:
+    def download(self, key: str, dest: str | Path, attempts: int = 3) -> Path:
         dest = Path(dest)
-
-        def once() -> Path:
-            with atomic_file(dest) as tmp:  # a failed or mismatching download never reaches dest
-                self.client.download_file(self.bucket, self._k(key), str(tmp))  # streamed, multipart for large objects
-                want = self.client.head_object(Bucket=self.bucket, Key=self._k(key)).get("Metadata", {}).get("sha256")
-                if want and sha256_file(tmp) != want:
-                    raise ChecksumMismatch(f"{self.uri(key)}: SHA-256 mismatch after download")
-            return dest
-
-        return retry(once, f"download {self.uri(key)}")
+        for i in range(attempts):  # botocore retries the transfer; only our SHA-256 check is retried here
+            try:
+                with atomic_file(dest) as tmp:  # a failed or mismatching download never reaches dest
+                    s3_call(  # streamed, multipart for large objects
+                        lambda tmp=tmp: self.client.download_file(self.bucket, self._k(key), str(tmp)),
+                        f"download {self.uri(key)}",
+                    )
+                    head = s3_call(
+                        lambda: self.client.head_object(Bucket=self.bucket, Key=self._k(key)), f"head {self.uri(key)}"
+                    )
+                    want = head.get("Metadata", {}).get("sha256")
+                    if want and sha256_file(tmp) != want:
+                        raise ChecksumMismatch(f"{self.uri(key)}: SHA-256 mismatch after download")
+                return dest
+            except ChecksumMismatch:
+                if i == attempts - 1:
+                    raise
+                log.warning("%s: SHA-256 mismatch after download; downloading again", self.uri(key))
+        raise AssertionError("unreachable")
 
     def upload(self, src: str | Path, key: str) -> str:
         digest = sha256_file(src)
         tmp_key = self._k(f".tmp/{uuid.uuid4().hex}")
-        retry(
+        s3_call(
             lambda: self.client.upload_file(str(src), self.bucket, tmp_key, ExtraArgs={"Metadata": {"sha256": digest}}),
             f"upload {self.uri(key)}",
         )
@@ -387,7 +455,7 @@ class S3Storage(Storage):
 
     def delete_prefix(self, prefix: str) -> None:
         for k in self.list(prefix):
-            retry(lambda k=k: self.client.delete_object(Bucket=self.bucket, Key=self._k(k)), f"delete {self.uri(k)}")
+            s3_call(lambda k=k: self.client.delete_object(Bucket=self.bucket, Key=self._k(k)), f"delete {self.uri(k)}")
 
 
 def open_storage(uri: str | Path) -> Storage:
@@ -450,7 +518,7 @@ def download_to_cache(uri: str) -> Path:
     for k in keys:
         dest = dests[k]
         stamp = dest.with_name(dest.name + ".sha256")
-        head = retry(lambda k=k: st.client.head_object(Bucket=bucket, Key=k), f"head s3://{bucket}/{k}")
+        head = s3_call(lambda k=k: st.client.head_object(Bucket=bucket, Key=k), f"head s3://{bucket}/{k}")
         want = head.get("Metadata", {}).get("sha256") or head.get("ETag", "").strip('"')
         if dest.is_file() and stamp.is_file() and stamp.read_text() == want:
             continue

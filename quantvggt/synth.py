@@ -121,11 +121,19 @@ def render(world: World, extr: np.ndarray, K: np.ndarray, width: int, height: in
     return (rgb * 255 + 0.5).astype(np.uint8), depth
 
 
-def scene_cameras(rng: np.random.Generator, frames: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cameras on a jittered arc around the scene centre -> (extrinsics ``[K,3,4]``, intrinsics ``[K,3,3]``)."""
+def scene_cameras(
+    rng: np.random.Generator, frames: int, width: int, height: int, trajectory: str = "arc"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cameras around the scene centre -> (extrinsics ``[K,3,4]``, intrinsics ``[K,3,3]``).
+
+    ``arc`` (the default, and what training renders): a jittered 40-100 degree arc. The long captures (``orbit``,
+    ``walk``, ``random``) are described in :func:`long_cameras`.
+    """
     fov = np.deg2rad(rng.uniform(50, 65))
     f = 0.5 * width / np.tan(fov / 2)
     K = np.array([[f, 0, width / 2], [0, f, height / 2], [0, 0, 1.0]])
+    if trajectory != "arc":
+        return long_cameras(rng, frames, trajectory), np.repeat(K[None], frames, 0)
     start = rng.uniform(0, 2 * np.pi)
     span = rng.uniform(np.deg2rad(40), np.deg2rad(100))
     radius = rng.uniform(2.3, 2.8)
@@ -136,6 +144,43 @@ def scene_cameras(rng: np.random.Generator, frames: int, width: int, height: int
         target = np.array([rng.uniform(-0.3, 0.3), rng.uniform(0.2, 0.5), rng.uniform(-0.3, 0.3)])
         extr.append(look_at(center, target))
     return np.stack(extr), np.repeat(K[None], frames, 0)
+
+
+TRAJECTORIES = ("arc", "orbit", "walk", "random")
+
+
+def long_cameras(rng: np.random.Generator, frames: int, trajectory: str) -> np.ndarray:
+    """Camera-from-world extrinsics ``[K, 3, 4]`` of a long capture, in capture order.
+
+    ``orbit``: one smooth turn around the scene at a gently varying radius and height, looking at its centre.
+    ``walk``: one turn at uneven speed, wandering in and out and up and down, with hand-held jitter, looking at a
+    point that drifts over the scene. ``random`` takes the orbit's cameras; the caller shuffles the names.
+    """
+    t = np.arange(frames) / frames
+    start = rng.uniform(0, 2 * np.pi)
+    ph = rng.uniform(0, 2 * np.pi, 6)
+    tau = 2 * np.pi * t
+    if trajectory in ("orbit", "random"):
+        angle = start + tau
+        radius = 2.55 + 0.2 * np.sin(2 * tau + ph[0])
+        height = 1.5 + 0.25 * np.sin(3 * tau + ph[1])
+        target = np.stack(
+            [0.2 * np.sin(tau + ph[2]), 0.35 + 0.1 * np.sin(2 * tau + ph[3]), 0.2 * np.cos(tau + ph[4])], 1
+        )
+    elif trajectory == "walk":
+        angle = start + tau + 0.4 * np.sin(2 * tau + ph[0])
+        radius = 2.35 + 0.45 * np.sin(3 * tau + ph[1])  # stays between the boxes (<= 2.5 from the centre) and walls
+        height = 1.55 + 0.3 * np.sin(2 * tau + ph[2])  # above every box (<= 1.1 high)
+        target = np.stack(
+            [0.6 * np.sin(2 * tau + ph[3]), 0.35 + 0.15 * np.sin(5 * tau + ph[4]), 0.6 * np.cos(3 * tau + ph[5])], 1
+        )
+        target = target + rng.normal(scale=0.03, size=target.shape)
+    else:
+        raise ValueError(f"trajectory must be one of {', '.join(TRAJECTORIES)}, got {trajectory!r}")
+    centers = np.stack([radius * np.sin(angle), height, radius * np.cos(angle)], 1)
+    if trajectory == "walk":
+        centers = centers + rng.normal(scale=0.015, size=centers.shape)
+    return np.stack([look_at(c, g) for c, g in zip(centers, target)])
 
 
 def write_gt_colmap(folder: Path, names: list[str], extr: np.ndarray, K: np.ndarray, width: int, height: int) -> None:
@@ -160,32 +205,41 @@ def write_gt_colmap(folder: Path, names: list[str], extr: np.ndarray, K: np.ndar
     rec.write(str(folder))
 
 
-def make_scene(out: Path, seed: int, frames: int, width: int, height: int) -> Path:
-    """Render one scene into folder ``out`` (written to a temporary folder, then renamed)."""
+def make_scene(out: Path, seed: int, frames: int, width: int, height: int, trajectory: str = "arc") -> Path:
+    """Render one scene into folder ``out`` (written to a temporary folder, then renamed).
+
+    With ``trajectory="random"`` the frame names are a random permutation of the capture order (an unordered
+    collection); ground truth is listed in name order whatever the trajectory.
+    """
+    if trajectory not in TRAJECTORIES:
+        raise ValueError(f"trajectory must be one of {', '.join(TRAJECTORIES)}, got {trajectory!r}")
     rng = np.random.default_rng(seed)
     world = make_world(rng)
-    extr, K = scene_cameras(rng, frames, width, height)
+    extr, K = scene_cameras(rng, frames, width, height, trajectory)
+    if trajectory == "random":
+        order = rng.permutation(frames)  # order[j]: the capture index of the frame named j
+        extr, K = extr[order], K[order]
+    digits = max(3, len(str(frames - 1)))  # names sort in frame order past 1000 frames
     with atomic_dir(out) as tmp:
         (tmp / "gt" / "depth").mkdir(parents=True)
         names = []
         for i in range(frames):
             rgb, depth = render(world, extr[i], K[i], width, height)
-            name = f"frame_{i:03d}.png"
+            name = f"frame_{i:0{digits}d}.png"
             Image.fromarray(rgb).save(tmp / name)
-            np.save(tmp / "gt" / "depth" / f"frame_{i:03d}.npy", depth)
+            np.save(tmp / "gt" / "depth" / f"frame_{i:0{digits}d}.npy", depth)
             names.append(name)
-        (tmp / "gt" / "cameras.json").write_text(
-            json.dumps(
-                {
-                    "names": names,
-                    "width": width,
-                    "height": height,
-                    "extrinsics": extr.tolist(),
-                    "intrinsics": K.tolist(),
-                    "seed": seed,
-                }
-            )
-        )
+        gt = {
+            "names": names,
+            "width": width,
+            "height": height,
+            "extrinsics": extr.tolist(),
+            "intrinsics": K.tolist(),
+            "seed": seed,
+        }
+        if trajectory != "arc":  # the default's files stay byte-identical to earlier releases
+            gt["trajectory"] = trajectory
+        (tmp / "gt" / "cameras.json").write_text(json.dumps(gt))
         write_gt_colmap(tmp / "gt" / "sparse" / "0", names, extr, K, width, height)
     return out
 
@@ -197,6 +251,7 @@ def main(
     seed: int = 0,
     size: tuple[int, int] = (224, 168),
     overwrite: bool = False,
+    trajectory: str = "arc",
 ) -> Path:
     """Write ``scenes`` synthetic scene folders ``scene_XXX`` under ``out``; existing ones kept unless ``overwrite``."""
     out = Path(out)
@@ -204,7 +259,7 @@ def main(
         folder = out / f"scene_{s:03d}"
         if folder.exists() and not overwrite:
             continue
-        make_scene(folder, seed * 100_003 + s, frames, size[0], size[1])
+        make_scene(folder, seed * 100_003 + s, frames, size[0], size[1], trajectory)
     return out
 
 
@@ -242,12 +297,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=_size, default=(224, 168), help="WxH")
+    parser.add_argument(
+        "--trajectory",
+        choices=TRAJECTORIES,
+        default="arc",
+        help="camera path: a short arc (default), or long captures: orbit, walk, random (unordered names)",
+    )
     parser.add_argument("--overwrite", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     """Render synthetic scenes with ground truth."""
     w, h = args.size
-    out = main(args.out, scenes=args.scenes, frames=args.frames, seed=args.seed, size=(w, h), overwrite=args.overwrite)
-    print(f"wrote {args.scenes} scenes of {args.frames} frames ({w}x{h}) to {out}")
+    before = {p.name: p.stat().st_mtime_ns for p in Path(args.out).iterdir()} if Path(args.out).is_dir() else {}
+    out = main(
+        args.out,
+        scenes=args.scenes,
+        frames=args.frames,
+        seed=args.seed,
+        size=(w, h),
+        overwrite=args.overwrite,
+        trajectory=args.trajectory,
+    )
+    # main keeps existing scene folders unless --overwrite: say what was rendered and what was kept as it was
+    made = [p for p in out.iterdir() if not p.name.startswith(".") and before.get(p.name) != p.stat().st_mtime_ns]
+    print(f"wrote {len(made)} scenes of {args.frames} frames ({w}x{h}, {args.trajectory}) to {out}")
+    if len(made) < args.scenes:
+        print(
+            f"kept {args.scenes - len(made)} existing scene folders as they were (their frames, size and seed may"
+            " differ); --overwrite renders them again"
+        )
     return 0

@@ -176,7 +176,7 @@ def test_orchestration_commands_come_from_entry_points() -> None:
     text = build_parser().format_help()
     for name in (*COMMANDS, "demo", "submit", "serve", "status"):
         assert name in text
-    assert "queue scene folders for the reconstruct deployment" in text
+    assert "reconstruct deployment" in " ".join(text.split())
 
 
 def test_library_parser_imports_neither_prefect_nor_ray() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from quantvggt.fsutil import atomic_file
-from quantvggt.images import list_images, load_and_preprocess, pick_frames, readable_images
+from quantvggt.images import ImageLoadError, list_images, load_and_preprocess, pick_frames, readable_images
 
 log = logging.getLogger(__name__)
 
@@ -38,40 +39,95 @@ class Candidate:
     frames: tuple[str, ...]
 
 
-def _scene_folders(path: Path) -> list[Path]:
-    """Folders holding images, found recursively (a scene folder's own subfolders are not searched)."""
-    if list_images(path):
-        return [path]
+def _scene_folders(path: Path, seen: set[Path] | None = None) -> list[Path]:
+    """Folders holding images, found recursively (a scene folder's own subfolders are not searched).
+
+    A folder is searched once: a symlinked folder that resolves to one already seen or to an ancestor (a loop such
+    as ``selfloop -> .``, which used to repeat every scene ~40 times) is skipped with a warning.
+    """
+    seen = set() if seen is None else seen
+    real = path.resolve()
+    if real in seen:
+        log.warning("NFDS pool: %s is %s, already searched; skipped", path, real)
+        return []
+    seen.add(real)
+    try:
+        if list_images(path):
+            return [path]
+        children = sorted(path.iterdir())
+    except OSError as e:
+        log.warning("NFDS pool: cannot read %s (%s); skipped", path, e)
+        return []
     out: list[Path] = []
-    for p in sorted(path.iterdir()):
-        if p.is_dir() and not p.name.startswith("."):
-            out += _scene_folders(p)
+    for p in children:
+        if not p.is_dir() or p.name.startswith("."):
+            continue
+        if p.is_symlink() and (p.resolve() == real or p.resolve() in real.parents):
+            log.warning("NFDS pool: %s links to %s, a folder above it; not followed", p, p.resolve())
+            continue
+        out += _scene_folders(p, seen)
     return out
+
+
+def _manifest_path(value: str, manifest: Path) -> Path:
+    """A path column of a manifest: absolute as written, relative ones against the manifest's folder.
+
+    Manifests written before paths were stored absolute hold paths relative to the folder they were written from;
+    those still resolve when run from there.
+    """
+    p = Path(value)
+    if p.is_absolute():
+        return p
+    beside = Path(os.path.abspath(manifest.parent / p))
+    return beside if beside.exists() or not p.exists() else Path(os.path.abspath(p))
+
+
+def _read_table(path: Path, required: Sequence[str], what: str) -> list[dict[str, Any]]:
+    """Rows of a CSV/Parquet manifest, with one-line errors naming the file and any missing columns."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    try:
+        table = pcsv.read_csv(path) if path.suffix == ".csv" else pq.read_table(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such {what}") from None
+    except (OSError, pa.ArrowException) as e:
+        raise ValueError(f"{path}: cannot read the {what} ({type(e).__name__}: {e})") from None
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"{path}: the {what} has no column {', '.join(map(repr, missing))}"
+            f" (it has {', '.join(map(repr, table.column_names)) or 'none'})"
+        )
+    return table.to_pylist()
 
 
 def candidate_pool(
     pool: Sequence[str | Path], frames: int = 10, seed: int = 0, group_column: str = "group"
 ) -> list[Candidate]:
-    """Candidates from scene folders, folders of scene folders, or a CSV/Parquet manifest (``scene`` [+ group])."""
+    """Candidates from scene folders, folders of scene folders, or a CSV/Parquet manifest (``scene`` [+ group]).
+
+    Scene paths are stored absolute; relative ``scene`` entries of a pool manifest are relative to its folder.
+    """
     scenes: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
     for item in pool:
         p = Path(item)
         if p.suffix in (".csv", ".parquet"):
-            import pyarrow.csv as pcsv
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(p) if p.suffix == ".parquet" else pcsv.read_csv(p)
-            rows = table.to_pylist()
-            if not rows or "scene" not in rows[0]:
-                raise ValueError(f"{p}: a pool manifest needs a 'scene' column")
-            scenes += [(Path(r["scene"]), str(r.get(group_column) or Path(r["scene"]).parent.name)) for r in rows]
+            for r in _read_table(p, ["scene"], "pool manifest"):
+                scene = _manifest_path(str(r["scene"]), p)
+                scenes.append((scene, str(r.get(group_column) or scene.parent.name)))
         elif p.is_dir():
-            scenes += [(s, s.parent.name) for s in _scene_folders(p)]
+            scenes += [(Path(os.path.abspath(s)), s.parent.name) for s in _scene_folders(p, seen)]
         else:
             raise ValueError(f"{p}: not a folder or a .csv/.parquet manifest")
     out = []
     for i, (scene, group) in enumerate(scenes):
-        names = [img.name for img in readable_images(scene)[0]]
+        if not scene.is_dir():
+            log.warning("NFDS pool: %s is not a folder; not a candidate", scene)
+            continue
+        names = [img.name for img in readable_images(scene)[0]]  # never raises: bad files are skipped, logged
         if len(names) < 2:
             log.warning("NFDS pool: %s has fewer than 2 readable images; not a candidate", scene)
             continue
@@ -224,11 +280,19 @@ def write_manifest(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def read_manifest(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a selection manifest."""
-    import pyarrow.parquet as pq
+MANIFEST_COLUMNS = ("sample_id", "scene", "frames", "selected")  # what loading the selected samples needs
 
-    return pq.read_table(path).to_pylist()
+
+def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a selection manifest, ``scene`` made absolute (relative paths are relative to the manifest's folder).
+
+    A file that is not a manifest, or lacks a column loading needs, is a ``ValueError`` naming it and the columns.
+    """
+    path = Path(path)
+    rows = _read_table(path, MANIFEST_COLUMNS, "selection manifest")
+    for r in rows:
+        r["scene"] = str(_manifest_path(str(r["scene"]), path))
+    return rows
 
 
 def load_selected(path: str | Path, image_size: int = 518, mode: str = "crop") -> list[dict[str, Any]]:
@@ -240,8 +304,12 @@ def iter_selected(path: str | Path, image_size: int = 518, mode: str = "crop") -
     """Lazily yield the selected samples (see :func:`load_selected`)."""
     for r in read_manifest(path):
         if r["selected"]:
-            c = Candidate(r["sample_id"], r["scene"], r["group"], tuple(r["frames"]))
-            yield {"id": r["sample_id"], "images": load_candidate(c, image_size, mode)}
+            c = Candidate(r["sample_id"], r["scene"], str(r.get("group") or ""), tuple(r["frames"]))
+            try:
+                images = load_candidate(c, image_size, mode)
+            except (ImageLoadError, OSError) as e:  # a calibration set missing a sample is not the one selected
+                raise ValueError(f"{path}: selected sample {c.sample_id}: {e}") from e
+            yield {"id": r["sample_id"], "images": images}
 
 
 def plot_selection(rows: list[dict[str, Any]], png: str | Path) -> Path:
@@ -261,7 +329,11 @@ def plot_selection(rows: list[dict[str, Any]], png: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 5))
     inl = np.array([not r["outlier"] for r in rows])
     clusters = np.array([r["cluster"] for r in rows])
-    sc = ax.scatter(xy[inl, 0], xy[inl, 1], c=clusters[inl], cmap="tab10", s=30, label="candidates")
+    # clusters are categories: one fixed colour and one legend entry each (a colour bar would suggest an order)
+    palette = plt.get_cmap("tab10" if len(set(clusters[inl])) <= 10 else "tab20")
+    for i, c in enumerate(sorted(set(clusters[inl].tolist()))):
+        m = inl & (clusters == c)
+        ax.scatter(xy[m, 0], xy[m, 1], color=palette(i % palette.N), s=30, label=f"cluster {c}")
     if (~inl).any():
         ax.scatter(xy[~inl, 0], xy[~inl, 1], marker="x", c="k", s=40, label="filtered (outlier)")
     sel = np.array([r["selected"] for r in rows])
@@ -270,7 +342,6 @@ def plot_selection(rows: list[dict[str, Any]], png: str | Path) -> Path:
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(loc="best", fontsize=8)
-    fig.colorbar(sc, ax=ax, label="cluster")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
@@ -300,8 +371,15 @@ def main(
     rows = []
     it: Iterable[Candidate] = progress(cands) if progress else cands
     for c in it:
-        stats = sample_stats(model, load_candidate(c, size))
+        try:
+            images = load_candidate(c, size)
+        except (ImageLoadError, OSError) as e:  # e.g. a frame replaced since the pool scan: skip it, go on
+            log.warning("NFDS: candidate %s skipped: %s", c.sample_id, e)
+            continue
+        stats = sample_stats(model, images)
         rows.append({"sample_id": c.sample_id, "scene": c.scene, "group": c.group, "frames": list(c.frames), **stats})
+    if not rows:
+        raise ValueError(f"NFDS: none of the {len(cands)} candidates could be loaded (see the warnings above)")
     rows = select(rows, n_clusters, per_cluster, seed, n_init)
     write_manifest(rows, out)
     plot_selection(rows, out.with_suffix(".png"))

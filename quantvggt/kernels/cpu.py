@@ -1,33 +1,66 @@
-"""The CPU path for QuantLinear.
+"""The CPU path for QuantLinear: exact integer GEMM on our levels, int4 weights packed at rest.
 
-Activations: Kronecker-factored Hadamard (two small BLAS matmuls), pre-scale, per-token quantization.
-GEMM: fbgemm's uint8 x int8 kernel with int32 accumulation, fed our integer levels exactly (activation scale 1,
-zero point 2^(bits-1); weight levels with their per-channel scales), then the per-token scales and bias.
-The int4 weights stay packed at rest and are unpacked + prepacked per call (about 10 ms for a 4096 x 1024 layer);
-``QUANTVGGT_CPU_PREPACK_CACHE=1`` keeps the prepacked int8 weights instead (1 byte/weight) for lower latency.
-W8A8 is excluded from fbgemm (AVX2's u8*s8 pair sums can saturate at 16 bits) and, like weight-only
-layers, runs as float GEMM on dequantized weights.
+Per call (``x [M, K]``):
+    levels, s = act_quant(x)          # sign flip + Hadamard + pre-scale + per-token quantize -> int8, one fused pass
+    acc = int_gemm(levels)            # exact int32 sums: torch._int_mm (oneDNN), or fbgemm below SMALL_M tokens
+    y = (acc * s) * w_scale + bias    # in place over acc's memory, same fp32 op order as QuantLinear.forward_int
+``act_quant`` and the epilogue are the small C kernels of :mod:`.cpu_native` (compiled on first use); without a C
+compiler the same math runs as torch ops (slower; same levels up to float summation order in the rotation).
+
+Two modes for the weights, chosen by :data:`mode` or the environment variable ``QUANTVGGT_CPU_MODE``:
+
+* ``speed`` (default): each layer packs its weights once, on its first call (or :func:`prepare`), into the GEMM's
+  format and keeps them as a plain, non-persistent attribute: int8 ``[K, N]`` for ``_int_mm``, or fbgemm's packing
+  for layers called with fewer than :data:`SMALL_M` tokens (where ``_int_mm``'s per-call weight reorder dominates).
+  That is 1 byte/weight in RAM on top of the packed int4 buffer (1.5 in all, 2.7x under fp32). The checkpoint
+  format is unchanged: int4 stays at rest on disk. The cache is keyed on the ``qweight`` tensor object and its
+  version counter, so replacing or editing the weights rebuilds it.
+* ``memory``: nothing cached; int4 is unpacked to int8 per call by a vectorised kernel (about 0.1-0.4 ms for a
+  4096 x 1024 layer) and fed to ``_int_mm``, which needs no prepacking. RAM stays at 0.5 byte/weight.
+
+Exactness: on AVX2 without VNNI the u8 x s8 pair sums of both GEMMs saturate at int16 for 8-bit weights
+(255 * 127 * 2 > 32767), while 4- and 6-bit weights are safe (255 * 32 * 2 < 32767). Rather than trusting the ISA,
+each (weight width, GEMM) pair is checked once per process on worst-case operands (:func:`int_gemm_exact`); a width
+that fails on ``_int_mm`` runs as float GEMM on dequantized weights, as do 16-bit activations (W4A16).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import warnings
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from quantvggt.kernels import cpu_native
 from quantvggt.lowbit import quantizer as qz
 from quantvggt.lowbit.hadamard import hadamard_transform
 
-CACHE_ENV = "QUANTVGGT_CPU_PREPACK_CACHE"
-MIN_TOKENS_FBGEMM = 256  # below this the per-call prepack costs more than it saves (measured, see docs/BENCHMARKS.md)
+log = logging.getLogger(__name__)
+
+MODE_ENV = "QUANTVGGT_CPU_MODE"
+MODES = ("speed", "memory")
+mode: str | None = None  # set to "speed" / "memory" to override QUANTVGGT_CPU_MODE in this process
+_CACHE_ATTR = "_qv_cpu_weights"  # {format: (weakref to qweight, its version, packed, bytes)}; never a buffer
+SMALL_M = 128  # below this many tokens per call, fbgemm on prepacked weights beats _int_mm (measured, see module doc)
 
 
+def cpu_mode() -> str:
+    """The active weight mode: :data:`mode` if set, else ``$QUANTVGGT_CPU_MODE``, else ``"speed"``."""
+    m = mode or os.environ.get(MODE_ENV) or "speed"
+    if m not in MODES:
+        raise ValueError(f"unknown CPU mode {m!r}; choose from {MODES}")
+    return m
+
+
+# -- activations -------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=16)
 def _sylvester(n: int) -> Tensor:
     h = torch.ones(1, 1)
@@ -47,11 +80,16 @@ def hadamard_kron(x: Tensor, normalize: bool = True) -> Tensor:
     return y.mul_(1.0 / math.sqrt(K)) if normalize else y
 
 
-def act_levels(layer: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
-    """Rotate, pre-scale and quantize ``x [M, K]`` -> (float levels, per-token scale ``[M, 1]``) or (h, None) for A16."""
+def _pow2_rotation(layer: nn.Module) -> bool:
+    K = layer.in_features
+    return bool(layer.rotate) and K & (K - 1) == 0
+
+
+def act_levels(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Plain-torch rotate + pre-scale + quantize of ``x [M, K]`` -> (float levels, scale ``[M, 1]``), or (h, None)."""
     K = layer.in_features
     h = x.float()
-    if layer.rotate and K & (K - 1) == 0:
+    if _pow2_rotation(layer):
         # fewer passes over memory: unnormalised transform, 1/sqrt(K) folded into the pre-scale, in-place ops
         h = hadamard_kron(h * layer.signs.to(h.dtype), normalize=False).mul_(layer.act_scale * (1.0 / math.sqrt(K)))
     elif layer.rotate:
@@ -60,56 +98,191 @@ def act_levels(layer: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None
         h = h * layer.act_scale
     if layer.a_bits >= 16:
         return h, None
-    amax = torch.linalg.vector_norm(h, ord=float("inf"), dim=-1, keepdim=True)
+    amax = h.abs().amax(dim=-1, keepdim=True)  # 10x faster here than vector_norm(ord=inf)
     scale = qz.symmetric_scale(amax * layer.act_clip, layer.a_bits)
     q = qz.qmax(layer.a_bits)
     return h.div_(scale).round_().clamp_(-q - 1, q), scale
 
 
-def _fbgemm_ok(layer: torch.nn.Module) -> bool:
-    return (
-        layer.a_bits < 16
-        and not (layer.a_bits == 8 and layer.w_bits == 8)
-        and "fbgemm" in torch.backends.quantized.supported_engines
-        and hasattr(torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32")
-    )
+def act_quant(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x [M, K]`` -> (int8 levels ``[M, K]``, fp32 per-token scale ``[M, 1]``), fused native kernel when available."""
+    K = layer.in_features
+    if cpu_native.lib() is None:
+        levels, s = act_levels(layer, x)
+        assert s is not None
+        return levels.to(torch.int8), s
+    h = x.float()
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    fused = _pow2_rotation(layer) and K >= 16
+
+    def constants() -> tuple[Tensor, Tensor, float]:
+        # per-call these small conversions cost ~25 us, a tenth of a 4-token camera-head call
+        prescale = layer.act_scale * (1.0 / math.sqrt(K)) if fused else layer.act_scale.float()
+        return layer.signs.to(torch.float32).contiguous(), prescale.contiguous(), float(layer.act_clip)
+
+    signs, prescale, clip = _cached(layer, "act", constants, (layer.signs, layer.act_scale, layer.act_clip))
+    if fused:
+        return cpu_native.act_quant(h, signs, prescale, clip, layer.a_bits, fwht=True)
+    if layer.rotate:  # Paley / block-diagonal widths: torch rotation, then the fused quantize
+        h = hadamard_transform(h * signs, layer.plan)
+    return cpu_native.act_quant(h, None, prescale, clip, layer.a_bits, fwht=False)
 
 
-def _prepack(layer: torch.nn.Module) -> Any:
-    cached = getattr(layer, "_fbgemm_packed", None)
-    if cached is not None:
-        return cached
+# -- weights -----------------------------------------------------------------------------------------------------
+def _unpack(layer: nn.Module) -> Tensor:
+    """Integer weight levels ``[N, K]`` int8 (vectorised unpack of int4 when the native kernels are there)."""
+    if layer.w_bits == 4 and cpu_native.lib() is not None:
+        return cpu_native.unpack_int4(layer.qweight)
+    return layer.int_weight()
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference-mode tensors carry no version counter (and cannot be edited outside it)
+        return -1
+
+
+def _cached(layer: nn.Module, kind: str, build: Callable[[], Any], deps: tuple[Tensor, ...], nbytes: int = 0) -> Any:
+    """``build()`` once per layer and state of ``deps``: keyed on those tensor objects (weakly) and their versions."""
+    caches = layer.__dict__.setdefault(_CACHE_ATTR, {})  # a plain attribute: not a buffer, not in the state dict
+    key = tuple(_version(t) for t in deps)
+    hit = caches.get(kind)
+    if hit is not None and hit[1] == key and all(r() is t for r, t in zip(hit[0], deps, strict=True)):
+        return hit[2]
+    value = build()
+    caches[kind] = (tuple(weakref.ref(t) for t in deps), key, value, nbytes)
+    return value
+
+
+def gemm_weight(layer: nn.Module) -> Tensor:
+    """The int8 ``[K, N]`` operand of ``_int_mm``: cached per layer in speed mode, unpacked per call in memory mode."""
+    if cpu_mode() == "memory":
+        return _unpack(layer).t()  # a transposed view: _int_mm takes it as is (measured ~4% slower than [K, N])
+    nbytes = layer.in_features * layer.out_features
+    return _cached(layer, "int8", lambda: _unpack(layer).t().contiguous(), (layer.qweight,), nbytes)
+
+
+def _fbgemm_prepack(wi: Tensor) -> Any:
+    """fbgemm's packing of int8 levels ``[N, K]`` at unit scales, so its fp32 output is the exact integer sum."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized-tensor constructors warn about a future deprecation
         wq = torch._make_per_channel_quantized_tensor(
-            layer.int_weight().contiguous(),
-            layer.w_scale.double(),
-            torch.zeros(layer.out_features, dtype=torch.long),
-            0,
+            wi, torch.ones(wi.shape[0], dtype=torch.double), torch.zeros(wi.shape[0], dtype=torch.long), 0
         )
-        packed = torch.ops.quantized.linear_prepack(wq, None)
-    if os.environ.get(CACHE_ENV) == "1":
-        layer._fbgemm_packed = packed
-    return packed
+        prev = torch.backends.quantized.engine
+        torch.backends.quantized.engine = "fbgemm"  # the packed type, not the engine, picks the kernel at call time
+        try:
+            return torch.ops.quantized.linear_prepack(wq, None)
+        finally:
+            torch.backends.quantized.engine = prev
 
 
-def qlinear_forward(layer: torch.nn.Module, x: Tensor) -> Tensor | None:
-    """QuantLinear forward on CPU (integer GEMM where exact, else float GEMM on transiently dequantized weights)."""
-    K = layer.in_features
-    levels, s = act_levels(layer, x.reshape(-1, K))
-    cached = getattr(layer, "_fbgemm_packed", None) is not None
-    if s is not None and _fbgemm_ok(layer) and (levels.shape[0] >= MIN_TOKENS_FBGEMM or cached):
+def prepare(model: nn.Module) -> int:
+    """Build the speed-mode int8 ``[K, N]`` weights of every CPU QuantLinear in ``model`` now (e.g. after loading).
+
+    Returns the bytes the caches hold. Calls build the same lazily, choosing the format by the call's token count
+    (fbgemm's packing below :data:`SMALL_M` tokens); this only moves the large-M build out of the first forward.
+    Layers that will not take the integer path (W4A16, an inexact weight width) get nothing.
+    """
+    for m in model.modules():
+        if hasattr(m, "qweight") and hasattr(m, "a_bits") and m.qweight.device.type == "cpu" and _int_path_ok(m):
+            gemm_weight(m)
+    return cached_bytes(model)
+
+
+def release(model: nn.Module) -> None:
+    """Drop every cached weight in ``model`` (back to 0.5 byte/weight until the next speed-mode call)."""
+    for m in model.modules():
+        m.__dict__.pop(_CACHE_ATTR, None)
+
+
+def cached_bytes(model: nn.Module) -> int:
+    """Bytes held by the speed-mode weight caches in ``model`` (1 per weight per cached format)."""
+    return sum(v[3] for m in model.modules() for v in m.__dict__.get(_CACHE_ATTR, {}).values())
+
+
+# -- GEMM --------------------------------------------------------------------------------------------------------
+def _fbgemm_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(
+        torch.ops.quantized, "linear_with_input_q_dq_qweight_dq_output_fp32"
+    )
+
+
+@functools.cache
+def int_gemm_exact(w_bits: int, backend: str = "int_mm") -> bool:
+    """Whether ``backend`` ("int_mm" or "fbgemm") is exact here for 8-bit activations x ``w_bits`` weights.
+
+    Checked on worst-case operands: long runs of extreme levels make every u8 x s8 pair sum as large as it gets,
+    which is where AVX2's 16-bit saturation would show.
+    """
+    q = qz.qmax(w_bits)
+    g = torch.Generator().manual_seed(0)
+    a = torch.where(torch.rand(64, 512, generator=g) < 0.5, -128, 127).to(torch.int8)
+    a[:8] = 127
+    a[8:16] = -128
+    w = torch.where(torch.rand(512, 32, generator=g) < 0.5, -q - 1, q).to(torch.int8)
+    w[:, :4] = q
+    w[:, 4:8] = -q - 1
+    want = (a.double() @ w.double()).to(torch.int32)
+    try:
+        if backend == "int_mm":
+            got = torch._int_mm(a, w)
+        elif _fbgemm_available():
+            packed = _fbgemm_prepack(w.T.contiguous())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                got = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(a.float(), 1.0, 128, packed)
+        else:
+            return False
+    except (RuntimeError, AttributeError) as e:
+        log.info("%s unavailable on CPU (%s)", backend, e)
+        return False
+    ok = torch.equal(got.to(torch.int32) if got.is_floating_point() else got, want)
+    if not ok:
+        log.info("%s saturates for %d-bit weights on this CPU: not used for them", backend, w_bits)
+    return ok
+
+
+def _int_path_ok(layer: nn.Module) -> bool:
+    return layer.a_bits < 16 and int_gemm_exact(layer.w_bits)
+
+
+def int_gemm(layer: nn.Module, levels: Tensor) -> Tensor:
+    """Exact ``levels @ W^T`` accumulators ``[M, N]``: int32 from ``_int_mm``, or fp32 integers from fbgemm.
+
+    ``_int_mm`` takes plain int8 weights but reorders them on every call, which dominates below ~128 tokens
+    (12.7 ms vs 1.1 ms for a 2048 x 8192 camera-head layer at 4 tokens); there, in speed mode, fbgemm runs on
+    weights packed once. Above, ``_int_mm`` (oneDNN) is the faster GEMM (15.3 vs 18.2 ms at 1024 x 3072, M = 1044).
+    """
+    if levels.shape[0] < SMALL_M and cpu_mode() == "speed" and int_gemm_exact(layer.w_bits, "fbgemm"):
+        nbytes = layer.in_features * layer.out_features
+        packed = _cached(layer, "fbgemm", lambda: _fbgemm_prepack(_unpack(layer)), (layer.qweight,), nbytes)
         zp = 2 ** (layer.a_bits - 1)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
-                levels.contiguous(), 1.0, zp, _prepack(layer)
-            )
-        y = y * s
-        if layer.bias is not None:
-            y = y + layer.bias
+        return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(levels.float(), 1.0, zp, packed)
+    return torch._int_mm(levels, gemm_weight(layer))
+
+
+def _epilogue(acc: Tensor, s: Tensor, layer: nn.Module) -> Tensor:
+    if cpu_native.lib() is not None:
+        return cpu_native.dequant_epilogue(acc, s, layer.w_scale, layer.bias)
+    y = acc.float().mul_(s).mul_(layer.w_scale)  # same order as QuantLinear.forward_int: (acc * s) * w_scale
+    return y.add_(layer.bias) if layer.bias is not None else y
+
+
+def qlinear_forward(layer: nn.Module, x: Tensor) -> Tensor | None:
+    """QuantLinear forward on CPU (integer GEMM where exact, else float GEMM on transiently dequantized weights)."""
+    K, N = layer.in_features, layer.out_features
+    x2 = x.reshape(-1, K)
+    if x2.shape[0] == 0:
+        return None  # nothing to compute: the plain-torch path handles the empty shape
+    if _int_path_ok(layer):
+        levels, s = act_quant(layer, x2)
+        y = _epilogue(int_gemm(layer, levels), s, layer)
     else:
+        levels, s = act_levels(layer, x2)
         h = levels if s is None else levels * s
-        w = layer.int_weight().to(torch.float32) * layer.w_scale[:, None]  # transient: packed at rest
+        w = _unpack(layer).to(torch.float32).mul_(layer.w_scale[:, None])  # transient: packed at rest
         y = F.linear(h, w, layer.bias)
-    return y.reshape(*x.shape[:-1], layer.out_features).to(x.dtype)
+    return y.reshape(*x.shape[:-1], N).to(x.dtype)

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import boto3
 import pytest
-from botocore.exceptions import ClientError
 
 from quantvggt import storage as storage_mod
-from quantvggt.storage import StorageError, download_to_cache, fetch_scene, open_storage, retry, safe_join
+from quantvggt.storage import StorageError, download_to_cache, fetch_scene, open_storage, safe_join
 
 BAD_KEYS = [
     "../escape.txt",
@@ -186,11 +185,12 @@ def test_no_credentials_is_one_line(s3_endpoint: str, tmp_path: Path, monkeypatc
     assert msg == "s3://any-bucket/base/scenes/: no usable AWS credentials found (check AWS credentials)"
 
 
-RETRY_TABLE = [  # (S3 error code, HTTP status, retried?)
+RETRY_TABLE = [  # (S3 error code, HTTP status, retried?): botocore's standard retry mode decides, not our code
     ("InternalError", 500, True),
     ("SlowDown", 503, True),
     ("Throttling", 400, True),
     ("TooManyRequests", 429, True),
+    ("RequestTimeout", 400, True),
     ("NoSuchBucket", 404, False),
     ("AccessDenied", 403, False),
     ("InvalidAccessKeyId", 403, False),
@@ -199,22 +199,51 @@ RETRY_TABLE = [  # (S3 error code, HTTP status, retried?)
 ]
 
 
+class _Body:
+    """The raw stream of an injected HTTP response."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **kwargs: object) -> object:
+        yield self.data
+
+
 @pytest.mark.parametrize("code,status,retried", RETRY_TABLE)
 def test_only_transient_errors_are_retried(
-    code: str, status: int, retried: bool, monkeypatch: pytest.MonkeyPatch
+    code: str, status: int, retried: bool, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from botocore.awsrequest import AWSResponse
+
     sleeps = _no_sleep(monkeypatch)
-    calls = []
+    st = open_storage(f"s3://{_bucket(s3_endpoint, ['k'])}")
+    sent: list[int] = []
 
-    def flaky() -> str:
-        calls.append(1)
-        if len(calls) < 3:
-            raise ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
-        return "ok"
+    def fail_twice(request: object, **kwargs: object) -> AWSResponse | None:
+        sent.append(1)
+        if len(sent) < 3:  # answered here, before reaching moto; None lets the request through
+            body = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+            return AWSResponse(request.url, status, {}, _Body(body))
+        return None
 
+    st.client.meta.events.register("before-send.s3", fail_twice)
     if retried:
-        assert retry(flaky, "get s3://b/k") == "ok" and len(sleeps) == 2
+        assert st.read_bytes("k") == b"payload" and len(sent) == 3 and len(sleeps) == 2
     else:
-        with pytest.raises((StorageError, ClientError)):
-            retry(flaky, "get s3://b/k")
-        assert len(calls) == 1 and sleeps == []
+        with pytest.raises(StorageError) as err:
+            st.read_bytes("k")
+        assert len(sent) == 1 and sleeps == [] and "\n" not in str(err.value)
+
+
+def test_unreachable_endpoint_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    _no_sleep(monkeypatch)
+    monkeypatch.setenv("QUANTVGGT_S3_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    with pytest.raises(StorageError, match=r"^list s3://any-bucket/x: cannot reach the S3 endpoint http://127.0.0.1:9"):
+        open_storage("s3://any-bucket").list("x")
+
+
+def test_missing_key_is_file_not_found(s3_endpoint: str) -> None:
+    st = open_storage(f"s3://{_bucket(s3_endpoint, [])}")
+    with pytest.raises(FileNotFoundError, match="no such object"):
+        st.read_bytes("nothing/here")
