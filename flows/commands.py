@@ -274,7 +274,7 @@ demo = Command(
     _demo,
 )
 submit = Command(
-    "submit", "check scene folders, then queue them for the reconstruct deployment", _submit_options, _submit
+    "submit", "queue scene folders for the reconstruct deployment (checked first)", _submit_options, _submit
 )
 serve = Command(
     "serve", "serve the Prefect deployments and run queued work (needs PREFECT_API_URL)", _serve_options, _serve

@@ -91,7 +91,7 @@ def discover(
     todo: list[tuple[str, str]] = []
     for uri, name in names.items():
         if not force and store.is_complete(name, source=uri):
-            decided.append(_result(store, name, uri, "skipped"))
+            decided.append(_skipped(store, name, uri))
             continue
         record = None if force else store.completion_record(name)
         if record is not None:  # complete, but for another source with the same folder name
@@ -107,7 +107,7 @@ def discover(
             logger.info("%s holds %s; %s goes to %s", store.uri(name), record.get("source"), uri, suffixed)
             name = suffixed
             if store.is_complete(name, source=uri):
-                decided.append(_result(store, name, uri, "skipped"))
+                decided.append(_skipped(store, name, uri))
                 continue
         todo.append((uri, name))
     return todo, decided
@@ -117,6 +117,14 @@ def _result(store: Storage, name: str, uri: str, status: Status, error: str = ""
     return SceneResult(
         name, status, error=error, output=store.uri(name), report=store.uri(f"{name}/report.json"), source=uri
     )
+
+
+def _skipped(store: Storage, name: str, uri: str) -> SceneResult:
+    """A 'skipped' result with the counts its completion record kept."""
+    result = _result(store, name, uri, "skipped")
+    record = store.completion_record(name) or {}
+    result.images, result.points = int(record.get("images", 0)), int(record.get("points", 0))
+    return result
 
 
 def _names(uris: list[str], on_collision: Collision) -> tuple[dict[str, str], list[SceneResult]]:
