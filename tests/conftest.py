@@ -9,8 +9,8 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
-PARITY = FIXTURES / "vggt-tiny-parity"  # copied from shared/fixtures: a user's clone has no ../shared
-SPEC_1B = FIXTURES / "vggt-1b-state-dict.json"  # copied from shared/specs
+PARITY = FIXTURES / "vggt-tiny-parity"  # upstream reference outputs, committed so every clone has them
+SPEC_1B = FIXTURES / "vggt-1b-state-dict.json"  # the official checkpoint key -> shape map
 
 
 from quantvggt.testing import tiny_config_dict  # noqa: E402
