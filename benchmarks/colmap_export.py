@@ -150,8 +150,8 @@ def speed(model: torch.nn.Module, scene: Path, repeat: int) -> dict:
         old_rec = old_to_colmap(pred, opts)
         built = cm.to_colmap(pred, opts)
         assert old_rec.num_points3D() == built.model.num_points == 100_000
-        old = lambda: old_to_colmap(pred, opts).write(tmp)  # noqa: E731
-        new = lambda: cm.to_colmap(pred, opts).model.write(tmp)  # noqa: E731
+        old = lambda: old_to_colmap(pred, opts).write(tmp)
+        new = lambda: cm.to_colmap(pred, opts).model.write(tmp)
         for _ in range(2):  # interleaved, so both see the same background load
             out["old_s"] = min(out.get("old_s", np.inf), best_of(old, repeat))
             out["new_s"] = min(out.get("new_s", np.inf), best_of(new, repeat))

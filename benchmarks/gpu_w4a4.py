@@ -94,7 +94,7 @@ def main() -> None:
     with torch.no_grad():
         tb = cuda_time(lambda: base(x), 3)
         tq = cuda_time(lambda: q(x), 3)
-    mem = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())  # noqa: E731
+    mem = lambda m: sum(t.numel() * t.element_size() for t in m.state_dict().values())
     print(
         f"whole VGGT-1B, 10 frames 518 px: bf16 {tb:.0f} ms, 4-bit {tq:.0f} ms -> {tb / tq:.2f}x; "
         f"weights bf16 {mem(base) / 2e9:.2f} GB vs 4-bit {mem(q) / 1e9:.2f} GB"

@@ -363,7 +363,7 @@ class ColmapModel:
         Ki, Kj = (self._calibration(int(self.image_camera[k])) for k in (i, j))
         F = np.linalg.inv(Kj).T @ E @ np.linalg.inv(Ki)
         q = mat_to_quat(torch.from_numpy(R[None])).numpy()[0]
-        blob = lambda a: np.ascontiguousarray(a, "<f8").tobytes()  # noqa: E731
+        blob = lambda a: np.ascontiguousarray(a, "<f8").tobytes()
         pair_id = (i + 1) * 2147483647 + (j + 1)  # COLMAP's pair id of image ids i+1 < j+1
         return (
             pair_id,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 # the export lives in quantvggt.colmap; its names stay importable from here for callers of this module
-from quantvggt.colmap import (  # noqa: F401
+from quantvggt.colmap import (  # noqa: F401  (re-exported: callers import these from reconstruct)
     IMAGE_MODES,
     ColmapResult,
     ExportOptions,
@@ -124,7 +124,7 @@ def predict_frames(
     t2 = time.perf_counter()
     H, W = batch.images.shape[-2:]
     extr, K = pose_encoding_to_extri_intri(preds["pose_enc"][0].double().cpu(), (H, W))
-    np_ = lambda t: None if t is None else t[0].detach().float().cpu().numpy()  # noqa: E731
+    np_ = lambda t: None if t is None else t[0].detach().float().cpu().numpy()
     return ScenePrediction(
         scene=scene,
         names=[p.name for p in paths],

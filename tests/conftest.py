@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantvggt.testing import tiny_config_dict
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = REPO / "tests" / "fixtures"
 PARITY = FIXTURES / "vggt-tiny-parity"  # upstream reference outputs, committed so every clone has them
 SPEC_1B = FIXTURES / "vggt-1b-state-dict.json"  # the official checkpoint key -> shape map
-
-
-from quantvggt.testing import tiny_config_dict  # noqa: E402
 
 
 @pytest.fixture

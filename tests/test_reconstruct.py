@@ -124,7 +124,7 @@ def test_crash_leaves_no_complete_looking_output(
     pred = reconstruct_scene(model, synth_scenes / "scene_000")
     colmap = to_colmap(pred, ReconstructionOptions(max_points=100))
 
-    class Boom(Exception):  # noqa: N818
+    class Boom(Exception):  # noqa: N818  (a test's throwaway exception)
         pass
 
     def exploding_dumps(*a: object, **k: object) -> str:

@@ -26,7 +26,7 @@ def test_orbit_goes_once_around_and_random_is_the_same_cameras_shuffled(tmp_path
     step = np.linalg.norm(np.diff(c, axis=0), axis=1)
     r = _centres(rand["extrinsics"])
     assert np.linalg.norm(np.diff(r, axis=0), axis=1).mean() > 4 * step.mean()  # name order is not capture order
-    key = lambda a: a[np.lexsort(a.T)]  # noqa: E731
+    key = lambda a: a[np.lexsort(a.T)]
     np.testing.assert_allclose(key(r), key(c), atol=1e-12)  # ... but the cameras are the orbit's
     assert rand["names"] == sorted(rand["names"]) and len(set(rand["names"])) == 36
     assert json.loads((tmp_path / "random" / "gt" / "cameras.json").read_text())["trajectory"] == "random"

@@ -66,7 +66,7 @@ def test_selection_is_deterministic_and_seed_dependent() -> None:
     a = nfds.select(_rows(40), 3, 2, seed=1)
     b = nfds.select(_rows(40), 3, 2, seed=1)
     c = nfds.select(_rows(40), 3, 2, seed=2)
-    pick = lambda rows: [r["sample_id"] for r in rows if r["selected"]]  # noqa: E731
+    pick = lambda rows: [r["sample_id"] for r in rows if r["selected"]]
     assert pick(a) == pick(b)
     assert pick(a) != pick(c)
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from quantvggt.kernels import triton_attention as ta  # noqa: E402
-from quantvggt.lowbit import attention as at  # noqa: E402
+from quantvggt.kernels import triton_attention as ta  # noqa: E402  (after TRITON_INTERPRET / sys.path set-up above)
+from quantvggt.lowbit import attention as at  # noqa: E402  (after TRITON_INTERPRET / sys.path set-up above)
 
 if not ta.INTERPRET and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)

@@ -7,10 +7,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from quantvggt.kernels import reference as ref  # noqa: E402
-from quantvggt.kernels import triton_w4a4 as tk  # noqa: E402
-from quantvggt.lowbit import quantizer as qz  # noqa: E402
-from quantvggt.lowbit.hadamard import random_signs  # noqa: E402
+from quantvggt.kernels import reference as ref  # noqa: E402  (after TRITON_INTERPRET / sys.path set-up above)
+from quantvggt.kernels import triton_w4a4 as tk  # noqa: E402  (after TRITON_INTERPRET / sys.path set-up above)
+from quantvggt.lowbit import quantizer as qz  # noqa: E402  (after TRITON_INTERPRET / sys.path set-up above)
+from quantvggt.lowbit.hadamard import random_signs  # noqa: E402  (after TRITON_INTERPRET / sys.path set-up above)
 
 if not tk.INTERPRET and not torch.cuda.is_available():
     pytest.skip("needs TRITON_INTERPRET=1 or a GPU", allow_module_level=True)
