@@ -1,7 +1,8 @@
 """Command-line interface: ``quantvggt <command>``.
 
-Each command's options and runner live beside the code it drives (``HELP``, ``configure(parser)`` and
-``run(args) -> int`` in the module named in :data:`COMMANDS`). Other packages add commands through the
+Each command's options and runner live beside the code it drives (``configure(parser)`` and ``run(args) -> int``
+in the module named in :data:`COMMANDS`); that module is imported only when its command runs or shows its own
+help, so ``quantvggt --help`` never imports torch. Other packages add commands through the
 ``quantvggt.commands`` entry-point group: each entry point names an object with ``name``, ``help``,
 ``configure`` and ``run`` (the orchestration commands demo, submit, serve and status come this way, so this
 package never imports Prefect or Ray).
@@ -23,15 +24,15 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parent / "assets"
 ENTRY_POINT_GROUP = "quantvggt.commands"
 
-# command name -> module holding its HELP, configure(parser) and run(args); the order is the order in --help
-COMMANDS: dict[str, str] = {
-    "predict": "quantvggt.predict",
-    "quantize": "quantvggt.quant.cli",
-    "select-calibration": "quantvggt.calib.nfds",
-    "evaluate": "quantvggt.evaluate",
-    "train": "quantvggt.train.cli",
-    "reconstruct": "quantvggt.reconstruct",
-    "synth": "quantvggt.synth",
+# command name -> (module holding configure(parser) and run(args), one-line help); the order is --help's order
+COMMANDS: dict[str, tuple[str, str]] = {
+    "predict": ("quantvggt.predict", "run a VGGT model on images and print cameras and depth statistics"),
+    "quantize": ("quantvggt.quant.cli", "calibrate + quantize a model and write a quantized checkpoint"),
+    "select-calibration": ("quantvggt.calib.nfds", "choose a calibration set with Noise-Filtered Diverse Sampling"),
+    "evaluate": ("quantvggt.evaluate", "Table 1: float vs quantized recipes on synthetic scenes with ground truth"),
+    "train": ("quantvggt.train.cli", "train the small synthetic-scene VGGT (resumable)"),
+    "reconstruct": ("quantvggt.reconstruct", "reconstruct scene folders into COLMAP sparse models"),
+    "synth": ("quantvggt.synth", "render synthetic scenes with ground truth"),
 }
 
 
@@ -45,13 +46,21 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
+def _lazy(name: str, module: str, help: str) -> Command:
+    """A command whose module (and so torch) is imported on first use of ``configure`` or ``run``."""
+
+    def configure(parser: argparse.ArgumentParser) -> None:
+        importlib.import_module(module).configure(parser)
+
+    def run(args: argparse.Namespace) -> int:
+        return importlib.import_module(module).run(args)
+
+    return Command(name, help, configure, run)
+
+
 def builtin_commands() -> list[Command]:
     """The library's own commands, from :data:`COMMANDS`."""
-    out = []
-    for name, module in COMMANDS.items():
-        mod = importlib.import_module(module)
-        out.append(Command(name, mod.HELP, mod.configure, mod.run))
-    return out
+    return [_lazy(name, module, help) for name, (module, help) in COMMANDS.items()]
 
 
 def plugin_commands(taken: Sequence[str] = ()) -> list[Command]:
@@ -79,8 +88,13 @@ def plugin_commands(taken: Sequence[str] = ()) -> list[Command]:
     return out
 
 
-def build_parser(commands: Sequence[Command] | None = None) -> argparse.ArgumentParser:
-    """The argument parser: one subparser per command (built-in, then plugins unless ``commands`` is given)."""
+def build_parser(
+    commands: Sequence[Command] | None = None, only: Sequence[str] | None = None
+) -> argparse.ArgumentParser:
+    """The argument parser: one subparser per command (built-in, then plugins unless ``commands`` is given).
+
+    ``only`` names the commands whose options are added (default all); the rest show their one-line help only.
+    """
     if commands is None:
         builtin = builtin_commands()
         commands = builtin + plugin_commands([c.name for c in builtin])
@@ -88,8 +102,9 @@ def build_parser(commands: Sequence[Command] | None = None) -> argparse.Argument
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
     for c in commands:
-        s = sub.add_parser(c.name, help=c.help)
-        c.configure(s)
+        s = sub.add_parser(c.name, help=c.help, description=c.help)
+        if only is None or c.name in only:
+            c.configure(s)
         s.set_defaults(_run=c.run)
     return p
 
@@ -106,12 +121,15 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, configure logging, run the command; a user error is one line on stderr and exit code 2."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # the first positional word is the command (the top level has flags only): configure just that one
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(only=[chosen] if chosen else []).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     if not args.verbose:
-        for noisy in ("httpx", "werkzeug", "matplotlib"):
+        for noisy in ("httpx", "werkzeug", "matplotlib", "botocore", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args._run(args) or 0)

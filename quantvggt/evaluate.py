@@ -263,7 +263,6 @@ def _bar_chart(results: list[dict], png: Path) -> None:
 
 
 # -- the `quantvggt evaluate` command --------------------------------------------------------------------------------
-HELP = "Table 1: float vs quantized recipes on synthetic scenes with ground truth"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

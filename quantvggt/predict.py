@@ -11,8 +11,6 @@ import torch
 
 from quantvggt.geometry import pose_encoding_to_extri_intri
 
-HELP = "run a VGGT model on images and print cameras and depth statistics"
-
 
 def summarise(preds: dict, names: Sequence[str]) -> str:
     """A table of per-image camera position, focal lengths, depth range and mean confidence."""

@@ -331,7 +331,6 @@ def main(
 
 
 # -- the `quantvggt reconstruct` command -----------------------------------------------------------------------------
-HELP = "reconstruct scene folders into COLMAP sparse models"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -279,7 +279,6 @@ def load_gt(scene: str | Path) -> dict:
 
 
 # -- the `quantvggt synth` command -----------------------------------------------------------------------------------
-HELP = "render synthetic scenes with ground truth"
 
 
 def _size(text: str) -> tuple[int, int]:

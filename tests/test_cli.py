@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from quantvggt.cli import Command
 
 
@@ -213,3 +215,26 @@ def _hello(args) -> int:
 
 _HELLO = Command("hello", "say hello", lambda p: p.add_argument("--who", default="world"), _hello)
 _CLASH = Command("synth", "not the real synth", lambda p: None, _hello)
+
+
+def test_top_level_help_imports_no_command_module() -> None:
+    # `quantvggt --help` must stay fast: no torch, no command module until a command is chosen
+    code = (
+        "import sys, contextlib, io; import quantvggt.cli as c\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    c.main(['--help'])\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'prefect', 'ray')"
+        " or m in ('quantvggt.predict', 'quantvggt.reconstruct')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_chosen_command_gets_its_options() -> None:
+    from quantvggt.cli import build_parser
+
+    args = build_parser(only=["synth"]).parse_args(["synth", "out", "--scenes", "2"])
+    assert args.scenes == 2
+    with pytest.raises(SystemExit):  # predict's options were not added, so its option is unknown
+        build_parser(only=["synth"]).parse_args(["predict", "x.png", "--model", "m"])

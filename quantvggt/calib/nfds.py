@@ -387,7 +387,6 @@ def main(
 
 
 # -- the `quantvggt select-calibration` command ----------------------------------------------------------------------
-HELP = "choose a calibration set with Noise-Filtered Diverse Sampling"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -128,8 +128,16 @@ def _unpack_calibration(calibration: Iterable[CalibItem] | None) -> tuple[list[T
     return batches, ids
 
 
-def quantize_(model: nn.Module, config: QuantConfig, calibration: Iterable[CalibItem] | None = None) -> QuantReport:
-    """Quantize ``model`` in place per ``config``; ``calibration`` yields image batches (or dicts with id/images)."""
+def quantize_(
+    model: nn.Module,
+    config: QuantConfig,
+    calibration: Iterable[CalibItem] | None = None,
+    on_progress: Callable[[str, int, int], None] | None = None,
+) -> QuantReport:
+    """Quantize ``model`` in place per ``config``; ``calibration`` yields image batches (or dicts with id/images).
+
+    ``on_progress(step, done, total)`` reports long steps (block-wise reconstruction) to a caller's progress bar.
+    """
     handler = _HANDLERS.get(type(config))
     if handler is None:
         known = ", ".join(sorted(c.__name__ for c in _HANDLERS))
@@ -144,6 +152,7 @@ def quantize_(model: nn.Module, config: QuantConfig, calibration: Iterable[Calib
         raise ValueError(f"{config.name} needs calibration images; pass calibration=[images, ...]")
     device = next(model.parameters()).device
     job = QuantJob(model, config, [b.to(device) for b in batches], select_targets(model, config))
+    job.on_progress = on_progress
     was_training = model.training
     model.eval()
     try:

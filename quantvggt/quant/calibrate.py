@@ -169,18 +169,20 @@ def reconstruct_aggregator(
     lr_scale: float,
     lr_clip: float,
     weight_decay: float,
-    on_block: Callable[[str], None] | None = None,
+    on_block: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """Fit each aggregator block's fake-quant layers so the block output matches full precision.
 
     Blocks run in execution order (frame 0, global 0, frame 1, ...). Each block sees full-precision inputs in
     its real token layout: frame blocks ``(B*S, P, C)``, global blocks ``(B, S*P, C)``. Returns per-block
-    (MSE before, MSE after) and leaves the fitted :class:`FakeQuantLinear` modules installed.
+    (MSE before, MSE after) and leaves the fitted :class:`FakeQuantLinear` modules installed. ``on_block(prefix,
+    done, total)`` is called after each block.
     """
     agg = model.aggregator
     states = _block_inputs(agg, batches)
     losses: dict[str, tuple[float, float]] = {}
-    for kind, idx in execution_order(agg):
+    order = list(execution_order(agg))
+    for done, (kind, idx) in enumerate(order, 1):
         prefix = f"aggregator.{kind}_blocks.{idx}"
         block = agg.get_submodule(f"{kind}_blocks.{idx}")
         with torch.no_grad():
@@ -196,5 +198,5 @@ def reconstruct_aggregator(
         for st, t in zip(states, targets):
             st["x"] = t.reshape(st["x"].shape)  # next block sees full-precision inputs
         if on_block is not None:
-            on_block(prefix)
+            on_block(prefix, done, len(order))
     return losses

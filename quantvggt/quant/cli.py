@@ -7,8 +7,6 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-HELP = "calibrate + quantize a model and write a quantized checkpoint"
-
 
 def recipe_overrides(
     seed: int | None = None, scope: Sequence[str] | None = None, epochs: int | None = None
@@ -69,6 +67,30 @@ def _budget(text: str) -> float:
     return value
 
 
+class _ProgressBar:
+    """A tqdm bar over quantize_'s reconstruction blocks; created on the first report (calibration-free recipes
+    have no blocks and show none)."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        """Advance to ``done`` of ``total``, naming the block just finished."""
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc="reconstruct blocks", unit="block")
+        self.bar.set_postfix_str(step.removeprefix("aggregator."), refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self) -> _ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def run(args: argparse.Namespace) -> int:
     """Calibrate and quantize a model, then write a quantized checkpoint folder."""
     from quantvggt.calib import folder_samples
@@ -98,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"mixed precision: {bits.compression_vs_fp16:.2f}x smaller than fp16 (predicted)")
         for part, counts in bits.summary().items():
             print(f"  {part:24s} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
-    report = quantize_(model, config, calib)
+    with _ProgressBar() as bar:
+        report = quantize_(model, config, calib, on_progress=bar)
     out = save_quantized(model, args.out, extra={"report": report.to_dict(), **extra})
     print(f"recipe {report.recipe}: {len(report.layers)} layers quantized in {report.seconds:.1f}s")
     print(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,7 @@ class QuantJob:
     block_loss: dict[str, tuple[float, float]] = field(default_factory=dict)
     layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # frozen linear layers: spec + block loss
     convs: dict[str, dict[str, Any]] = field(default_factory=dict)  # frozen convolutions: spec
+    on_progress: Callable[[str, int, int], None] | None = None  # (step, done, total): a CLI's progress bar
 
     @property
     def device(self) -> torch.device:
@@ -179,7 +181,9 @@ def reconstruct(job: QuantJob, epochs: int, lr_scale: float, lr_clip: float, wei
         return
     for p in job.model.parameters():
         p.requires_grad_(False)
-    job.block_loss = reconstruct_aggregator(job.model, job.fakes, job.batches, epochs, lr_scale, lr_clip, weight_decay)
+    job.block_loss = reconstruct_aggregator(
+        job.model, job.fakes, job.batches, epochs, lr_scale, lr_clip, weight_decay, on_block=job.on_progress
+    )
 
 
 def freeze(job: QuantJob) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "train the small synthetic-scene VGGT (resumable)"
-
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Options of ``quantvggt train``."""
