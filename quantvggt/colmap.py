@@ -65,6 +65,7 @@ CREATE TABLE two_view_geometries (pair_id INTEGER PRIMARY KEY NOT NULL, rows INT
 PRAGMA user_version = 3800;
 """
 _PINHOLE = 1  # COLMAP's camera model id
+CAMERA_MODES = ("auto", "single", "per-image")
 _CAMERA_SENSOR = 0  # COLMAP's sensor type id of a camera (rigs.bin / frames.bin)
 
 
@@ -77,7 +78,12 @@ class ExportOptions:
     conf_threshold: float | None = None  # ... or above this absolute confidence, when set
     max_points: int = 100_000
     seed: int = 0
-    shared_camera_tol: float = 0.02  # relative tolerance for merging equal intrinsics into one camera
+    # "auto": one camera per image size and focal-length cluster (a gap over shared_camera_tol starts a new one);
+    # "single": one camera per image size (a fixed-lens capture); "per-image": a camera per image
+    camera: str = "auto"
+    # VGGT predicts focal length per frame: one physical camera's predictions scatter by a few percent (the shipped
+    # small model's by up to ~4 %), while a zoom step or a different lens differs by well over 10 %
+    shared_camera_tol: float = 0.08
     tracks: bool = True  # observe each point in every frame that agrees; False: one observation per point
     # relative depth difference under which another frame observes a point; the shipped small model's depth maps
     # disagree between frames by 5-10 % (at 0.05 its 8-frame tracks averaged 2.5-3 observations, at 0.1 about 3.3)
@@ -91,6 +97,10 @@ class ExportOptions:
     text: bool = False  # also write COLMAP text files
 
     def __post_init__(self) -> None:
+        if self.camera not in CAMERA_MODES:
+            raise ValueError(f"camera must be one of {', '.join(CAMERA_MODES)}, got {self.camera!r}")
+        if not 0 <= self.shared_camera_tol < 1:
+            raise ValueError(f"shared_camera_tol must be in [0, 1), got {self.shared_camera_tol}")
         if self.points_from not in ("depth", "point_map"):
             raise ValueError(f"points_from must be 'depth' or 'point_map', got {self.points_from!r}")
         if not 0 <= self.conf_percentile < 100:
@@ -645,21 +655,37 @@ def single_view_tracks(pp: _PixelPoints, options: ExportOptions) -> Tracks:
 
 
 # -- cameras and the model -------------------------------------------------------------------------------------------
-def colmap_cameras(pred: ScenePrediction, tol: float) -> list[int]:
-    """Camera index per image: images share a camera when size and original-pixel intrinsics agree within ``tol``."""
-    params: list[tuple[tuple[int, int], np.ndarray]] = []
-    assign = []
-    for i, (tf, size) in enumerate(zip(pred.transforms, pred.original_sizes)):
-        K = tf.intrinsics_to_original(pred.intrinsics[i])
-        p = (size, np.array([K[0, 0], K[1, 1], K[0, 2], K[1, 2]]))
-        for j, (sz, q) in enumerate(params):
-            if sz == size and np.all(np.abs(q - p[1]) <= tol * np.abs(q).clip(min=1.0)):
-                assign.append(j)
-                break
-        else:
-            params.append(p)
-            assign.append(len(params) - 1)
-    return assign
+def colmap_cameras(pred: ScenePrediction, tol: float, mode: str = "auto") -> list[int]:
+    """Camera index per image: one per image size, split where sorted focal lengths jump by more than ``tol``.
+
+    ``mode="single"`` keeps one camera per image size, ``"per-image"`` gives every image its own. Clustering on
+    gaps (rather than distance to the first member) does not depend on the image order.
+    """
+    S = len(pred.names)
+    if mode == "per-image":
+        return list(range(S))
+    focal = np.array(
+        [
+            np.sqrt(np.prod(np.diag(tf.intrinsics_to_original(pred.intrinsics[i]))[:2]))
+            for i, tf in enumerate(pred.transforms)
+        ]
+    )
+    sizes = [tuple(int(v) for v in sz) for sz in pred.original_sizes]
+    assign = [-1] * S
+    n = 0
+    for size in dict.fromkeys(sizes):  # first-seen order keeps camera ids stable
+        members = sorted((i for i in range(S) if sizes[i] == size), key=lambda i: focal[i])
+        prev = None
+        for i in members:
+            if prev is not None and (mode == "single" or focal[i] <= focal[prev] * (1 + tol)):
+                assign[i] = assign[prev]
+            else:
+                assign[i] = n
+                n += 1
+            prev = i
+    # renumber in image order, so camera 1 is the first image's
+    first: dict[int, int] = {}
+    return [first.setdefault(a, len(first)) for a in assign]
 
 
 def _check_cameras(pred: ScenePrediction) -> None:
@@ -698,7 +724,7 @@ def to_colmap(pred: ScenePrediction, options: Any = None) -> ColmapResult:
     t0 = time.perf_counter()
     _check_cameras(pred)
     S, _H, W = pred.depth.shape
-    cam_of = np.array(colmap_cameras(pred, opts.shared_camera_tol))
+    cam_of = np.array(colmap_cameras(pred, opts.shared_camera_tol, opts.camera))
     C = int(cam_of.max()) + 1
     intrinsics = pred.intrinsics.copy()
     sizes = np.zeros((C, 2), np.int64)

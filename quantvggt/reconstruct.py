@@ -15,6 +15,7 @@ import torch
 
 # the export lives in quantvggt.colmap; its names stay importable from here for callers of this module
 from quantvggt.colmap import (  # noqa: F401  (re-exported: callers import these from reconstruct)
+    CAMERA_MODES,
     IMAGE_MODES,
     ColmapResult,
     ExportOptions,
@@ -411,6 +412,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     export.add_argument("--ba", action="store_true", help="bundle-adjust poses, focal lengths and points (pycolmap)")
     export.add_argument(
+        "--camera",
+        choices=CAMERA_MODES,
+        default=ExportOptions.camera,
+        help="COLMAP cameras: per image size and focal cluster (auto), one per image size (single), or per image",
+    )
+    export.add_argument(
+        "--camera-tol",
+        dest="shared_camera_tol",
+        type=float,
+        default=ExportOptions.shared_camera_tol,
+        help="auto: a relative focal-length gap that starts a new camera",
+    )
+    export.add_argument(
         "--images",
         choices=IMAGE_MODES,
         default=ExportOptions.images,
@@ -447,6 +461,8 @@ def run(args: argparse.Namespace) -> int:
         track_tolerance=args.track_tolerance,
         min_track_length=args.min_track_length,
         ba=args.ba,
+        camera=args.camera,
+        shared_camera_tol=args.shared_camera_tol,
         images=args.images,
         ply=args.ply,
         database=args.database,

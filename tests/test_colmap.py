@@ -394,3 +394,40 @@ def test_pipeline_copies_the_images_of_fetched_scenes(model, synth_scenes: Path,
     assert json.loads((ws / "report.json").read_text())["workspace"]["images"] == "copy"
     images = sorted((ws / "images").iterdir())
     assert len(images) == 6 and not any(p.is_symlink() for p in images)
+
+
+def _camera_pred(focals: list[float], sizes: list[tuple[int, int]]) -> object:
+    from types import SimpleNamespace
+
+    K = [np.array([[f, 0, s[0] / 2], [0, f, s[1] / 2], [0, 0, 1]]) for f, s in zip(focals, sizes)]
+    ident = ImageTransform(1.0, 1.0, 0.0, 0.0)
+    return SimpleNamespace(
+        names=[f"{i}.png" for i in range(len(focals))],
+        intrinsics=np.stack(K),
+        transforms=[ident] * len(focals),
+        original_sizes=sizes,
+    )
+
+
+def test_one_physical_camera_is_one_colmap_camera_despite_per_frame_focal_scatter() -> None:
+    # VGGT's per-frame focal predictions for one camera scatter by a few percent (the reported case: 2 cameras)
+    pred = _camera_pred([200, 204, 197, 206, 201, 199], [(224, 168)] * 6)
+    assert cm.colmap_cameras(pred, 0.08) == [0] * 6
+    # the clustering does not depend on the order the frames come in
+    pred = _camera_pred([206, 197, 200, 204], [(224, 168)] * 4)
+    assert cm.colmap_cameras(pred, 0.08) == [0] * 4
+
+
+def test_a_zoom_step_or_another_size_is_another_camera() -> None:
+    pred = _camera_pred([200, 203, 300, 305, 201], [(224, 168)] * 5)
+    assert cm.colmap_cameras(pred, 0.08) == [0, 0, 1, 1, 0]
+    # "single": one camera per image size, whatever the focal lengths say
+    assert cm.colmap_cameras(pred, 0.08, "single") == [0] * 5
+    pred = _camera_pred([200, 200, 200], [(224, 168), (168, 224), (224, 168)])
+    assert cm.colmap_cameras(pred, 0.08, "single") == [0, 1, 0]
+    assert cm.colmap_cameras(pred, 0.08, "per-image") == [0, 1, 2]
+
+
+def test_camera_mode_is_validated() -> None:
+    with pytest.raises(ValueError, match="camera must be one of auto, single, per-image"):
+        cm.ExportOptions(camera="rig")
