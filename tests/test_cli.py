@@ -238,3 +238,23 @@ def test_chosen_command_gets_its_options() -> None:
     assert args.scenes == 2
     with pytest.raises(SystemExit):  # predict's options were not added, so its option is unknown
         build_parser(only=["synth"]).parse_args(["predict", "x.png", "--model", "m"])
+
+
+def test_compile_flag_compiles_the_model_it_runs(monkeypatch, capsys) -> None:
+    # the compiled forward itself is tested in tests/model/test_compile.py; here: the flag reaches the model
+    from quantvggt import cli
+    from quantvggt.cli import ASSETS
+    from quantvggt.model import VGGT
+
+    compiled: list[VGGT] = []
+
+    def fake_compile(self: VGGT, *a: object, **k: object) -> VGGT:
+        compiled.append(self)
+        return self
+
+    monkeypatch.setattr(VGGT, "compile_", fake_compile)
+    imgs = [str(p) for p in sorted((ASSETS / "samples").glob("*.png"))]
+    assert cli.main(["predict", *imgs, "--model", "demo-random"]) == 0
+    assert compiled == []
+    assert cli.main(["predict", *imgs, "--model", "demo-random", "--compile"]) == 0
+    assert len(compiled) == 1 and "frame_02.png" in capsys.readouterr().out
