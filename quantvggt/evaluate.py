@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from quantvggt import eval as ev
+from quantvggt.fsutil import atomic_write_text
 from quantvggt.geometry import unproject_depth
+from quantvggt.quant.sensitivity import BudgetUnreachableError
 from quantvggt.reconstruct import ReconstructionOptions, reconstruct_scene
 from quantvggt.synth import load_gt
 
@@ -103,8 +105,13 @@ def main(
     calibration: list[dict] | None = None,
     recipe_overrides: dict[str, dict] | None = None,
     options: ReconstructionOptions | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Evaluate every recipe; write ``table.md``, ``table.csv``, ``results.json`` and ``auc.png`` into ``out``."""
+    """Evaluate every recipe; write ``table.md``, ``table.csv``, ``results.json`` and ``auc.png`` into ``out``.
+
+    Rows already in ``out/results.json`` for the same scenes are reused unless ``overwrite``: a long table that was
+    interrupted resumes where it stopped.
+    """
     from quantvggt.quant import get_recipe, quantize_
     from quantvggt.quant.api import bytes_at_16bit
 
@@ -113,9 +120,14 @@ def main(
     scenes = eval_scenes(scenes_root)
     base = model_loader()
     fp16_bytes = bytes_at_16bit(base)
+    done = {} if overwrite else _previous_rows(out / "results.json", scenes)
     results = []
     sensitivity: dict[tuple[str, ...], dict] = {}  # per scope: the probe does not depend on the method
     for name in recipes:
+        if name in done:
+            log.info("%s: measured before (results.json), reused", name)
+            results.append(done[name])
+            continue
         model = copy.deepcopy(base)
         t0 = time.perf_counter()
         if name != "fp":
@@ -125,7 +137,13 @@ def main(
                 kw["scope"] = scope
             config = get_recipe(recipe, **kw)
             if budget is not None:
-                config = _mixed(model, config, calibration or [], budget, sensitivity)
+                try:
+                    config = _mixed(model, config, calibration or [], budget, sensitivity)
+                except BudgetUnreachableError as e:  # a row of the table, not the end of a long evaluation
+                    log.warning("%s: %s", name, e)
+                    results.append({"recipe": name, "error": str(e)})
+                    _write_results(out, scenes, results)
+                    continue
             rep = quantize_(model, config, calibration)
             nbytes, ratio = rep.bytes_16bit, rep.compression_vs_fp16
         else:
@@ -135,11 +153,7 @@ def main(
         row = {"recipe": name, **metrics, "bytes_16bit": nbytes, "compression_vs_fp16": ratio, "calibration_s": calib_s}
         log.info("%s: AUC@30 %.3f (%.2fx smaller than fp16)", name, metrics["auc@30"], ratio)
         results.append(row)
-        # written after every row: a long evaluation that dies keeps what it measured
-        (out / "results.json").write_text(
-            json.dumps({"scenes": [str(s) for s in scenes], "results": results}, indent=1)
-        )
-    (out / "results.json").write_text(json.dumps({"scenes": [str(s) for s in scenes], "results": results}, indent=1))
+        _write_results(out, scenes, results)  # after every row: a long evaluation that dies keeps what it measured
     cols = [
         "recipe",
         "auc@30",
@@ -152,6 +166,8 @@ def main(
         "bytes_16bit",
         "compression_vs_fp16",
     ]
+    unreachable = [r for r in results if "error" in r]
+    results = [r for r in results if "error" not in r]
     with (out / "table.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -171,10 +187,32 @@ def main(
         if fp_auc is not None:
             line += f" {100 * r['auc@30'] / fp_auc:.1f} |" if fp_auc > 0 else " n/a |"
         lines.append(line)
+    lines += ["", *(f"- {r['recipe']}: not measured, {r['error']}" for r in unreachable)] if unreachable else []
     (out / "table.md").write_text("\n".join(lines) + "\n")
     _bar_chart(results, out / "auc.png")
     _size_chart(results, out / "size_vs_auc.png")
     return out
+
+
+def _write_results(out: Path, scenes: Sequence[Path], results: list[dict]) -> None:
+    atomic_write_text(
+        out / "results.json", json.dumps({"scenes": [str(s) for s in scenes], "results": results}, indent=1)
+    )
+
+
+def _previous_rows(path: Path, scenes: Sequence[Path]) -> dict[str, dict]:
+    """Rows of an earlier run over the same scenes, by recipe; none when the file is absent or for other scenes."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s: unreadable, every row is measured again", path)
+        return {}
+    if data.get("scenes") != [str(s) for s in scenes]:
+        log.info("%s: another evaluation set, every row is measured again", path)
+        return {}
+    return {r["recipe"]: r for r in data.get("results", [])}
 
 
 def parse_recipe_spec(spec: str) -> tuple[str, tuple[str, ...] | None, float | None]:
@@ -289,6 +327,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention", choices=["sdpa", "int8"], help="frame/global attention of every row (default: sdpa)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="measure every row again (default: reuse OUT's rows)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -321,7 +360,15 @@ def run(args: argparse.Namespace) -> int:
     # --epochs applies to the quantvggt family only: the other recipes have no block reconstruction
     overrides = {"quantvggt": {"epochs": args.epochs}} if args.epochs is not None else {}
     recipes = [r.strip() for r in args.recipes.split(",")]
-    main(lambda: set_attention(load_model(args.model), args.attention), args.scenes, out, recipes, calib, overrides)
+    main(
+        lambda: set_attention(load_model(args.model), args.attention),
+        args.scenes,
+        out,
+        recipes,
+        calib,
+        overrides,
+        overwrite=args.overwrite,
+    )
     print((out / "table.md").read_text())
     print(f"wrote {out / 'table.md'}, {out / 'table.csv'}, {out / 'auc.png'}")
     return 0

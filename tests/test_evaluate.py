@@ -48,3 +48,38 @@ def test_recipe_specs_with_scope_and_budget(synth_scenes: Path, tmp_path: Path) 
     res = json.loads((out / "results.json").read_text())["results"]
     assert res[1]["compression_vs_fp16"] >= 1.2 and res[1]["compression_vs_fp16"] < res[0]["compression_vs_fp16"]
     assert (out / "size_vs_auc.png").stat().st_size > 1000
+
+
+def test_an_interrupted_table_resumes(synth_scenes: Path, tmp_path: Path, monkeypatch) -> None:
+    def loader():
+        m = sane_tiny_model()
+        m.config.image_size = 112
+        return m
+
+    calib = [{"id": "c0", "images": __import__("torch").rand(3, 3, 84, 112)}]
+    opts = ReconstructionOptions(max_frames=4)
+    evaluate.main(loader, synth_scenes, tmp_path, ["fp"], calib, options=opts)
+    measured: list[int] = []
+    real = evaluate.evaluate_model
+    monkeypatch.setattr(evaluate, "evaluate_model", lambda *a, **k: measured.append(1) or real(*a, **k))
+    evaluate.main(loader, synth_scenes, tmp_path, ["fp", "rtn-w4a4"], calib, options=opts)
+    assert len(measured) == 1  # fp reused, rtn measured
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["recipe"] for r in rows] == ["fp", "rtn-w4a4"]
+    evaluate.main(loader, synth_scenes, tmp_path, ["fp"], calib, options=opts, overwrite=True)
+    assert len(measured) == 2
+
+
+def test_an_unreachable_budget_is_a_row_not_a_crash(synth_scenes: Path, tmp_path: Path) -> None:
+    def loader():
+        m = sane_tiny_model()
+        m.config.image_size = 112
+        return m
+
+    calib = [{"id": "c0", "images": __import__("torch").rand(3, 3, 84, 112)}]
+    specs = ["rtn-w4a4@aggregator@9x", "fp"]
+    out = evaluate.main(loader, synth_scenes, tmp_path, specs, calib, options=ReconstructionOptions(max_frames=4))
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert "budget unreachable" in rows[0]["error"] and rows[1]["recipe"] == "fp"
+    table = (out / "table.md").read_text()
+    assert "| fp |" in table and "- rtn-w4a4@aggregator@9x: not measured, budget unreachable" in table

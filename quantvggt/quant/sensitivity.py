@@ -30,6 +30,10 @@ WIDTHS = (16, 8, 4)  # the order a layer's precision is lowered in
 OUTPUTS = ("pose_enc", "depth")
 
 
+class BudgetUnreachableError(ValueError):
+    """The size budget cannot be met even with every layer in scope at its lowest width."""
+
+
 def linear_bytes(layer: nn.Linear, w_bits: int) -> int:
     """At-rest bytes of a linear layer at ``w_bits`` (16 = float16), scales and signs included, floats at 16 bit."""
     n_in, n_out = layer.in_features, layer.out_features
@@ -161,7 +165,7 @@ def choose_bits(
             if saved > 0 and (best is None or cost / saved < best[0]):
                 best = (cost / saved, n, nxt)
         if best is None:
-            raise ValueError(
+            raise BudgetUnreachableError(
                 f"budget unreachable: with every layer in scope at its lowest width the model is {size:,} bytes "
                 f"({total16 / size:.2f}x smaller than fp16), over the limit of {limit:,} bytes; widen the scope"
             )
