@@ -34,7 +34,7 @@ def main(
     model: str = DEFAULT_MODEL,
     scenes: int = 3,
     frames: int = 8,
-    recipe: str = "quantvggt-w4a4",
+    recipe: str = "quantvggt-w4a8",
     workers: int = 2,
     epochs: int = 5,
 ) -> dict[str, Any]:

@@ -176,7 +176,7 @@ def _publish(store: Storage, key: str, uri: str, cached: bool) -> None:
 def quantize(
     model: str,
     calibration_pool: list[str],
-    recipe: str = "quantvggt-w4a4",
+    recipe: str = "quantvggt-w4a8",
     seed: int = 0,
     out: str = "quantvggt-store",
     frames: int = 10,

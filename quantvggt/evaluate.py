@@ -253,25 +253,30 @@ def _size_chart(results: list[dict], png: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = ["fp", "rtn", "smoothquant", "quarot", "quantvggt"]
+    acts = {"a4": "o", "a8": "s", "a16": "D", "fp": "o"}  # marker by activation width: the accuracy lever at 4 bits
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for r in results:
-        method = r["recipe"].split("-")[0]
-        marker = "*" if r["recipe"].count("@") and r["recipe"].endswith("x") else "o"
+        recipe, *_ = parse_recipe_spec(r["recipe"])
+        method = recipe.split("-")[0]
+        act = "fp" if recipe == "fp" else recipe.rsplit("a", 1)[-1].join(("a", ""))
+        mixed = r["recipe"].endswith("x") and "@" in r["recipe"]
         ax.scatter(
             r["compression_vs_fp16"],
             r["auc@30"],
-            marker=marker,
-            s=60 if marker == "*" else 30,
-            label=method,
-            color=f"C{['fp', 'rtn', 'smoothquant', 'quarot', 'quantvggt'].index(method) % 10}"
-            if method in ("fp", "rtn", "smoothquant", "quarot", "quantvggt")
-            else "k",
+            marker=acts.get(act, "o"),
+            s=70 if mixed else 30,
+            facecolors="none" if mixed else f"C{methods.index(method) if method in methods else 9}",
+            edgecolors=f"C{methods.index(method) if method in methods else 9}",
+            linewidths=1.5,
         )
-    handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=8, title="method (* = mixed precision)", title_fontsize=8)
-    ax.set_xlabel("x smaller than fp16")
+    handles = [Line2D([], [], ls="", marker="o", color=f"C{i}", label=m) for i, m in enumerate(methods)]
+    handles += [Line2D([], [], ls="", marker=mk, color="gray", label=f"w*{a}") for a, mk in acts.items() if a != "fp"]
+    handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="gray", ms=9, label="mixed precision (hollow)"))
+    ax.legend(handles=handles, fontsize=8, ncol=2)
+    ax.set_xlabel("x smaller than fp16 (whole model)")
     ax.set_ylabel("pose AUC@30")
     ax.grid(alpha=0.3)
     fig.tight_layout()
