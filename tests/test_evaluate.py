@@ -5,18 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from quantvggt import evaluate
 from quantvggt.reconstruct import ReconstructionOptions
 from tests.conftest import sane_tiny_model
 
 
-def test_table_written_with_all_columns(synth_scenes: Path, tmp_path: Path) -> None:
-    def loader():
-        m = sane_tiny_model()
-        m.config.image_size = 112
-        return m
+def loader():
+    """The seeded tiny model at 112 px, as evaluate.main loads it once per table."""
+    m = sane_tiny_model()
+    m.config.image_size = 112
+    return m
 
-    calib = [{"id": "c0", "images": __import__("torch").rand(3, 3, 84, 112)}]
+
+calib = [{"id": "c0", "images": torch.rand(3, 3, 84, 112, generator=torch.Generator().manual_seed(0))}]
+
+
+def test_table_written_with_all_columns(synth_scenes: Path, tmp_path: Path) -> None:
     out = evaluate.main(
         loader, synth_scenes, tmp_path, ["fp", "rtn-w4a4"], calib, options=ReconstructionOptions(max_frames=4)
     )
@@ -37,12 +43,6 @@ def test_recipe_specs_with_scope_and_budget(synth_scenes: Path, tmp_path: Path) 
         1.2,
     )
 
-    def loader():
-        m = sane_tiny_model()
-        m.config.image_size = 112
-        return m
-
-    calib = [{"id": "c0", "images": __import__("torch").rand(3, 3, 84, 112)}]
     specs = ["rtn-w4a4@aggregator+camera_head", "rtn-w4a4@aggregator+camera_head@1.2x"]
     out = evaluate.main(loader, synth_scenes, tmp_path, specs, calib, options=ReconstructionOptions(max_frames=4))
     res = json.loads((out / "results.json").read_text())["results"]
@@ -51,12 +51,6 @@ def test_recipe_specs_with_scope_and_budget(synth_scenes: Path, tmp_path: Path) 
 
 
 def test_an_interrupted_table_resumes(synth_scenes: Path, tmp_path: Path, monkeypatch) -> None:
-    def loader():
-        m = sane_tiny_model()
-        m.config.image_size = 112
-        return m
-
-    calib = [{"id": "c0", "images": __import__("torch").rand(3, 3, 84, 112)}]
     opts = ReconstructionOptions(max_frames=4)
     evaluate.main(loader, synth_scenes, tmp_path, ["fp"], calib, options=opts)
     measured: list[int] = []
@@ -71,12 +65,6 @@ def test_an_interrupted_table_resumes(synth_scenes: Path, tmp_path: Path, monkey
 
 
 def test_an_unreachable_budget_is_a_row_not_a_crash(synth_scenes: Path, tmp_path: Path) -> None:
-    def loader():
-        m = sane_tiny_model()
-        m.config.image_size = 112
-        return m
-
-    calib = [{"id": "c0", "images": __import__("torch").rand(3, 3, 84, 112)}]
     specs = ["rtn-w4a4@aggregator@9x", "fp"]
     out = evaluate.main(loader, synth_scenes, tmp_path, specs, calib, options=ReconstructionOptions(max_frames=4))
     rows = json.loads((out / "results.json").read_text())["results"]
