@@ -2,6 +2,7 @@
 
     python benchmarks/large_scenes.py --out runs/large                      # every section
     python benchmarks/large_scenes.py --out runs/large --sections cost      # one section
+    python benchmarks/large_scenes.py --out runs/large --sections ray --ray-workers 1,2 --ray-frames 240
 
 Sections (synthetic scenes at 112x84 px, the shipped ``vggt-tiny-synthetic`` model on the CPU):
 
@@ -13,6 +14,9 @@ Sections (synthetic scenes at 112x84 px, the shipped ``vggt-tiny-synthetic`` mod
   fresh process whose peak RSS is reset (Linux ``/proc/self/clear_refs``) after the model is loaded and warmed up;
   "peak" is that peak over the RSS at the reset, "result" the arrays of the returned prediction (every frame's
   maps, the same for both) and "working" peak minus result.
+- ``ray`` (not in the default set): one scene's chunks as Ray map/reduce (``workers.reconstruct.run_scenes``) on 1, 2,
+  ... workers of one CPU each (``--ray-workers``) in one local Ray, against the same scene reconstructed in this
+  process; wall time of the whole run (actors started, model loaded) and of the scene (plan to upload).
 
 Scenes are rendered once under ``OUT/scenes`` and reused. Markdown tables go to stdout and ``OUT/results.md``.
 """
@@ -187,6 +191,58 @@ def cost_table(root: Path, sizes: list[int], chunk: int, threads: int, trajector
     )
 
 
+def ray_table(root: Path, frames: int, chunk: int, workers: list[int], repeats: int, trajectory: str) -> str:
+    """Wall time of one chunked scene on ``workers`` Ray workers (1 CPU, 1 thread each) vs in this process."""
+    import ray
+
+    from quantvggt.pipeline import load_model
+    from quantvggt.reconstruct import main as reconstruct_main
+    from workers.reconstruct import run_scenes
+
+    folder = scene(root, trajectory, frames, 0)
+    opts = ReconstructionOptions(max_frames=chunk, images="none", database=False, ply=False)
+    model = load_model(MODEL, "cpu")
+    local = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        res = reconstruct_main(model, folder, root / "ray-out" / f"local-{r}", opts)
+        local.append(time.perf_counter() - t0)
+        print(f"  ray: in-process {local[-1]:.1f} s, {res.images}/{frames} images", file=sys.stderr, flush=True)
+    del model
+    ray.init(address="local", num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
+    rows = [f"| in this process (1 thread) | {min(local):.1f} | {min(local):.1f} | | {res.images}/{frames} | |"]
+    base = None
+    try:
+        for w in workers:
+            runs, scene_s = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                [res] = run_scenes(
+                    [str(folder)], MODEL, str(root / "ray-out" / f"w{w}"), opts, num_workers=w, force=True
+                )
+                runs.append(time.perf_counter() - t0)
+                if not res.ok:
+                    raise RuntimeError(res.error)
+                report = json.loads((Path(res.output) / "report.json").read_text())
+                scene_s.append(report["timings_s"]["total"])
+                per = report["chunking"]["per_chunk"]
+                spread = {c["worker"] for c in per}
+                print(f"  ray {w} workers: run {runs[-1]:.1f} s, scene {scene_s[-1]:.1f} s, chunks on {len(spread)} "
+                      f"workers, {res.images}/{frames} images", file=sys.stderr, flush=True)  # fmt: skip
+            base = base or min(scene_s)
+            rows.append(
+                f"| Ray, {w} worker{'s' if w > 1 else ''} x 1 CPU | {min(runs):.1f} | {min(scene_s):.1f} | "
+                f"{base / min(scene_s):.2f}x | {res.images}/{frames} | {len(per)} chunks on {len(spread)} workers |"
+            )
+    finally:
+        ray.shutdown()
+    head = (
+        "| where | run s (actors started, model loaded) | scene s (plan to written) | speed-up (scene, vs 1 worker) "
+        "| registered | chunks |\n|---|---|---|---|---|---|"
+    )
+    return f"{head}\n" + "\n".join(rows) + f"\n\n(best of {repeats} runs each)"
+
+
 def main() -> None:
     """Run the selected sections and print Markdown tables."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -197,6 +253,9 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=32, help="max_frames of the chunked runs (= chunk size)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--trajectories", default="arc,orbit,walk,random", help="of the accuracy section")
+    ap.add_argument("--ray-workers", default="1,2", help="ray section: worker counts to compare")
+    ap.add_argument("--ray-frames", type=int, default=240, help="ray section: frames of the scene")
+    ap.add_argument("--ray-repeats", type=int, default=2, help="ray section: runs per worker count (best kept)")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
     ap.add_argument("--max-frames", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -223,6 +282,10 @@ def main() -> None:
     if "cost" in sections:
         t = cost_table(root, [60, 120, 240], args.chunk_size, args.threads, "orbit")
         parts.append(f"### Time and peak memory per scene (orbit)\n\n{t}")
+    if "ray" in sections:
+        workers = [int(w) for w in args.ray_workers.split(",")]
+        t = ray_table(root, args.ray_frames, args.chunk_size, workers, args.ray_repeats, "orbit")
+        parts.append(f"### Chunks over Ray workers ({args.ray_frames}-frame orbit)\n\n{t}")
     text = "\n\n".join(parts) + "\n"
     (root / "results.md").write_text(text)
     print(text)

@@ -111,3 +111,46 @@ def record_latest(store_root: str, checkpoint: str, details: dict[str, Any]) -> 
     store = open_storage(store_root)
     store.write_bytes(LATEST_RECORD, json.dumps({"checkpoint": checkpoint, **details}, indent=1).encode())
     return store.uri(LATEST_RECORD)
+
+
+# flow parameter -> the ReconstructionOptions field it sets (large scenes: chunked inference, see quantvggt.chunking)
+CHUNK_PARAMETERS = ("max_frames", "chunking", "chunk_size", "overlap", "anchors", "memory_budget_mb")
+
+
+def reconstruction_options(options: dict[str, Any] | None, **chunking: Any) -> dict[str, Any]:
+    """``options`` with the flow's chunking parameters (those not None) merged in, checked as
+    :class:`~quantvggt.reconstruct.ReconstructionOptions` would be built from them; one-line :class:`ParameterError`.
+
+    A parameter given both ways with different values is refused rather than one silently winning.
+    """
+    from quantvggt.reconstruct import ReconstructionOptions
+
+    merged = dict(options or {})
+    for key, value in chunking.items():
+        if key not in CHUNK_PARAMETERS:
+            raise ParameterError(f"unknown chunking parameter {key!r} (known: {', '.join(CHUNK_PARAMETERS)})")
+        if value is None:
+            continue
+        if key in merged and merged[key] != value:
+            raise ParameterError(f"{key} given twice: {value!r} as a parameter, {merged[key]!r} in options")
+        merged[key] = value
+    try:
+        opts = ReconstructionOptions(**merged)
+    except (TypeError, ValueError) as e:
+        raise ParameterError(f"options: {e}") from e
+    if opts.chunking == "sequential" and opts.overlap is not None:
+        chunk = opts.chunk_size or opts.max_frames
+        if opts.overlap >= chunk:
+            raise ParameterError(f"overlap must be smaller than the chunk size ({chunk}), got {opts.overlap}")
+    if opts.chunking == "anchors" and opts.anchors is not None:
+        chunk = opts.chunk_size or opts.max_frames
+        if opts.anchors >= chunk:
+            raise ParameterError(f"anchors must be fewer than the chunk size ({chunk}), got {opts.anchors}")
+    return merged
+
+
+def check_cpus_per_worker(cpus: Any) -> int:
+    """CPUs (and torch threads) per Ray worker: a whole number >= 1."""
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+        raise ParameterError(f"cpus_per_worker must be a whole number >= 1, got {cpus!r}")
+    return cpus

@@ -23,7 +23,15 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows import route_library_logs
-from flows.params import ParameterError, check_inbox, check_storage_root, require, resolve_checkpoint
+from flows.params import (
+    ParameterError,
+    check_cpus_per_worker,
+    check_inbox,
+    check_storage_root,
+    reconstruction_options,
+    require,
+    resolve_checkpoint,
+)
 from flows.report import browse_url, read_previews, scene_rows, summary_markdown
 from quantvggt.pipeline import expand_scene_uris, write_manifest
 from quantvggt.reconstruct import ReconstructionOptions
@@ -159,8 +167,12 @@ def run_batch(
     num_workers: int,
     force: bool,
     ray_address: str | None,
+    cpus_per_worker: int = 1,
 ) -> list[SceneResult]:
-    """Reconstruct on Ray actors driven from this task; every scene gets a result, whatever fails on the way."""
+    """Reconstruct on Ray actors driven from this task; every scene gets a result, whatever fails on the way.
+
+    A scene over ``max_frames`` images has its chunks spread over all the actors (map) and merged on one (reduce).
+    """
     from workers.reconstruct import ensure_ray, run_scenes
 
     logger = get_run_logger()
@@ -175,14 +187,17 @@ def run_batch(
         update_progress_artifact(progress, 100.0 * len(results) / len(todo), f"{len(results)} of {len(todo)} scenes")
 
     try:
-        where = ensure_ray(ray_address, num_cpus=max(num_workers, 1))
-        logger.info("reconstructing %d scenes on %d Ray workers (%s)", len(todo), num_workers, where)
+        where = ensure_ray(ray_address, num_cpus=max(num_workers, 1) * cpus_per_worker)
+        logger.info(
+            "reconstructing %d scenes on %d Ray workers of %d CPUs (%s)", len(todo), num_workers, cpus_per_worker, where
+        )
         run_scenes(
             uris,
             checkpoint,
             out,
             ReconstructionOptions(**options),
             num_workers=num_workers,
+            cpus_per_worker=cpus_per_worker,
             force=force,
             names=names,
             on_result=on_result,
@@ -234,19 +249,39 @@ def reconstruct(
     ray_address: str | None = None,
     on_collision: Collision = "error",
     allowed_failures: int = 0,
+    max_frames: int | None = None,
+    chunking: Literal["sequential", "anchors"] | None = None,
+    chunk_size: int | None = None,
+    overlap: int | None = None,
+    anchors: int | None = None,
+    memory_budget_mb: float | None = None,
+    cpus_per_worker: int = 1,
 ) -> str:
     """Reconstruct scene folders (local or s3://) into ``out``; returns the manifest URI.
 
     ``on_collision``: two sources with the same folder name fail ("error") or get ``<name>-<hash>`` ("suffix").
     The run fails when more than ``allowed_failures`` scenes fail (after writing the manifest and artifacts).
+    Large scenes (more than ``max_frames`` readable images, default 32) are predicted in chunks of ``chunk_size``
+    (``overlap`` shared frames, or ``anchors`` in every chunk; ``memory_budget_mb`` lowers both limits), fanned out
+    over the ``num_workers`` Ray workers; each worker takes ``cpus_per_worker`` CPUs. These set the same-named
+    ``options`` (None: leave them as ``options`` has them).
     """
     logger = get_run_logger()
     scenes = [scenes] if isinstance(scenes, str) else list(scenes)
     require(scenes=scenes, checkpoint=checkpoint, out=out)
     if on_collision not in ("error", "suffix"):
         raise ParameterError(f"on_collision must be 'error' or 'suffix', got {on_collision!r}")
-    options = options or {}
-    ReconstructionOptions(**options)  # bad options fail before any work
+    # bad options fail before any work
+    options = reconstruction_options(
+        options,
+        max_frames=max_frames,
+        chunking=chunking,
+        chunk_size=chunk_size,
+        overlap=overlap,
+        anchors=anchors,
+        memory_budget_mb=memory_budget_mb,
+    )
+    cpus_per_worker = check_cpus_per_worker(cpus_per_worker)
     check_storage_root(out)
     run_name = time.strftime("%Y%m%dT%H%M%S") + "-" + (flow_run.get_name() or "local")
     try:
@@ -262,7 +297,7 @@ def reconstruct(
         logger.error("checkpoint unusable: %s", model_error)
         batch = [SceneResult(n, error=f"checkpoint unusable: {model_error}", source=u) for u, n in todo]
     else:
-        batch = run_batch(todo, model, out, options, num_workers, force, ray_address)
+        batch = run_batch(todo, model, out, options, num_workers, force, ray_address, cpus_per_worker)
     results = decided + batch
     manifest, not_in_out = _manifest_anyway(results, out, run_name)
     if not_in_out:
@@ -291,9 +326,34 @@ def reconstruct_nightly(
     ray_address: str | None = None,
     on_collision: Collision = "error",
     allowed_failures: int = 0,
+    max_frames: int | None = None,
+    chunking: Literal["sequential", "anchors"] | None = None,
+    chunk_size: int | None = None,
+    overlap: int | None = None,
+    anchors: int | None = None,
+    memory_budget_mb: float | None = None,
+    cpus_per_worker: int = 1,
 ) -> str:
-    """Scan ``inbox`` for scene folders not yet complete in ``out`` (for that source) and reconstruct them."""
+    """Scan ``inbox`` for scene folders not yet complete in ``out`` (for that source) and reconstruct them.
+
+    Large-scene and worker parameters as :func:`reconstruct`.
+    """
     check_inbox(inbox)
     return reconstruct(
-        [inbox], checkpoint, out, options, False, num_workers, ray_address, on_collision, allowed_failures
+        [inbox],
+        checkpoint,
+        out,
+        options,
+        False,
+        num_workers,
+        ray_address,
+        on_collision,
+        allowed_failures,
+        max_frames=max_frames,
+        chunking=chunking,
+        chunk_size=chunk_size,
+        overlap=overlap,
+        anchors=anchors,
+        memory_budget_mb=memory_budget_mb,
+        cpus_per_worker=cpus_per_worker,
     )

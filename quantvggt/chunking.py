@@ -881,3 +881,51 @@ def _scene_names(preds: Sequence[ScenePrediction], plan: ChunkPlan) -> list[str]
         for n, i in zip(p.names, c):
             names[i] = n
     return names
+
+
+# -- compact chunk predictions (shipped between processes, e.g. Ray tasks) ------------------------------------------
+_ARRAYS = ("extrinsics", "intrinsics", "depth", "depth_conf", "world_points", "world_points_conf", "images")
+
+
+def prediction_to_arrays(pred: ScenePrediction, point_map: bool = True) -> dict[str, Any]:
+    """``pred`` as plain numpy arrays and strings (no dataclasses): what the merger needs of a chunk, compact to ship.
+
+    Images travel as 8-bit (the COLMAP export writes 8-bit colours, rounding as here, so the colours come out the
+    same); ``point_map=False`` leaves out the point head's maps (16 of 36 bytes a pixel), which only
+    ``points_from="point_map"`` reads. Absent optional maps stay out of the dict; the report keeps only its timings.
+    """
+    out: dict[str, Any] = {
+        "scene": pred.scene,
+        "names": list(pred.names),
+        "original_sizes": np.asarray(pred.original_sizes, np.int64).reshape(-1, 2),
+        # a frame without a transform (not produced by load_and_preprocess) is a row of NaN
+        "transforms": np.array(
+            [[t.sx, t.sy, t.ox, t.oy] if t is not None else [np.nan] * 4 for t in pred.transforms], np.float64
+        ).reshape(-1, 4),
+        "timings_s": dict(pred.report.get("timings_s", {})),
+    }
+    for key in _ARRAYS:
+        value = getattr(pred, key)
+        if value is None or (not point_map and key.startswith("world_points")):
+            continue
+        if key == "images":
+            value = (np.asarray(value, np.float32) * 255 + 0.5).clip(0, 255).astype(np.uint8)
+        out[key] = np.ascontiguousarray(value)
+    return out
+
+
+def prediction_from_arrays(data: dict[str, Any]) -> ScenePrediction:
+    """Inverse of :func:`prediction_to_arrays`."""
+    from quantvggt.images import ImageTransform
+    from quantvggt.prediction import ScenePrediction
+
+    images = data["images"]
+    return ScenePrediction(
+        scene=data["scene"],
+        names=list(data["names"]),
+        original_sizes=[(int(a), int(b)) for a, b in data["original_sizes"]],  # order kept as given
+        transforms=[None if np.isnan(t).any() else ImageTransform(*map(float, t)) for t in data["transforms"]],  # type: ignore[misc]
+        **{key: data.get(key) for key in _ARRAYS if key != "images"},
+        images=images.astype(np.float32) / np.float32(255) if images.dtype == np.uint8 else images,
+        report={"timings_s": dict(data.get("timings_s", {}))},
+    )

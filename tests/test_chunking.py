@@ -320,3 +320,27 @@ def test_chunks_of_different_map_sizes_merge_padded(larger: int) -> None:
     for i in range(10):
         got = frame_points(merged, i)[0].reshape(H + 4, W + 2, 3)[2 : 2 + H, 1 : 1 + W]
         np.testing.assert_allclose(got, frame_points(truth, i)[0].reshape(H, W, 3), atol=1e-6)
+
+
+def test_chunk_prediction_ships_as_plain_arrays_and_comes_back_the_same() -> None:
+    import pickle
+
+    from quantvggt.chunking import prediction_from_arrays, prediction_to_arrays
+
+    gt = scene_truth(4)
+    pred = chunk_prediction(gt, [0, 1, 2, 3], Sim3.identity(), np.random.default_rng(3))
+    pred.report = {"timings_s": {"model": 1.5}, "other": "dropped"}
+    data = prediction_to_arrays(pred)
+    # only numpy arrays, strings, numbers: no dataclass travels between processes
+    assert all(isinstance(v, (np.ndarray, str, list, dict)) for v in data.values())
+    back = prediction_from_arrays(pickle.loads(pickle.dumps(data)))
+    assert back.names == pred.names and back.transforms == pred.transforms
+    assert [tuple(s) for s in back.original_sizes] == [tuple(s) for s in pred.original_sizes]
+    for key in ("extrinsics", "intrinsics", "depth", "depth_conf"):
+        np.testing.assert_array_equal(getattr(back, key), getattr(pred, key))
+    assert data["images"].dtype == np.uint8 and back.images.dtype == np.float32
+    np.testing.assert_allclose(back.images, pred.images, atol=0.5 / 255 + 1e-6)  # 8-bit, as the export writes them
+    assert (back.world_points is None) == (pred.world_points is None)
+    assert back.report == {"timings_s": {"model": 1.5}}
+    small = prediction_to_arrays(pred, point_map=False)
+    assert "world_points" not in small and prediction_from_arrays(small).world_points is None

@@ -10,6 +10,10 @@ Failures are sorted by whether a retry can help:
 - an item that fails inside a healthy worker comes back as a failed result (``process_scene`` never raises), and
   a call that raises anyway is recorded as failed, not retried.
 
+A scene of more than ``max_frames`` images is reconstructed by map/reduce over the same actors
+(:mod:`workers.chunks`): one actor plans it, its chunks are predicted wherever an actor is free (each reading only its
+own images), and one actor aligns, merges and writes the COLMAP model. Smaller scenes run whole, one per actor.
+
 Actors get the driver's storage configuration as a ``runtime_env`` (:func:`quantvggt.storage.storage_env`), so a
 Ray head started before ``AWS_*`` was exported still reaches S3. Their log lines reach the driver's output.
 """
@@ -29,6 +33,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from quantvggt.reconstruct import ReconstructionOptions
 from quantvggt.scene import SceneResult, scene_name
 from quantvggt.storage import storage_env
+from workers.chunks import ScenePlan
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
@@ -60,7 +65,7 @@ class ReconstructionWorker:
     A setup failure is kept, not raised, so that the driver can tell it (deterministic) from a dead process.
     """
 
-    def __init__(self, model_uri: str, options: dict[str, Any]) -> None:
+    def __init__(self, model_uri: str, options: dict[str, Any], cpus: int = 1) -> None:
         _log_to_stderr()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.model_uri = model_uri
@@ -70,7 +75,8 @@ class ReconstructionWorker:
 
             from quantvggt.pipeline import load_model
 
-            torch.set_num_threads(1 if not torch.cuda.is_available() else torch.get_num_threads())
+            # as many threads as the CPUs Ray gave this actor (num_cpus): more would oversubscribe the node's cores
+            torch.set_num_threads(max(1, cpus) if not torch.cuda.is_available() else torch.get_num_threads())
             self.options = ReconstructionOptions(**options)
             self.model = load_model(model_uri)
         except Exception as e:
@@ -100,6 +106,50 @@ class ReconstructionWorker:
             worker=self.name,
             name=name,
             checkpoint=self.model_uri,
+        )
+
+    def start(
+        self, scene_uri: str, out_uri: str, force: bool, attempt: int, name: str | None = None
+    ) -> SceneResult | ScenePlan:
+        """Reconstruct a scene that fits one pass, else plan its chunks (:func:`workers.chunks.start_scene`)."""
+        from workers.chunks import start_scene
+
+        if self.setup_error:
+            return self.process(scene_uri, out_uri, force, attempt, name)  # the failed result naming the setup error
+        return start_scene(
+            self.model, scene_uri, out_uri, self.options, force, attempt, self.name, name, self.model_uri
+        )
+
+    def predict_chunk(self, plan: ScenePlan, k: int, attempt: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Map: chunk ``k`` of ``plan`` -> (how it went, its prediction as arrays or None); never raises."""
+        import time
+
+        from workers.chunks import predict_chunk
+
+        t0 = time.perf_counter()
+        meta: dict[str, Any] = {"worker": self.name, "attempt": attempt, "error": ""}
+        data = None
+        try:
+            if self.setup_error:
+                raise RuntimeError(f"worker setup failed: {self.setup_error}")
+            data = predict_chunk(self.model, plan.scene_uri, plan.chunk_names(k), self.options, plan.name)
+        except Exception as e:  # reported by the reduce step (ChunkMerger.fail), never dropped
+            meta["error"] = f"{type(e).__name__}: {e}"
+            log.warning("%s chunk %d failed: %s", plan.name, k, meta["error"])
+        meta["seconds"] = round(time.perf_counter() - t0, 4)
+        return meta, data
+
+    def reduce(
+        self, plan: ScenePlan, metas: list[dict[str, Any]], chunks: list[Any], out_uri: str, force: bool, attempt: int
+    ) -> SceneResult:
+        """Reduce: align and merge ``chunks`` (ObjectRefs, fetched one at a time) and write the scene's model."""
+        from workers.chunks import reduce_scene
+
+        def get(k: int) -> dict[str, Any]:
+            return ray.get(chunks[k])
+
+        return reduce_scene(
+            self.model, plan, metas, get, out_uri, self.options, force, attempt, self.name, self.model_uri
         )
 
     def pid(self) -> int:
@@ -145,6 +195,11 @@ class ActorDispatcher:
         self.max_attempts = max_attempts
         self.ready_timeout_s = ready_timeout_s
         self.idle: list[Any] = []
+        self.queue: list[tuple[Any, int]] = []
+
+    def add(self, value: Any) -> None:
+        """Queue one more value while :meth:`map_unordered` runs (e.g. the chunks of a scene just planned)."""
+        self.queue.append((value, 1))
 
     def __enter__(self) -> ActorDispatcher:
         self.start()
@@ -193,8 +248,8 @@ class ActorDispatcher:
         values: Iterable[V],
         on_error: Callable[[V, int, str], R],
     ) -> Iterator[tuple[V, R]]:
-        """Yield ``(value, result)`` for every value, as results arrive."""
-        queue: list[tuple[V, int]] = [(v, 1) for v in values]
+        """Yield ``(value, result)`` for every value, and every value :meth:`add`-ed meanwhile, as results arrive."""
+        self.queue = queue = [(v, 1) for v in values]
         inflight: dict[Any, tuple[V, int, Any]] = {}
         while queue or inflight:
             while queue and self.idle:
@@ -242,52 +297,97 @@ def run_scenes(
     names: dict[str, str] | None = None,
     on_result: Callable[[SceneResult], None] | None = None,
     ready_timeout_s: float | None = READY_TIMEOUT_S,
+    cpus_per_worker: int = 1,
+    on_plan: Callable[[ScenePlan], None] | None = None,
 ) -> list[SceneResult]:
     """Reconstruct scenes on ``num_workers`` actors; one :class:`SceneResult` per scene, in input order, always.
 
     ``names`` maps a scene URI to its output name (default :func:`scene_name`). Each scene is in flight on at most
-    one worker at a time and a finished scene is skipped by the worker (completion record), so a scene's result is
-    never written twice. One GPU per actor when the cluster has GPUs. A failure to set up workers fails every
-    scene with that error, without retries.
+    one worker at a time (a chunked scene: each of its chunks, then its one reduce) and a finished scene is skipped by
+    the worker (completion record), so a scene's result is never written twice. A scene over ``options.max_frames``
+    images is split: its chunks are map tasks on any free actor, its merge and write one reduce task
+    (:mod:`workers.chunks`); ``on_plan`` sees each such plan before its chunks are queued. Each actor takes
+    ``cpus_per_worker`` CPUs (and as many torch threads), one GPU when the cluster has GPUs. A failure to set up
+    workers fails every scene with that error, without retries.
     """
+    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
+        raise ValueError(f"cpus_per_worker must be a whole number >= 1, got {cpus_per_worker!r}")
     names = names or {}
     opts = dataclasses.asdict(options or ReconstructionOptions())
     gpus = ray.cluster_resources().get("GPU", 0)
     actor_cls = ReconstructionWorker.options(
-        num_cpus=1,
+        num_cpus=cpus_per_worker,
         num_gpus=1 if gpus >= 1 else 0,
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_RESTARTS,
         runtime_env={"env_vars": storage_env()},
     )
+    plans: dict[str, ScenePlan] = {}
+    metas: dict[str, dict[int, dict[str, Any]]] = {}  # scene -> chunk -> how its map task went
+    payloads: dict[tuple[str, int], Any] = {}  # (scene, chunk) -> ObjectRef of its arrays, held until the reduce
 
     def failed(scene: str, attempt: int, error: str) -> SceneResult:
         return SceneResult(names.get(scene) or _name(scene), attempt=attempt, error=error, source=scene)
 
-    def dispatch(actor: Any, scene: str, attempt: int) -> Any:
-        ref = actor.process.remote(scene, out_uri, force, attempt, names.get(scene))
-        if on_dispatch is not None:
-            on_dispatch(actor, scene, attempt)
-        return ref
+    def on_error(item: tuple[str, str, int], attempt: int, error: str) -> Any:
+        kind, scene, _ = item
+        if kind == "chunk":  # the scene goes on: its reduce reports this chunk as failed, with the error
+            return {"error": error, "attempt": attempt, "worker": ""}
+        return failed(scene, attempt, error)
+
+    def dispatch(actor: Any, item: tuple[str, str, int], attempt: int) -> Any:
+        kind, scene, k = item
+        if kind == "scene":
+            ref = actor.start.remote(scene, out_uri, force, attempt, names.get(scene))
+            if on_dispatch is not None:
+                on_dispatch(actor, scene, attempt)
+            return ref
+        plan = plans[scene]
+        if kind == "chunk":
+            # two returns: the driver waits on the small one; the arrays stay in the object store for the reduce
+            meta, data = actor.predict_chunk.options(num_returns=2).remote(plan, k, attempt)
+            payloads[(scene, k)] = data
+            return meta
+        n = len(plan.plan.chunks)
+        refs = [payloads.get((scene, j)) for j in range(n)]  # in a list: passed as refs, fetched one at a time
+        return actor.reduce.remote(plan, [metas[scene][j] for j in range(n)], refs, out_uri, force, attempt)
 
     results: dict[str, SceneResult] = {}
+
+    def finish(scene: str, result: SceneResult) -> None:
+        results[scene] = result
+        _log_result(result, len(results), len(scene_uris))
+        if on_result is not None:
+            on_result(result)
+
     if scene_uris:
-        n = min(num_workers, len(scene_uris))
-        pool = ActorDispatcher(lambda: actor_cls.remote(model_uri, opts), n, max_attempts, ready_timeout_s)
+        # all num_workers actors even for fewer scenes: one large scene's chunks can keep every one of them busy
+        pool = ActorDispatcher(
+            lambda: actor_cls.remote(model_uri, opts, cpus_per_worker), num_workers, max_attempts, ready_timeout_s
+        )
         try:
             with pool:
-                for scene, result in pool.map_unordered(dispatch, scene_uris, failed):
-                    results[scene] = result
-                    _log_result(result, len(results), len(scene_uris))
-                    if on_result is not None:
-                        on_result(result)
+                items = [("scene", s, -1) for s in scene_uris]
+                for (kind, scene, k), result in pool.map_unordered(dispatch, items, on_error):
+                    if kind == "scene" and isinstance(result, ScenePlan):
+                        plans[scene], metas[scene] = result, {}
+                        if on_plan is not None:
+                            on_plan(result)
+                        for j in range(len(result.plan.chunks)):
+                            pool.add(("chunk", scene, j))
+                    elif kind == "chunk":
+                        metas[scene][k] = result
+                        if len(metas[scene]) == len(plans[scene].plan.chunks):
+                            pool.add(("reduce", scene, -1))
+                    else:
+                        for j in range(len(plans[scene].plan.chunks) if scene in plans else 0):
+                            payloads.pop((scene, j), None)  # the reduce has them: free the object store
+                        finish(scene, result)
         except WorkerSetupError as e:  # deterministic: the same error for every scene, no retries
             log.error("no worker could start: %s", e)
             for scene in scene_uris:
                 if scene not in results:
-                    results[scene] = failed(scene, 0, f"worker setup failed: {e}")
-                    if on_result is not None:
-                        on_result(results[scene])
+                    finish(scene, failed(scene, 0, f"worker setup failed: {e}"))
     return [results[s] for s in scene_uris]
 
 

@@ -32,7 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--calibration", nargs="+", required=True, help="scene image folders, or a selection manifest .parquet"
     )
     parser.add_argument(
-        "--recipe", default="quantvggt-w4a8", help="e.g. quantvggt-w4a8 (shipped), quantvggt-w4a4 (the paper), rtn-w4a4, quarot-w4a4"
+        "--recipe",
+        default="quantvggt-w4a8",
+        help="e.g. quantvggt-w4a8 (shipped), quantvggt-w4a4 (the paper), rtn-w4a4, quarot-w4a4",
     )
     parser.add_argument("--out", required=True, help="output folder for the quantized checkpoint")
     parser.add_argument("--frames", type=int, default=10, help="frames per calibration sample")

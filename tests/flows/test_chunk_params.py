@@ -1,0 +1,60 @@
+"""Large-scene flow parameters: checked in one line before any work, and every one the deployments set exists."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.params import ParameterError, check_cpus_per_worker, reconstruction_options
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_chunk_parameters_merge_into_options() -> None:
+    merged = reconstruction_options({"max_points": 300}, chunk_size=8, overlap=2, anchors=None, memory_budget_mb=64.0)
+    assert merged == {"max_points": 300, "chunk_size": 8, "overlap": 2, "memory_budget_mb": 64.0}
+    assert reconstruction_options({"chunk_size": 8}, chunk_size=8) == {"chunk_size": 8}  # the same value twice: fine
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"chunk_size": 1}, "chunk_size must be >= 2"),
+        ({"chunk_size": 2.5}, "chunk_size must be a whole number"),
+        ({"chunk_size": 8, "overlap": 8}, "overlap must be smaller than the chunk size"),
+        ({"chunking": "anchors", "chunk_size": 8, "anchors": 9}, "anchors must be fewer than the chunk size"),
+        ({"memory_budget_mb": 0.0}, "memory_budget_mb must be > 0"),
+        ({"memory_budget_mb": float("nan")}, "memory_budget_mb must be a finite number"),
+        ({"chunking": "tiles"}, "chunking must be"),
+    ],
+)
+def test_bad_chunk_parameters_fail_in_one_line(params: dict, message: str) -> None:
+    with pytest.raises(ParameterError, match=message) as err:
+        reconstruction_options(None, **params)
+    assert "\n" not in str(err.value)
+
+
+def test_conflicting_and_unknown_parameters_are_refused() -> None:
+    with pytest.raises(ParameterError, match="chunk_size given twice"):
+        reconstruction_options({"chunk_size": 16}, chunk_size=8)
+    with pytest.raises(ParameterError, match="unknown chunking parameter"):
+        reconstruction_options(None, tile=3)
+    for bad in (0, 1.5, True, "2"):
+        with pytest.raises(ParameterError, match="cpus_per_worker"):
+            check_cpus_per_worker(bad)
+    assert check_cpus_per_worker(2) == 2
+
+
+def test_deployments_set_only_flow_parameters() -> None:
+    from flows.reconstruct import reconstruct, reconstruct_nightly
+
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    flows = {"reconstruct": reconstruct, "reconstruct-nightly": reconstruct_nightly}
+    for dep in spec["deployments"]:
+        if dep["name"] in flows:
+            accepted = set(inspect.signature(flows[dep["name"]].fn).parameters)
+            assert set(dep["parameters"]) <= accepted, dep["name"]
+            assert {"chunk_size", "overlap", "anchors", "memory_budget_mb", "cpus_per_worker"} <= set(dep["parameters"])
