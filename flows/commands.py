@@ -91,6 +91,14 @@ def _submit_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--allowed-failures", type=int, default=0, help="failed scenes that still let the run pass")
     parser.add_argument("--deployment", default="reconstruct/reconstruct")
+    parser.add_argument("--cpus-per-worker", type=int, default=1, help="Ray CPUs (and torch threads) per worker")
+    large = parser.add_argument_group("large scenes (more images than --max-frames are predicted in chunks on Ray)")
+    large.add_argument("--max-frames", type=int, help="single-pass limit (default 32)")
+    large.add_argument("--chunking", choices=["sequential", "anchors"])
+    large.add_argument("--chunk-size", type=int)
+    large.add_argument("--overlap", type=int, help="sequential: frames shared by neighbouring chunks")
+    large.add_argument("--anchors", type=int, help="anchors: frames in every chunk")
+    large.add_argument("--memory-budget-mb", type=float, help="memory one forward pass may use beyond the weights")
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -98,9 +106,19 @@ def _submit(args: argparse.Namespace) -> int:
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    from flows.params import check_scene_inputs, check_storage_root, resolve_checkpoint
+    from flows.params import (
+        CHUNK_PARAMETERS,
+        check_cpus_per_worker,
+        check_scene_inputs,
+        check_storage_root,
+        reconstruction_options,
+        resolve_checkpoint,
+    )
 
     _quiet()
+    chunking = {k: getattr(args, k) for k in CHUNK_PARAMETERS if getattr(args, k) is not None}
+    reconstruction_options(None, **chunking)  # a bad value fails here in one line, not in a worker later
+    check_cpus_per_worker(args.cpus_per_worker)
     url = _api_url()
     check_scene_inputs(args.scenes)  # wrong bucket or prefix: fail here, not in a worker an hour later
     check_storage_root(args.out)
@@ -113,6 +131,8 @@ def _submit(args: argparse.Namespace) -> int:
         "force": args.force,
         "on_collision": args.on_collision,
         "allowed_failures": args.allowed_failures,
+        "cpus_per_worker": args.cpus_per_worker,
+        **chunking,
     }
     try:
         with _server(url):

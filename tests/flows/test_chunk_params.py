@@ -58,3 +58,14 @@ def test_deployments_set_only_flow_parameters() -> None:
             accepted = set(inspect.signature(flows[dep["name"]].fn).parameters)
             assert set(dep["parameters"]) <= accepted, dep["name"]
             assert {"chunk_size", "overlap", "anchors", "memory_budget_mb", "cpus_per_worker"} <= set(dep["parameters"])
+
+
+def test_submit_refuses_bad_chunk_options_before_anything_is_queued(capsys) -> None:
+    from quantvggt import cli
+
+    argv = ["submit", "s3://b/inbox/a", "--checkpoint", "s3://b/q/latest", "--out", "s3://b/r"]
+    assert cli.main([*argv, "--chunk-size", "8", "--overlap", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "overlap must be smaller than the chunk size (8), got 8" in err and len(err.strip().splitlines()) == 1
+    assert cli.main([*argv, "--cpus-per-worker", "0"]) == 2
+    assert "cpus_per_worker must be a whole number >= 1, got 0" in capsys.readouterr().err
