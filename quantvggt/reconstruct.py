@@ -51,7 +51,9 @@ class ReconstructionOptions(ExportOptions):
     anchor_select: str = "even"  # anchors evenly spaced along the order, or by "features" (farthest-point, thumbnails)
     order: str = "auto"  # chunk along "name" order, a "similarity" chain (unordered sets), or "auto" (picks one)
     memory_budget_mb: float | None = None  # memory one forward pass may use beyond the weights; lowers the limits
-    max_align_residual: float = 0.3  # a chunk whose alignment residual (relative to the scene extent) is higher fails
+    # a chunk whose alignment residual (relative to the scene extent) is higher fails; up to 2x it still merges when
+    # the shared frames' poses agree within 12 degrees (chunking.AlignOptions)
+    max_align_residual: float = 0.3
     mode: str = "crop"
     image_size: int | None = None  # preprocessing width; None = the model's own (518 for VGGT-1B)
 
@@ -389,7 +391,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--max-align-residual",
         type=float,
         default=0.3,
-        help="a chunk aligning worse than this (relative to the scene extent) is reported, not merged",
+        help="a chunk aligning worse than this (relative to the scene extent) is reported, not merged "
+        "(up to 2x this when the shared frames' poses agree within 12 degrees)",
     )
     parser.add_argument("--conf-percentile", type=float, default=50.0)
     parser.add_argument(

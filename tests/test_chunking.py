@@ -253,6 +253,35 @@ def test_a_chunk_that_fails_to_align_is_reported_not_merged() -> None:
     assert per["status"] == "failed" and per["residual"] > 0.05
 
 
+def test_a_link_just_over_the_residual_limit_merges_only_when_the_poses_agree() -> None:
+    from quantvggt.chunking import AlignOptions
+
+    S = 16
+    gt = scene_truth(S)
+    rng = np.random.default_rng(8)
+    plan = plan_sequential(S, 6, 2)
+    preds = [chunk_prediction(gt, c, Sim3.identity(), rng) for c in plan.chunks]
+    preds[2].depth *= rng.uniform(0.7, 1.3, preds[2].depth.shape)  # noisy depth, right poses
+    preds[2].world_points = None
+    preds[2].world_points_conf = None
+
+    def add_all(options: AlignOptions) -> list:
+        merger = ChunkMerger(plan, gt["names"], options)
+        return [merger.add(p) for p in preds]
+
+    r = add_all(AlignOptions(max_residual=10))[2].residual
+    assert r is not None and r > 0
+    # over the limit but within the relaxed one, and the shared frames' poses agree: merged
+    relaxed = add_all(AlignOptions(max_residual=r / 1.5))
+    assert [a.status for a in relaxed] == ["reference", "aligned", "aligned", "aligned"]
+    # the same link when poses may not disagree at all: failed, and the chain after it with it
+    strict = add_all(AlignOptions(max_residual=r / 1.5, max_pose_deg=-1))
+    assert [a.status for a in strict] == ["reference", "aligned", "failed", "failed"]
+    # over the relaxed limit: failed whatever the poses say
+    far = add_all(AlignOptions(max_residual=r / 2.5))
+    assert far[2].status == "failed"
+
+
 def test_padding_to_a_larger_map_keeps_the_geometry() -> None:
     from quantvggt.chunking import concat_predictions, frame_points, pad_prediction
 
