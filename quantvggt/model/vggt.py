@@ -38,12 +38,20 @@ class VGGT(nn.Module):
         self.quant_meta: dict[str, Any] | None = None  # set by quantize_ / load_quantized
 
     def compile_(self, backend: str = "inductor", dynamic: bool | None = None) -> VGGT:
-        """``torch.compile`` this model's forward in place (zero graph breaks, quantized layers as custom ops).
+        """``torch.compile`` this model in place, by region: the aggregator, the camera head, and each DPT head's
+        per-chunk body (zero graph breaks; quantized layers run as custom ops).
 
-        The first call per input shape compiles; a second frame count makes Dynamo mark the frame axis dynamic, so
-        scenes of other sizes reuse that graph instead of recompiling per size.
+        Regions rather than the whole forward because the DPT heads walk the frames in chunks of 8 in Python: a
+        whole-model graph specialises on that loop, so every new frame count recompiled (and after 8 of them Dynamo
+        silently fell back to eager). Per region, a second frame count (or chunk position) marks that axis dynamic
+        and later scenes reuse the graph.
         """
-        self.compile(backend=backend, dynamic=dynamic)
+        for part in (self.aggregator, self.camera_head):
+            if part is not None:
+                part.compile(backend=backend, dynamic=dynamic)
+        for head in (self.depth_head, self.point_head):
+            if head is not None:
+                head._forward_impl = torch.compile(head._forward_impl, backend=backend, dynamic=dynamic)
         return self
 
     @property
