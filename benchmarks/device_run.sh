@@ -13,6 +13,13 @@ TOTAL_S=${TOTAL_S:-560}
 KERNEL_CHECKS=${KERNEL_CHECKS:-1}
 VARIANTS=${VARIANTS:-"main|--init-from quantvggt/assets/vggt-tiny-synthetic --lr 3e-4 --batch-size 32 --pool-scenes 3000 --pool-refresh-every 4 --workers 12"}
 mkdir -p "$OUT" runs
+if [ "${MODE:-train}" = bench ]; then  # issue #14/#15: kernel tests on the GPU, then whole-model timings, no training
+  { nvidia-smi --query-gpu=name,memory.total --format=csv
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_prep.py tests/kernels/test_triton_w4mma.py tests/kernels/test_triton_w4a4.py tests/kernels/test_triton_attention.py
+    timeout $(( TOTAL_S - ($(date +%s) - START) - 10 )) python3 benchmarks/gpu_e2e.py --out "$OUT/e2e" --budget-s $(( TOTAL_S - ($(date +%s) - START) - 90 ))
+  } 2>&1 | tee "$OUT/bench.log"
+  exit 0
+fi
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"

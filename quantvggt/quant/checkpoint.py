@@ -2,7 +2,9 @@
 
 ``quant.json`` (format version 2) holds the model config (with ``image_size``), the quantization config, one
 :class:`QuantLinearSpec` / :class:`QuantConv2dSpec` per quantized layer, calibration ids and the source weights'
-SHA-256. Version 1 (layer entries also carried ``block_loss``; ``image_size`` at the top level) still loads.
+SHA-256, and ``attention`` ("sdpa" | "int8": the aggregator's frame/global attention, also inside ``model_config``) so
+a model saved with INT8 attention reloads with it. Version 1 (layer entries also carried ``block_loss``; ``image_size``
+at the top level) still loads; files without ``attention`` (v1, early v2) load with exact "sdpa" attention.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import nn
 
 import quantvggt
 from quantvggt.fsutil import atomic_dir
+from quantvggt.lowbit.attention import ATTENTION_KINDS
 from quantvggt.model.config import VGGTConfig
 from quantvggt.model.loading import CheckpointError, _strict_load
 from quantvggt.model.vggt import VGGT
@@ -45,6 +48,7 @@ def save_quantized(model: VGGT, path: str | Path, extra: dict[str, Any] | None =
             "model_config": model.config.to_dict(),
             "model_source": model.source,
             **meta,
+            "attention": model.config.aggregator.attention,  # top level too: visible without parsing model_config
             **(extra or {}),
         }
         (tmp / "quant.json").write_text(json.dumps(doc, indent=1))
@@ -97,6 +101,23 @@ def _upgrade(doc: dict[str, Any], where: Path) -> dict[str, Any]:
         doc.setdefault("block_loss", block_loss)
         doc["model_config"] = {"image_size": int(doc.get("image_size", 518)), **doc["model_config"]}
         doc["format_version"] = FORMAT_VERSION
+    return _upgrade_attention(doc, where)
+
+
+def _upgrade_attention(doc: dict[str, Any], where: Path) -> dict[str, Any]:
+    """Reconcile the top-level ``attention`` with ``model_config.aggregator.attention`` (absent in older files)."""
+    agg = doc["model_config"].get("aggregator") if isinstance(doc["model_config"], dict) else None
+    inner = agg.get("attention") if isinstance(agg, dict) else None
+    outer = doc.get("attention")
+    for value in (outer, inner):
+        if value is not None and value not in ATTENTION_KINDS:
+            raise CheckpointError(f"{where}: attention must be one of {ATTENTION_KINDS}, got {value!r}")
+    if outer is not None and inner is not None and outer != inner:
+        raise CheckpointError(f"{where}: attention {outer!r} disagrees with model_config's {inner!r}")
+    kind = outer or inner or "sdpa"  # files written before attention was recorded ran exact attention
+    doc["attention"] = kind
+    if isinstance(doc["model_config"], dict) and inner is None and (isinstance(agg, dict) or kind != "sdpa"):
+        doc["model_config"] = {**doc["model_config"], "aggregator": {**(agg or {}), "attention": kind}}
     return doc
 
 

@@ -132,3 +132,48 @@ def test_saved_checkpoints_are_format_v2(tiny_model: VGGT, tmp_path: Path) -> No
     spec = doc["layers"]["aggregator.frame_blocks.0.attn.qkv"]
     assert set(spec) == {"in_features", "out_features", "w_bits", "a_bits", "bias", "rotate"}
     assert doc["block_loss"]["aggregator.frame_blocks.0"] == list(rep.block_loss["aggregator.frame_blocks.0"])
+
+
+def test_attention_mode_is_recorded_and_reloaded(tiny_model: VGGT, tmp_path: Path) -> None:
+    from quantvggt.model.aggregator import set_attention
+    from quantvggt.quant.checkpoint import read_quant_meta
+
+    quantize_(tiny_model, get_recipe("rtn-w4a4"))
+    sdpa = save_quantized(tiny_model, tmp_path / "sdpa")
+    assert json.loads((sdpa / "quant.json").read_text())["attention"] == "sdpa"
+    out = save_quantized(set_attention(tiny_model, "int8"), tmp_path / "int8")
+    doc = json.loads((out / "quant.json").read_text())
+    assert doc["attention"] == "int8" and doc["model_config"]["aggregator"]["attention"] == "int8"
+    assert read_quant_meta(out)["attention"] == "int8"
+    loaded = load_quantized(out)
+    assert loaded.config.aggregator.attention == "int8"
+    assert {b.attn.attention for b in loaded.aggregator.global_blocks} == {"int8"}
+    assert load_quantized(sdpa).config.aggregator.attention == "sdpa"
+
+
+def test_older_files_without_attention_load_as_sdpa(tmp_path: Path) -> None:
+    from quantvggt.quant.checkpoint import read_quant_meta
+
+    assert "attention" not in json.loads((FIXTURES / "quantized-v1" / "quant.json").read_text())
+    assert read_quant_meta(FIXTURES / "quantized-v1")["attention"] == "sdpa"
+    assert load_quantized(FIXTURES / "quantized-v1").config.aggregator.attention == "sdpa"
+    ckpt = _copy_ckpt(tmp_path)  # a file with only the top-level key (model_config without it) gets int8
+    _edit(ckpt, lambda d: d.update(attention="int8"))
+    assert load_quantized(ckpt).config.aggregator.attention == "int8"
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(attention="fp8"), "attention must be one of"),
+        (
+            lambda d: (d.update(attention="int8"), d["model_config"]["aggregator"].update(attention="sdpa")),
+            "attention 'int8' disagrees with model_config's 'sdpa'",
+        ),
+    ],
+)
+def test_bad_attention_metadata_is_a_clear_error(tmp_path: Path, edit, message: str) -> None:
+    ckpt = _copy_ckpt(tmp_path)
+    _edit(ckpt, edit)
+    with pytest.raises(CheckpointError, match=message):
+        load_quantized(ckpt)

@@ -1,10 +1,11 @@
 """CPU: per-layer and whole-model latency of the 4-bit path vs fp32, bf16 and PyTorch's int8 dynamic quantization.
 
-    python benchmarks/cpu_qlinear.py --layers --tokens 1044 --repeat 5 --threads 1   # VGGT-1B layer shapes
-    python benchmarks/cpu_qlinear.py --layers --shapes camera --tokens 4             # camera head: M = S frames
-    python benchmarks/cpu_qlinear.py --split --tokens 1044 --threads 1               # where one call's time goes
-    python benchmarks/cpu_qlinear.py --model 1b --frames 4 --side 224 --repeat 3     # VGGT-1B, seeded weights
-    python benchmarks/cpu_qlinear.py --model tiny --frames 2,4,8 --side 224
+    python benchmarks/cpu_peers.py --layers --tokens 1044 --repeat 5 --threads 1   # VGGT-1B layer shapes
+    python benchmarks/cpu_peers.py --layers --shapes camera --tokens 4             # camera head: M = S frames
+    python benchmarks/cpu_peers.py --split --tokens 1044 --threads 1               # where one call's time goes
+    python benchmarks/cpu_peers.py --model 1b --frames 4 --side 224 --repeat 5 --threads 1 \
+        --contenders int8dyn,w8a8 --out cpu_1b.json                              # VGGT-1B, seeded weights
+    python benchmarks/cpu_peers.py --model tiny --frames 2,4,8 --side 224
 
 Contenders, all in this process, timed in interleaved rounds (each round runs every contender once; the median
 round is reported, so load from other processes hits all of them alike):
@@ -14,7 +15,12 @@ round is reported, so load from other processes hits all of them alike):
   fbgemm), what a user on a CPU cluster would call;
 * ``bf16``: weights and activations in bfloat16 (per layer), ``torch.autocast("cpu", torch.bfloat16)`` (model);
 * ``W4A4 speed`` / ``W4A4 memory``: our QuantLinear in :mod:`quantvggt.kernels.cpu`'s two modes (int8 weights
-  cached at 1 byte/weight, or int4 unpacked per call).
+  cached at 1 byte/weight, or int4 unpacked per call);
+* ``W8A8``: our quarot-w8a8 model (speed mode; 8-bit weights fall back to float GEMM where the CPU's integer GEMM
+  is not exact for them, see :func:`quantvggt.kernels.cpu.int_gemm_exact`).
+
+Resident weight bytes per model: parameters + buffers, plus our speed-mode caches (int8 dyn: its packed int8
+weights, 1 byte/weight, are counted from the ``nn.Linear`` shapes since the packed params are opaque).
 
 Every ratio is ``fp32 time / contender time`` (above 1 is faster than fp32).
 """
@@ -91,10 +97,10 @@ def header() -> str:
     )
 
 
-def _layer(K: int, N: int) -> tuple[nn.Linear, nn.Module, nn.Module]:
+def _layer(K: int, N: int, bits: int = 4) -> tuple[nn.Linear, nn.Module, nn.Module]:
     torch.manual_seed(0)
     lin = nn.Linear(K, N)
-    ql = FakeQuantLinear(lin, 4, 4, random_signs(K, 0), torch.rand(K) + 0.5).to_quant_linear()
+    ql = FakeQuantLinear(lin, bits, bits, random_signs(K, 0), torch.rand(K) + 0.5).to_quant_linear()
     dyn = torch.ao.quantization.quantize_dynamic(nn.Sequential(copy.deepcopy(lin)), {nn.Linear}, dtype=torch.qint8)
     return lin, ql, dyn
 
@@ -104,11 +110,13 @@ def layers(M: int, repeat: int, shapes: str) -> None:
     print(f"per layer ({shapes} shapes), M={M} tokens; {header()}; median of {repeat} interleaved rounds")
     print(
         "| K x N | fp32 ms | int8 dyn ms | bf16 ms | W4A4 speed ms | W4A4 memory ms "
-        "| int8 dyn vs fp32 | bf16 vs fp32 | **speed vs fp32** | memory vs fp32 | **speed vs int8 dyn** |"
+        "| W8A8 ms | int8 dyn vs fp32 | bf16 vs fp32 | **speed vs fp32** | memory vs fp32 | W8A8 vs fp32 "
+        "| **speed vs int8 dyn** |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for K, N in SHAPES[shapes]:
         lin, ql, dyn = _layer(K, N)
+        q8 = _layer(K, N, bits=8)[1]
         x = torch.randn(M, K)
         xb, wb, bb = x.bfloat16(), lin.weight.detach().bfloat16(), lin.bias.detach().bfloat16()
         with torch.no_grad():
@@ -119,6 +127,7 @@ def layers(M: int, repeat: int, shapes: str) -> None:
                     "bf16": lambda: F.linear(xb, wb, bb),
                     "speed": with_mode("speed", lambda: ql(x)),
                     "memory": with_mode("memory", lambda: ql(x)),
+                    "w8a8": with_mode("speed", lambda: q8(x)),
                 },
                 repeat,
             )
@@ -126,8 +135,8 @@ def layers(M: int, repeat: int, shapes: str) -> None:
         r = {k: t["fp32"] / v for k, v in t.items()}
         print(
             f"| {K}x{N} | {ms['fp32']:.1f} | {ms['dyn']:.1f} | {ms['bf16']:.1f} | {ms['speed']:.1f} | "
-            f"{ms['memory']:.1f} | {r['dyn']:.2f}x | {r['bf16']:.2f}x | **{r['speed']:.2f}x** | {r['memory']:.2f}x | "
-            f"**{t['dyn'] / t['speed']:.2f}x** |"
+            f"{ms['memory']:.1f} | {ms['w8a8']:.1f} | {r['dyn']:.2f}x | {r['bf16']:.2f}x | **{r['speed']:.2f}x** | "
+            f"{r['memory']:.2f}x | {r['w8a8']:.2f}x | **{t['dyn'] / t['speed']:.2f}x** |"
         )
 
 
@@ -167,7 +176,7 @@ def bf16_autocast(model: nn.Module, x: torch.Tensor) -> object:
         return model(x)
 
 
-def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, contenders: list[str]) -> None:
+def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, contenders: list[str]) -> dict[str, object]:
     """Whole-model latency: fp32, int8 dynamic, bf16 autocast (opt-in) and our W4A4 in both modes, in one process."""
     torch.manual_seed(0)
     if arch == "tiny":
@@ -184,6 +193,10 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
     n_layers = getattr(report, "n_layers", None) or sum(1 for m in q.modules() if hasattr(m, "qweight"))
     if "int8dyn" in contenders:
         models["int8dyn"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8)
+    if "w8a8" in contenders:
+        models["w8a8"] = copy.deepcopy(base)
+        quantize_(models["w8a8"], get_recipe("quarot-w8a8", scope=scope))
+    lin_bytes = sum(m.weight.numel() for m in base.modules() if isinstance(m, nn.Linear))
     print(
         f"whole model {arch}, {side}x{side} px, quarot-w4a4 over {'+'.join(scope)} ({n_layers} layers); {header()}; "
         f"median of {repeat} interleaved rounds"
@@ -193,6 +206,8 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
         + (f", int8 dyn {state_bytes(models['int8dyn']) / 1e6:.0f} (float part only)" if "int8dyn" in models else "")
     )
     cols = ["fp32", *[c for c in ("int8dyn", "bf16") if c in models or c in contenders], "speed", "memory"]
+    cols += ["w8a8"] if "w8a8" in models else []
+    rows: list[dict[str, object]] = []
     head = " | ".join(f"{c} s" for c in cols) + " | " + " | ".join(f"{c} vs fp32" for c in cols[1:])
     print(f"| frames | {head} |")
     print("|---" * (2 * len(cols)) + "|")
@@ -205,9 +220,24 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
             fns["bf16"] = lambda: bf16_autocast(base, x)
         fns["speed"] = with_mode("speed", lambda: q(x))
         fns["memory"] = with_mode("memory", lambda: q(x))
+        if "w8a8" in models:
+            fns["w8a8"] = with_mode("speed", lambda: models["w8a8"](x))
         with torch.no_grad():
             t = interleaved(fns, repeat)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        resident = {
+            "fp32": state_bytes(base),
+            "bf16": state_bytes(base),  # autocast: fp32 weights at rest, bf16 copies made per call
+            "speed": state_bytes(q) + cpu.cached_bytes(q),
+            "memory": state_bytes(q),
+        }
+        if "int8dyn" in models:
+            resident["int8dyn"] = state_bytes(models["int8dyn"]) + lin_bytes
+        if "w8a8" in models:
+            resident["w8a8"] = state_bytes(models["w8a8"]) + cpu.cached_bytes(models["w8a8"])
+        resident = {k: v for k, v in resident.items() if k in cols}
+        rows.append({"frames": S, "seconds": t, "resident_weight_mb": {k: v / 1e6 for k, v in resident.items()}})
+        print("resident weight MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in resident.items()))
         print(
             f"| {S} | "
             + " | ".join(f"{t[c]:.3f}" for c in cols)
@@ -215,6 +245,8 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
             + " | ".join(f"{t['fp32'] / t[c]:.2f}x" for c in cols[1:])
             + f" |  (speed-mode weight caches {cpu.cached_bytes(q) / 1e6:.0f} MB; peak RSS so far {rss:.0f} MB)"
         )
+        rows[-1]["peak_rss_mb"] = rss
+    return {"arch": arch, "side": side, "repeat": repeat, "header": header(), "rows": rows}
 
 
 def main() -> None:
@@ -235,7 +267,10 @@ def main() -> None:
         default="wall",
         help="cpu: process CPU time (1 thread only), robust when other jobs share the cores",
     )
-    ap.add_argument("--contenders", default="int8dyn", help="for --model, besides fp32 and ours: int8dyn,bf16")
+    ap.add_argument(
+        "--contenders", default="int8dyn,bf16,w8a8", help="for --model, besides fp32 and W4A4: int8dyn,bf16,w8a8"
+    )
+    ap.add_argument("--out", type=Path, help="write the whole-model results as JSON here")
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message=r".*(deprecat|migrat).*", category=Warning)  # torch.ao's notices
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -251,13 +286,24 @@ def main() -> None:
     if args.split:
         split(args.tokens, args.repeat, args.shapes)
     if args.model:
-        whole_model(
+        res = whole_model(
             args.model,
             [int(f) for f in args.frames.split(",")],
             args.side,
             args.repeat,
             [c for c in args.contenders.split(",") if c],
         )
+        if args.out:  # JSON, and the same rows as a markdown table beside it (.md)
+            args.out.write_text(json.dumps(res, indent=2))
+            lines = [f"{res['arch']}, {res['side']} px; {res['header']}; median of {res['repeat']} rounds", ""]
+            lines += ["| frames | model | seconds | vs fp32 | resident weight MB |", "|---|---|---|---|---|"]
+            for row in res["rows"]:  # type: ignore[union-attr]
+                t, mb = row["seconds"], row["resident_weight_mb"]
+                lines += [
+                    f"| {row['frames']} | {k} | {v:.3f} | {t['fp32'] / v:.2f}x | {mb.get(k, float('nan')):.0f} |"
+                    for k, v in t.items()
+                ]
+            args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
