@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import torch
 import triton
@@ -185,6 +186,20 @@ def gemm(
     out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Quantized activations x (packed int4 | int8) weights with int32 accumulation and a scale/bias epilogue."""
+    return _launch(_gemm_kernel, q, w, a_scale, w_scale, bias, out_dtype, PACKED=packed)
+
+
+def _launch(
+    kernel: Any,
+    q: Tensor,
+    w: Tensor,
+    a_scale: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+    **constexprs: Any,
+) -> Tensor:
+    """Run one of the GEMM kernels: ``q [M, K]`` x weights with rows ``[N, ...]`` -> ``out [M, N]``."""
     M, K = q.shape
     N = w.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=q.device)
@@ -193,7 +208,7 @@ def gemm(
     def grid(meta: dict) -> tuple[int, int]:
         return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
-    _gemm_kernel[grid](
+    kernel[grid](
         q.contiguous(),
         w.contiguous(),
         a_scale.contiguous().float(),
@@ -204,10 +219,10 @@ def gemm(
         N,
         K,
         bucket,
-        PACKED=packed,
         HAS_BIAS=bias is not None,
         OUT_BF16=out_dtype == torch.bfloat16,
         CAST_F32=INTERPRET,
+        **constexprs,
     )
     return out
 
@@ -334,32 +349,9 @@ def gemm_w4mma(
     out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """:func:`gemm` for int4 weights in the :func:`w4_mma_layout` words; bit-identical outputs."""
-    M, K = q.shape
-    N = words.shape[0]
-    if words.shape[1] * 8 != K:
-        raise ValueError(f"weight words {tuple(words.shape)} do not match K = {K}")
-    out = torch.empty((M, N), dtype=out_dtype, device=q.device)
-    bucket = 1 << max(0, (M - 1).bit_length())
-
-    def grid(meta: dict) -> tuple[int, int]:
-        return (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
-
-    _gemm_w4mma_kernel[grid](
-        q.contiguous(),
-        words.contiguous(),
-        a_scale.contiguous().float(),
-        w_scale.contiguous().float(),
-        bias.float().contiguous() if bias is not None else w_scale,
-        out,
-        M,
-        N,
-        K,
-        bucket,
-        HAS_BIAS=bias is not None,
-        OUT_BF16=out_dtype == torch.bfloat16,
-        CAST_F32=INTERPRET,
-    )
-    return out
+    if words.shape[1] * 8 != q.shape[1]:
+        raise ValueError(f"weight words {tuple(words.shape)} do not match K = {q.shape[1]}")
+    return _launch(_gemm_w4mma_kernel, q, words, a_scale, w_scale, bias, out_dtype)
 
 
 PATH_ENV = "QUANTVGGT_TRITON_QLINEAR"  # "fused" (default: fused prep + MMA-layout GEMM) or "split" (previous path)
