@@ -26,6 +26,7 @@ import triton.language as tl
 from torch import Tensor, nn
 
 from quantvggt.kernels.triton_w4a4 import _round_half_even
+from quantvggt.lowbit.registry import QLINEAR_BACKEND_ENV
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -180,15 +181,16 @@ def attached_norm(layer: nn.Module) -> nn.LayerNorm | None:
 
 
 def _fusable(norm: nn.Module, layer: nn.Module) -> bool:
-    from quantvggt.quant.linear import BACKEND_ENV, QuantLinear
-
+    # a packed QuantLinear, recognised by its buffers: kernels/ never imports quant/ (tests/test_layout.py)
     return (
         type(norm) is nn.LayerNorm
         and len(norm.normalized_shape) == 1
-        and isinstance(layer, QuantLinear)
+        and isinstance(getattr(layer, "qweight", None), torch.Tensor)
+        and hasattr(layer, "a_bits")
         and supports(layer)
         and layer.in_features % 8 == 0
-        and os.environ.get(BACKEND_ENV, layer.backend) == "auto"  # the only path that calls the fused kernel
+        # "auto" is the only path that calls the fused kernel
+        and os.environ.get(QLINEAR_BACKEND_ENV, getattr(layer, "backend", "auto")) == "auto"
     )
 
 

@@ -14,6 +14,8 @@ if TYPE_CHECKING:  # importing torch here would make `import quantvggt` (and `qu
     from torch import Tensor, nn
 
 KernelFn = Callable[["nn.Module", "Tensor"], Any]
+# which QuantLinear path runs ("auto": the registered kernel; "int"/"fake": torch paths); read by quant and kernels
+QLINEAR_BACKEND_ENV = "QUANTVGGT_QLINEAR_BACKEND"
 _KERNELS: dict[tuple[str, str], KernelFn] = {}
 
 

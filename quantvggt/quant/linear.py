@@ -23,9 +23,9 @@ from torch import Tensor, nn
 
 from quantvggt.lowbit import quantizer as qz
 from quantvggt.lowbit.hadamard import HadamardPlan, rotate
+from quantvggt.lowbit.registry import QLINEAR_BACKEND_ENV as BACKEND_ENV
 from quantvggt.lowbit.registry import get_kernel
 
-BACKEND_ENV = "QUANTVGGT_QLINEAR_BACKEND"
 BACKENDS = ("auto", "int", "fake")
 SpecT = TypeVar("SpecT", bound="_Spec")
 
