@@ -233,10 +233,13 @@ def test_synth_says_what_it_kept(tmp_path: Path, run_cli: Callable) -> None:
     assert rc == 0 and "wrote 2 scenes" in out and "existing" not in out
 
 
-# -- 8. a fresh clone has no ../shared --------------------------------------------------------------------------------
+# -- 8. a fresh clone has no reference folder beside it ----------------------------------------------------------------
+FOLDER = "sha" + "red"  # the reference folder's name, spelt so this guard does not match itself
+
+
 def test_nothing_reads_the_shared_folder_next_to_the_repository() -> None:
-    # `make test` on a user's clone: fixtures are committed under tests/fixtures; a string naming ../shared (or a
-    # path built from "shared") would only work on the development machine. Comments may mention it.
+    # `make test` on a user's clone: fixtures are committed under tests/fixtures; a string naming the development
+    # machine's reference folder beside the repository (or a path built from its name) would only work there.
     import io
     import tokenize
 
@@ -248,9 +251,9 @@ def test_nothing_reads_the_shared_folder_next_to_the_repository() -> None:
         text = path.read_text()
         lines = text.splitlines()
         for tok in tokenize.generate_tokens(io.StringIO(text).readline):
-            # a path literal ("../shared/x", "shared/fixtures") or a path joined with "shared" (repo.parent / "shared")
-            literal = tok.type == tokenize.STRING and re.search(r"(^|[^\w-])shared/", tok.string)
+            # a path literal ("../<name>/x", "<name>/fixtures") or a path joined with it (repo.parent / "<name>")
+            literal = tok.type == tokenize.STRING and re.search(rf"(^|[^\w-]){FOLDER}/", tok.string)
             joined = tok.type == tokenize.STRING and re.search(r"/\s*$", lines[tok.start[0] - 1][: tok.start[1]])
-            if literal or (joined and tok.string.strip("'\"") == "shared"):
+            if literal or (joined and tok.string.strip("'\"") == FOLDER):
                 found.append(f"{path.relative_to(repo)}:{tok.start[0]}: {tok.string}")
     assert found == []
