@@ -117,6 +117,22 @@ def _gemm_configs() -> list:
     ]
 
 
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, as_ptr, ws_ptr, bias_ptr, out_ptr, HAS_BIAS: tl.constexpr, OUT_BF16: tl.constexpr):
+    # int32 tile acc [BLOCK_M, BLOCK_N] -> out = acc * a_scale[m] * w_scale[n] (+ bias[n]), both GEMM kernels
+    a_s = tl.load(as_ptr + rm, mask=rm < M, other=0.0)
+    w_s = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+    y = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    omask = (rm[:, None] < M) & (rn[None, :] < N)
+    optr = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    if OUT_BF16:
+        tl.store(optr, y.to(tl.bfloat16), mask=omask)
+    else:
+        tl.store(optr, y, mask=omask)
+
+
 @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _gemm_kernel(
@@ -164,16 +180,7 @@ def _gemm_kernel(
             acc += tl.dot(a.to(tl.float32), tl.trans(w.to(tl.float32))).to(tl.int32)
         else:
             acc += tl.dot(a, tl.trans(w))
-    a_s = tl.load(as_ptr + rm, mask=rm < M, other=0.0)
-    w_s = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
-    y = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    omask = (rm[:, None] < M) & (rn[None, :] < N)
-    if OUT_BF16:
-        tl.store(out_ptr + rm[:, None] * N + rn[None, :], y.to(tl.bfloat16), mask=omask)
-    else:
-        tl.store(out_ptr + rm[:, None] * N + rn[None, :], y, mask=omask)
+    _epilogue(acc, rm, rn, M, N, as_ptr, ws_ptr, bias_ptr, out_ptr, HAS_BIAS, OUT_BF16)
 
 
 def gemm(
@@ -310,17 +317,7 @@ def _gemm_w4mma_kernel(
         else:
             acc += tl.dot(a, tl.trans(w))
     acc = acc >> 4  # every product carried a factor 16: exact arithmetic shift
-    a_s = tl.load(as_ptr + rm, mask=rm < M, other=0.0)
-    w_s = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
-    y = acc.to(tl.float32) * a_s[:, None] * w_s[None, :]
-    if HAS_BIAS:
-        y = y + tl.load(bias_ptr + rn, mask=rn < N, other=0.0)[None, :]
-    omask = (rm[:, None] < M) & (rn[None, :] < N)
-    optr = out_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
-    if OUT_BF16:
-        tl.store(optr, y.to(tl.bfloat16), mask=omask)
-    else:
-        tl.store(optr, y, mask=omask)
+    _epilogue(acc, rm, rn, M, N, as_ptr, ws_ptr, bias_ptr, out_ptr, HAS_BIAS, OUT_BF16)
 
 
 def w4_mma_layout(packed: Tensor) -> Tensor:
