@@ -166,15 +166,11 @@ def frame_limits(model: torch.nn.Module, paths: list[Path], options: Reconstruct
     return limit, max(2, chunk), info
 
 
-def predict_chunked(
-    model: torch.nn.Module, paths: list[Path], chunk_size: int, options: ReconstructionOptions, scene: str = ""
-) -> ScenePrediction:
-    """Overlapping chunks predicted one at a time, aligned by Sim(3) and merged (see :mod:`quantvggt.chunking`)."""
-    from quantvggt.chunking import AlignOptions, ChunkMerger, plan_scene, select_frames
+def chunk_plan(paths: list[Path], chunk_size: int, options: ReconstructionOptions) -> Any:
+    """The scene's chunks as ``options`` ask (design, overlap/anchors, order); a :class:`chunking.ChunkPlan`."""
+    from quantvggt.chunking import plan_scene
 
-    t0 = time.perf_counter()
-    names = [p.name for p in paths]
-    plan = plan_scene(
+    return plan_scene(
         len(paths),
         chunk_size,
         options.chunking,
@@ -184,8 +180,25 @@ def predict_chunked(
         paths,
         options.order,
     )
-    align = AlignOptions(points_from=options.points_from, max_residual=options.max_align_residual, seed=options.seed)
-    merger = ChunkMerger(plan, names, align)
+
+
+def align_options(options: ReconstructionOptions) -> Any:
+    """How chunks are aligned and gated, from ``options`` (a :class:`chunking.AlignOptions`)."""
+    from quantvggt.chunking import AlignOptions
+
+    return AlignOptions(points_from=options.points_from, max_residual=options.max_align_residual, seed=options.seed)
+
+
+def predict_chunked(
+    model: torch.nn.Module, paths: list[Path], chunk_size: int, options: ReconstructionOptions, scene: str = ""
+) -> ScenePrediction:
+    """Overlapping chunks predicted one at a time, aligned by Sim(3) and merged (see :mod:`quantvggt.chunking`)."""
+    from quantvggt.chunking import ChunkMerger, select_frames
+
+    t0 = time.perf_counter()
+    names = [p.name for p in paths]
+    plan = chunk_plan(paths, chunk_size, options)
+    merger = ChunkMerger(plan, names, align_options(options))
     timings = {"plan": time.perf_counter() - t0, "load": 0.0, "model": 0.0, "align": 0.0}
     per_chunk = []
     for chunk in plan.chunks:

@@ -31,10 +31,8 @@ from typing import Any
 import torch
 
 from quantvggt.chunking import (
-    AlignOptions,
     ChunkMerger,
     ChunkPlan,
-    plan_scene,
     prediction_from_arrays,
     prediction_to_arrays,
     select_frames,
@@ -44,7 +42,15 @@ from quantvggt.fsutil import check_outputs_outside_inputs
 from quantvggt.images import IMAGE_EXTENSIONS, reference_first
 from quantvggt.pipeline import process_scene, write_preview
 from quantvggt.prediction import ScenePrediction
-from quantvggt.reconstruct import ReconstructionOptions, frame_limits, predict_frames, scan_scene, write_scene
+from quantvggt.reconstruct import (
+    ReconstructionOptions,
+    align_options,
+    chunk_plan,
+    frame_limits,
+    predict_frames,
+    scan_scene,
+    write_scene,
+)
 from quantvggt.scene import SceneResult, scene_name, scene_source_key
 from quantvggt.storage import fetch_scene, open_storage, split_uri
 
@@ -135,16 +141,7 @@ def start_scene(
             if len(paths) <= limit:
                 return whole()
             t_scan = time.perf_counter() - t0
-            plan = plan_scene(
-                len(paths),
-                chunk_size,
-                options.chunking,
-                options.overlap,
-                options.anchors,
-                options.anchor_select,
-                paths,
-                options.order,
-            )
+            plan = chunk_plan(paths, chunk_size, options)
         log.info("%s: %d images in %d chunks of up to %d", name, len(paths), len(plan.chunks), chunk_size)
         timings = {"scan": t_scan, "plan": time.perf_counter() - t0 - t_scan}
         return ScenePlan(scene_uri, name, [p.name for p in paths], plan, chunk_size, skipped, memory, timings, started)
@@ -262,7 +259,7 @@ def _merge(
     opts: ReconstructionOptions,
 ) -> ScenePrediction:
     """The merged prediction, its report holding the chunking (with each chunk's worker and timings) and timings."""
-    align = AlignOptions(points_from=opts.points_from, max_residual=opts.max_align_residual, seed=opts.seed)
+    align = align_options(opts)
     merger = ChunkMerger(plan.plan, plan.names, align)
     timings = {**plan.timings_s, "fetch": 0.0, "load": 0.0, "model": 0.0, "align": 0.0}
     per_chunk: list[dict[str, Any]] = []
