@@ -181,15 +181,20 @@ def test_orchestration_commands_come_from_entry_points() -> None:
     assert "reconstruct deployment" in " ".join(text.split())
 
 
+def _fresh_python(code: str) -> str:
+    """stdout of ``code`` in a new interpreter (what it imports is not hidden by this process's modules)."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 def test_library_parser_imports_neither_prefect_nor_ray() -> None:
     code = (
         "import sys; import quantvggt.cli as c; c.build_parser(c.builtin_commands()); "
         "import quantvggt.pipeline, quantvggt.reconstruct, quantvggt.scene; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('prefect', 'ray')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert _fresh_python(code) == "[]"
 
 
 def test_plugins_are_read_from_the_entry_point_group(monkeypatch, capsys) -> None:
@@ -226,9 +231,7 @@ def test_top_level_help_imports_no_command_module() -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'prefect', 'ray')"
         " or m in ('quantvggt.predict', 'quantvggt.reconstruct')))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert _fresh_python(code) == "[]"
 
 
 def test_chosen_command_gets_its_options() -> None:
