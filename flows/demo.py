@@ -11,7 +11,7 @@ import numpy as np
 
 from quantvggt import synth
 from quantvggt.eval import relative_pose_errors
-from quantvggt.evaluate import scene_metrics
+from quantvggt.evaluate import prediction_metrics
 from quantvggt.pipeline import load_model, read_manifest
 from quantvggt.reconstruct import ReconstructionOptions, reconstruct_scene
 from quantvggt.storage import open_storage, split_uri
@@ -20,10 +20,8 @@ DEFAULT_MODEL = "vggt-tiny-synthetic"
 log = logging.getLogger(__name__)
 
 
-def agreement(float_model: Any, quant_model: Any, scene: Path, options: ReconstructionOptions) -> dict[str, float]:
-    """How closely the 4-bit model follows the float one on a scene: pose angle differences and depth abs-rel."""
-    a = reconstruct_scene(float_model, scene, options)
-    b = reconstruct_scene(quant_model, scene, options)
+def agreement(a: Any, b: Any) -> dict[str, float]:
+    """How closely prediction ``b`` (4-bit) follows ``a`` (float) on a scene: pose angle differences, depth abs-rel."""
     r, t = relative_pose_errors(b.extrinsics, a.extrinsics)
     rel = np.abs(b.depth - a.depth) / np.maximum(np.abs(a.depth), 1e-6)
     return {"rot_diff_deg": float(r.mean()), "trans_diff_deg": float(t.mean()), "depth_rel_diff": float(np.median(rel))}
@@ -81,9 +79,9 @@ def main(
     for r in results:
         cells = "- | - | - | - | - | -"
         if r.ok:
-            ro = ReconstructionOptions(**opts)
-            mf, mq = scene_metrics(fm, inbox / r.scene, ro), scene_metrics(qm, inbox / r.scene, ro)
-            ag = agreement(fm, qm, inbox / r.scene, ro)
+            ro, scene = ReconstructionOptions(**opts), inbox / r.scene
+            pf, pq = reconstruct_scene(fm, scene, ro), reconstruct_scene(qm, scene, ro)  # each model once per scene
+            mf, mq, ag = prediction_metrics(pf, scene), prediction_metrics(pq, scene), agreement(pf, pq)
             ok_metrics.append((mf, mq))
             cells = (
                 f"{mf['auc@30']:.3f} | {mq['auc@30']:.3f} | {mf['abs_rel']:.3f} | {mq['abs_rel']:.3f} "

@@ -53,8 +53,12 @@ def _gt_at_model_pixels(gt_depth: np.ndarray, pred: Any, i: int) -> np.ndarray:
 
 def scene_metrics(model: torch.nn.Module, scene: Path, options: ReconstructionOptions) -> dict[str, float]:
     """Pose AUCs, depth abs-rel / delta1 and point accuracy for one synthetic scene."""
+    return prediction_metrics(reconstruct_scene(model, scene, options), scene)
+
+
+def prediction_metrics(pred: Any, scene: Path) -> dict[str, float]:
+    """:func:`scene_metrics` of a prediction already made for ``scene`` (a ``ScenePrediction``)."""
     gt = load_gt(scene)
-    pred = reconstruct_scene(model, scene, options)
     idx = [gt["names"].index(n) for n in pred.names]
     out = ev.pose_metrics(pred.extrinsics, gt["extrinsics"][idx])
     gt_d = np.stack([_gt_at_model_pixels(gt["depth"][j], pred, i) for i, j in enumerate(idx)])
