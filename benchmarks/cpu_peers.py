@@ -19,8 +19,15 @@ round is reported, so load from other processes hits all of them alike):
 * ``W8A8``: our quarot-w8a8 model (speed mode; 8-bit weights fall back to float GEMM where the CPU's integer GEMM
   is not exact for them, see :func:`quantvggt.kernels.cpu.int_gemm_exact`).
 
-Resident weight bytes per model: parameters + buffers, plus our speed-mode caches (int8 dyn: its packed int8
-weights, 1 byte/weight, are counted from the ``nn.Linear`` shapes since the packed params are opaque).
+Resident weight bytes per model: parameters + buffers, plus the weights our speed mode holds in its GEMM's format
+instead of the int4 buffers (int8 dyn: its packed int8 weights, 1 byte/weight, are counted from the ``nn.Linear``
+shapes since the packed params are opaque).
+
+``--rss DIR`` measures memory the way the operating system sees it: one fresh process per contender loads the model
+from a checkpoint written once into DIR (fp32 and fp16 safetensors, our W4A4 folder), runs one forward, and reports
+RSS after imports, after loading, after the forward (freed heap returned with ``malloc_trim``) and the peak (VmHWM)::
+
+    python benchmarks/cpu_peers.py --model 1b --rss /tmp/rss1b --frames 4 --side 224 --threads 1
 
 Every ratio is ``fp32 time / contender time`` (above 1 is faster than fp32).
 """
@@ -149,6 +156,7 @@ def split(M: int, repeat: int, shapes: str) -> None:
     print("|---|---|---|---|---|---|---|")
     for K, N in SHAPES[shapes]:
         _, ql, _ = _layer(K, N)
+        packed = copy.deepcopy(ql)  # keeps its int4 buffer: speed mode frees ql's once it holds the int8 weights
         x = torch.randn(M, K)
         levels, s = cpu.act_quant(ql, x)
         w = cpu.gemm_weight(ql)
@@ -157,7 +165,7 @@ def split(M: int, repeat: int, shapes: str) -> None:
         fns = {
             "act": lambda: cpu.act_quant(ql, x),
             "act_torch": lambda: cpu.act_levels(ql, x),
-            "unpack": lambda: cpu._unpack(ql),
+            "unpack": lambda: cpu._unpack(packed),
             "gemm": lambda: torch._int_mm(levels, w),
             "epi": lambda: cpu._epilogue(acc.clone() if not native else acc, s, ql),
             "call": with_mode("speed", lambda: ql(x)),
@@ -179,17 +187,12 @@ def bf16_autocast(model: nn.Module, x: torch.Tensor) -> object:
 def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, contenders: list[str]) -> dict[str, object]:
     """Whole-model latency: fp32, int8 dynamic, bf16 autocast (opt-in) and our W4A4 in both modes, in one process."""
     torch.manual_seed(0)
-    if arch == "tiny":
-        cfg_path = Path(__file__).resolve().parent.parent / "quantvggt" / "assets" / "vggt-tiny-config.json"
-        cfg = VGGTConfig.from_dict(json.loads(cfg_path.read_text()))
-        scope: tuple[str, ...] = ("aggregator",)
-    else:
-        cfg = VGGTConfig(track_head=None)  # reconstruction never runs the track head
-        scope = ("aggregator", "patch_embed", "camera_head")
+    cfg, scope = _arch(arch)  # 1b: no track head (reconstruction never runs it)
     base = VGGT(cfg).eval()
     models: dict[str, nn.Module] = {"fp32": base}
     q = copy.deepcopy(base)
     report = quantize_(q, get_recipe("quarot-w4a4", scope=scope))
+    q_mem = copy.deepcopy(q)  # speed mode replaces q's int4 buffers by its GEMM format: memory mode needs its own
     n_layers = getattr(report, "n_layers", None) or sum(1 for m in q.modules() if hasattr(m, "qweight"))
     if "int8dyn" in contenders:
         models["int8dyn"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8)
@@ -219,7 +222,7 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
         if "bf16" in contenders:
             fns["bf16"] = lambda: bf16_autocast(base, x)
         fns["speed"] = with_mode("speed", lambda: q(x))
-        fns["memory"] = with_mode("memory", lambda: q(x))
+        fns["memory"] = with_mode("memory", lambda: q_mem(x))
         if "w8a8" in models:
             fns["w8a8"] = with_mode("speed", lambda: models["w8a8"](x))
         with torch.no_grad():
@@ -229,7 +232,7 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
             "fp32": state_bytes(base),
             "bf16": state_bytes(base),  # autocast: fp32 weights at rest, bf16 copies made per call
             "speed": state_bytes(q) + cpu.cached_bytes(q),
-            "memory": state_bytes(q),
+            "memory": state_bytes(q_mem),
         }
         if "int8dyn" in models:
             resident["int8dyn"] = state_bytes(models["int8dyn"]) + lin_bytes
@@ -247,6 +250,123 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
         )
         rows[-1]["peak_rss_mb"] = rss
     return {"arch": arch, "side": side, "repeat": repeat, "header": header(), "rows": rows}
+
+
+RSS_CONTENDERS = ("fp32", "fp16", "fp16->fp32", "int8dyn", "speed", "memory")
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current VmRSS, peak VmHWM) of this process in MB, from ``/proc/self/status``."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def trim() -> None:
+    """Give freed heap back to the OS (glibc), so RSS shows what is live rather than what the allocator kept."""
+    import contextlib
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: RSS then includes kept heap
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _arch(arch: str) -> tuple[VGGTConfig, tuple[str, ...]]:
+    if arch == "tiny":
+        cfg_path = Path(__file__).resolve().parent.parent / "quantvggt" / "assets" / "vggt-tiny-config.json"
+        return VGGTConfig.from_dict(json.loads(cfg_path.read_text())), ("aggregator",)
+    return VGGTConfig(track_head=None), ("aggregator", "patch_embed", "camera_head")
+
+
+def write_checkpoints(arch: str, folder: Path) -> None:
+    """fp32 and fp16 safetensors of the seeded model and its quarot-w4a4 folder, once (skipped when present)."""
+    from safetensors.torch import save_file
+
+    from quantvggt.quant import save_quantized
+
+    if (folder / "w4a4" / "quant.json").is_file():
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg, scope = _arch(arch)
+    torch.manual_seed(0)
+    base = VGGT(cfg).eval()
+    base.source = f"seeded {arch}"
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    sd = {k: v.contiguous() for k, v in base.state_dict().items()}
+    save_file(sd, str(folder / "fp32.safetensors"))
+    save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, str(folder / "fp16.safetensors"))
+    del sd
+    quantize_(base, get_recipe("quarot-w4a4", scope=scope))
+    save_quantized(base, folder / "w4a4")
+
+
+def rss_child(name: str, folder: Path, frames: int, side: int) -> dict[str, float]:
+    """One contender in this (fresh) process: RSS after imports, after loading, after one forward, and the peak."""
+    import safetensors.torch  # noqa: F401  (imported by the loaders: part of the baseline, not of the model)
+
+    from quantvggt.model import load_vggt
+    from quantvggt.pipeline import load_model
+
+    # warm-up on the tiny architecture through the same kernels, so that lazily initialised libraries (oneDNN,
+    # fbgemm, our native kernels) count in the baseline rather than as the model's weights
+    tiny = VGGT(_arch("tiny")[0]).eval()
+    quantize_(tiny, get_recipe("quarot-w4a4", scope=("aggregator",)))
+    dyn = torch.ao.quantization.quantize_dynamic(VGGT(_arch("tiny")[0]).eval(), {nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        for m in (tiny, dyn):
+            m(torch.rand(2, 3, 56, 56))
+    with torch.device("meta"):  # the loaders build on the meta device, which imports ~900 modules the first time
+        VGGT(_arch("tiny")[0])
+    del tiny, dyn
+    cpu.mode = None
+    trim()
+    out = {"imports": rss_mb()[0]}
+    cfg = VGGTConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    if name in ("fp32", "int8dyn"):
+        model = load_vggt(str(folder / "fp32.safetensors"), config=cfg)
+        if name == "int8dyn":
+            model = torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    elif name in ("fp16", "fp16->fp32"):  # an fp16 checkpoint loaded as fp16, and as fp32 (what the library does)
+        model = load_vggt(str(folder / "fp16.safetensors"), config=cfg, dtype=torch.float16 if name == "fp16" else None)
+    else:
+        cpu.mode = name
+        model = load_model(str(folder / "w4a4"), device="cpu")
+    trim()
+    out["loaded"] = rss_mb()[0]
+    out["peak_load"] = rss_mb()[1]
+    if name != "fp16":  # CPU fp16 inference is not a contender here: only its load is measured
+        with torch.no_grad():
+            model(torch.rand(frames, 3, side, side))
+        trim()
+    out["after_forward"], out["peak"] = rss_mb()
+    return out
+
+
+def rss_table(arch: str, folder: Path, frames: int, side: int, threads: int) -> list[dict[str, object]]:
+    """Each contender in its own process; one markdown table of RSS (MB)."""
+    import subprocess
+
+    write_checkpoints(arch, folder)
+    print(f"RSS per contender, one process each ({arch}, {frames} frames x {side} px); {header()}")
+    print("| model | baseline (warm-up) | after load | after 1 forward | resident (after forward - baseline) | peak |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for name in RSS_CONTENDERS:
+        cmd = [sys.executable, __file__, "--rss-child", name, "--rss", str(folder), "--frames", str(frames)]
+        cmd += ["--side", str(side), "--threads", str(threads or torch.get_num_threads())]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"{name}: child failed:\n{res.stderr[-2000:]}")
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        resident = r["after_forward"] - r["imports"] if name != "fp16" else r["loaded"] - r["imports"]
+        rows.append({"model": name, **r, "resident": resident})
+        fwd = "(load only)" if name == "fp16" else f"{r['after_forward']:.0f}"
+        print(
+            f"| {name} | {r['imports']:.0f} | {r['loaded']:.0f} (peak {r['peak_load']:.0f}) | {fwd} | "
+            f"**{resident:.0f}** | {r['peak']:.0f} |"
+        )
+    return rows
 
 
 def main() -> None:
@@ -271,6 +391,8 @@ def main() -> None:
         "--contenders", default="int8dyn,bf16,w8a8", help="for --model, besides fp32 and W4A4: int8dyn,bf16,w8a8"
     )
     ap.add_argument("--out", type=Path, help="write the whole-model results as JSON here")
+    ap.add_argument("--rss", type=Path, help="with --model: per-contender RSS, one process each; checkpoints in RSS")
+    ap.add_argument("--rss-child", choices=RSS_CONTENDERS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message=r".*(deprecat|migrat).*", category=Warning)  # torch.ao's notices
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -281,6 +403,16 @@ def main() -> None:
             ap.error("--clock cpu sums the CPU time of all threads: use it with --threads 1")
         global CLOCK
         CLOCK = time.process_time
+    if args.rss_child:
+        print(json.dumps(rss_child(args.rss_child, args.rss, int(args.frames.split(",")[0]), args.side)))
+        return
+    if args.rss:
+        if not args.model:
+            ap.error("--rss needs --model")
+        rows = rss_table(args.model, args.rss, int(args.frames.split(",")[0]), args.side, args.threads)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=2))
+        return
     if args.layers:
         layers(args.tokens, args.repeat, args.shapes)
     if args.split:

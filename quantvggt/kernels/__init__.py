@@ -4,6 +4,9 @@
 layer it does not support, and the plain-torch path runs instead. Set ``QUANTVGGT_QLINEAR_BACKEND=fake`` (or
 ``int``) to force a reference path. Every kernel has a plain-torch reference in :mod:`.reference`.
 
+``qlinear_levels`` (``fn(layer, None) -> int8 [N, K]``): the integer weights of a layer whose packed ``qweight`` the
+device's kernel freed because it holds them in its own format (CPU speed mode).
+
 ``attention_int8`` (``fn(q, k, v) -> out``, ``[B, H, N, D]``) is INT8 Q·K^T attention: the Triton kernel on CUDA
 (:mod:`.triton_attention`), the plain-torch reference :func:`quantvggt.lowbit.attention.int8_attention_ref` on CPU,
 so both devices quantize alike. ``None`` from a kernel means "not supported here": the caller runs the reference.
@@ -33,8 +36,15 @@ def _cpu(layer: nn.Module, x: Tensor) -> Tensor | None:
     return qlinear_forward(layer, x)
 
 
+def _cpu_levels(layer: nn.Module, _: object) -> Tensor:
+    from quantvggt.kernels.cpu import held_levels
+
+    return held_levels(layer)
+
+
 register_kernel("qlinear", "cuda", _cuda)
 register_kernel("qlinear", "cpu", _cpu)
+register_kernel("qlinear_levels", "cpu", _cpu_levels)  # weights held in the GEMM's format (speed mode)
 
 
 def _attention_cuda(q: Tensor, k: Tensor, v: Tensor) -> Tensor | None:

@@ -9,12 +9,14 @@ compiler the same math runs as torch ops (slower; same levels up to float summat
 
 Two modes for the weights, chosen by :data:`mode` or the environment variable ``QUANTVGGT_CPU_MODE``:
 
-* ``speed`` (default): each layer packs its weights once, on its first call (or :func:`prepare`), into the GEMM's
-  format and keeps them as a plain, non-persistent attribute: int8 ``[K, N]`` for ``_int_mm``, or fbgemm's packing
-  for layers called with fewer than :data:`SMALL_M` tokens (where ``_int_mm``'s per-call weight reorder dominates).
-  That is 1 byte/weight in RAM on top of the packed int4 buffer (1.5 in all, 2.7x under fp32). The checkpoint
-  format is unchanged: int4 stays at rest on disk. The cache is keyed on the ``qweight`` tensor object and its
-  version counter, so replacing or editing the weights rebuilds it.
+* ``speed`` (default): each layer converts its weights once, on its first call (or :func:`prepare`), into the
+  GEMM's format: int8 ``[K, N]`` for ``_int_mm``, or fbgemm's packing for layers called with fewer than
+  :data:`SMALL_M` tokens (where ``_int_mm``'s per-call weight reorder dominates). That copy is the only one kept:
+  the packed int4 ``qweight`` buffer is freed (set to None), so RAM holds 1 byte/weight, 4x under fp32, like
+  ``torch.ao``'s int8 dynamic quantization. The checkpoint format is unchanged: :class:`QuantLinear` rebuilds int4
+  from the held copy (:func:`held_levels`) when it is saved, copied, pickled or moved to another device, and a new
+  ``qweight`` (``set_weight``, ``load_state_dict``, assignment) replaces the held copy. A layer whose call size
+  crosses :data:`SMALL_M` later converts its one copy to the other format.
 * ``memory``: nothing cached; int4 is unpacked to int8 per call by a vectorised kernel (about 0.1-0.4 ms for a
   4096 x 1024 layer) and fed to ``_int_mm``, which needs no prepacking. RAM stays at 0.5 byte/weight.
 
@@ -33,6 +35,7 @@ import os
 import warnings
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,13 +45,14 @@ from torch import Tensor, nn
 from quantvggt.kernels import cpu_native
 from quantvggt.lowbit import quantizer as qz
 from quantvggt.lowbit.hadamard import hadamard_transform
+from quantvggt.lowbit.registry import KERNEL_STATE_ATTR
 
 log = logging.getLogger(__name__)
 
 MODE_ENV = "QUANTVGGT_CPU_MODE"
 MODES = ("speed", "memory")
 mode: str | None = None  # set to "speed" / "memory" to override QUANTVGGT_CPU_MODE in this process
-_CACHE_ATTR = "_qv_cpu_weights"  # {format: (weakref to qweight, its version, packed, bytes)}; never a buffer
+_STATE_ATTR = KERNEL_STATE_ATTR  # {"act": constants, "weight": _Held, "holder": "cpu"}: a plain attribute
 SMALL_M = 128  # below this many tokens per call, fbgemm on prepacked weights beats _int_mm (measured, see module doc)
 
 
@@ -130,8 +134,40 @@ def act_quant(layer: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # -- weights -----------------------------------------------------------------------------------------------------
+@dataclass
+class _Held:
+    """A layer's weights in one GEMM format, held instead of its packed ``qweight`` (speed mode)."""
+
+    fmt: str  # "int8": [K, N] for _int_mm; "fbgemm": its packed params
+    operand: Any
+    nbytes: int
+
+
+def _held(layer: nn.Module) -> _Held | None:
+    h = layer.__dict__.get(_STATE_ATTR, {}).get("weight")
+    if h is not None and layer.qweight is not None:  # a new buffer was put in since: what we hold is stale
+        layer.__dict__[_STATE_ATTR].pop("weight")
+        layer.__dict__[_STATE_ATTR].pop("holder", None)
+        return None
+    return h
+
+
+def held_levels(layer: nn.Module) -> Tensor:
+    """Integer levels ``[N, K]`` int8 of a layer whose weights this module holds in a GEMM format."""
+    h = _held(layer)
+    if h is None:
+        raise RuntimeError("no CPU-held weights on this layer")
+    if h.fmt == "int8":
+        return h.operand.t()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ops.quantized.linear_unpack(h.operand)[0].int_repr()
+
+
 def _unpack(layer: nn.Module) -> Tensor:
     """Integer weight levels ``[N, K]`` int8 (vectorised unpack of int4 when the native kernels are there)."""
+    if layer.qweight is None:
+        return held_levels(layer)
     if layer.w_bits == 4 and cpu_native.lib() is not None:
         return cpu_native.unpack_int4(layer.qweight)
     return layer.int_weight()
@@ -144,24 +180,39 @@ def _version(t: Tensor) -> int:
         return -1
 
 
-def _cached(layer: nn.Module, kind: str, build: Callable[[], Any], deps: tuple[Tensor, ...], nbytes: int = 0) -> Any:
+def _cached(layer: nn.Module, kind: str, build: Callable[[], Any], deps: tuple[Tensor, ...]) -> Any:
     """``build()`` once per layer and state of ``deps``: keyed on those tensor objects (weakly) and their versions."""
-    caches = layer.__dict__.setdefault(_CACHE_ATTR, {})  # a plain attribute: not a buffer, not in the state dict
+    caches = layer.__dict__.setdefault(_STATE_ATTR, {})  # a plain attribute: not a buffer, not in the state dict
     key = tuple(_version(t) for t in deps)
     hit = caches.get(kind)
     if hit is not None and hit[1] == key and all(r() is t for r, t in zip(hit[0], deps, strict=True)):
         return hit[2]
     value = build()
-    caches[kind] = (tuple(weakref.ref(t) for t in deps), key, value, nbytes)
+    caches[kind] = (tuple(weakref.ref(t) for t in deps), key, value)
     return value
 
 
+def held_weight(layer: nn.Module, fmt: str) -> Any:
+    """Speed mode: the weights in GEMM format ``fmt`` ("int8" or "fbgemm"), kept as their only copy in RAM."""
+    h = _held(layer)
+    if h is not None and h.fmt == fmt:
+        return h.operand
+    levels = _unpack(layer)
+    if h is not None:
+        log.debug("%s weights re-held as %s: the call size crossed SMALL_M", layer.__class__.__name__, fmt)
+    operand = levels.t().contiguous() if fmt == "int8" else _fbgemm_prepack(levels.contiguous())
+    state = layer.__dict__.setdefault(_STATE_ATTR, {})
+    state["weight"] = _Held(fmt, operand, layer.in_features * layer.out_features)
+    state["holder"] = "cpu"
+    layer.qweight = None  # QuantLinear rebuilds int4 from the held copy when it needs the buffer
+    return operand
+
+
 def gemm_weight(layer: nn.Module) -> Tensor:
-    """The int8 ``[K, N]`` operand of ``_int_mm``: cached per layer in speed mode, unpacked per call in memory mode."""
+    """The int8 ``[K, N]`` operand of ``_int_mm``: held per layer in speed mode, unpacked per call in memory mode."""
     if cpu_mode() == "memory":
         return _unpack(layer).t()  # a transposed view: _int_mm takes it as is (measured ~4% slower than [K, N])
-    nbytes = layer.in_features * layer.out_features
-    return _cached(layer, "int8", lambda: _unpack(layer).t().contiguous(), (layer.qweight,), nbytes)
+    return held_weight(layer, "int8")
 
 
 def _fbgemm_prepack(wi: Tensor) -> Any:
@@ -179,28 +230,39 @@ def _fbgemm_prepack(wi: Tensor) -> Any:
             torch.backends.quantized.engine = prev
 
 
-def prepare(model: nn.Module) -> int:
-    """Build the speed-mode int8 ``[K, N]`` weights of every CPU QuantLinear in ``model`` now (e.g. after loading).
+def _on_cpu(m: nn.Module) -> bool:
+    return m.qweight is None or m.qweight.device.type == "cpu"
 
-    Returns the bytes the caches hold. Calls build the same lazily, choosing the format by the call's token count
-    (fbgemm's packing below :data:`SMALL_M` tokens); this only moves the large-M build out of the first forward.
-    Layers that will not take the integer path (W4A16, an inexact weight width) get nothing.
+
+def prepare(model: nn.Module) -> int:
+    """Convert every CPU QuantLinear in ``model`` to its speed-mode int8 ``[K, N]`` weights now (e.g. after loading).
+
+    Returns the bytes now held. Calls do the same lazily, choosing the format by the call's token count (fbgemm's
+    packing below :data:`SMALL_M` tokens); this only moves the large-M conversion out of the first forward.
+    Layers that will not take the integer path (W4A16, an inexact weight width) keep their packed buffer.
     """
     for m in model.modules():
-        if hasattr(m, "qweight") and hasattr(m, "a_bits") and m.qweight.device.type == "cpu" and _int_path_ok(m):
+        if hasattr(m, "qweight") and hasattr(m, "a_bits") and _on_cpu(m) and _int_path_ok(m):
             gemm_weight(m)
     return cached_bytes(model)
 
 
 def release(model: nn.Module) -> None:
-    """Drop every cached weight in ``model`` (back to 0.5 byte/weight until the next speed-mode call)."""
+    """Back to the packed int4 buffers (0.5 byte/weight) in ``model`` until the next speed-mode call."""
     for m in model.modules():
-        m.__dict__.pop(_CACHE_ATTR, None)
+        if _STATE_ATTR in m.__dict__:
+            if hasattr(m, "restore_packed"):
+                m.restore_packed()
+            m.__dict__.pop(_STATE_ATTR, None)
 
 
 def cached_bytes(model: nn.Module) -> int:
-    """Bytes held by the speed-mode weight caches in ``model`` (1 per weight per cached format)."""
-    return sum(v[3] for m in model.modules() for v in m.__dict__.get(_CACHE_ATTR, {}).values())
+    """Bytes of the weights held in a GEMM format in ``model`` (1 per weight), instead of the packed buffers."""
+    total = 0
+    for m in model.modules():
+        h = m.__dict__.get(_STATE_ATTR, {}).get("weight")
+        total += h.nbytes if h is not None and getattr(m, "qweight", None) is None else 0
+    return total
 
 
 # -- GEMM --------------------------------------------------------------------------------------------------------
@@ -257,8 +319,7 @@ def int_gemm(layer: nn.Module, levels: Tensor) -> Tensor:
     weights packed once. Above, ``_int_mm`` (oneDNN) is the faster GEMM (15.3 vs 18.2 ms at 1024 x 3072, M = 1044).
     """
     if levels.shape[0] < SMALL_M and cpu_mode() == "speed" and int_gemm_exact(layer.w_bits, "fbgemm"):
-        nbytes = layer.in_features * layer.out_features
-        packed = _cached(layer, "fbgemm", lambda: _fbgemm_prepack(_unpack(layer)), (layer.qweight,), nbytes)
+        packed = held_weight(layer, "fbgemm")
         zp = 2 ** (layer.a_bits - 1)
         return torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(levels.float(), 1.0, zp, packed)
     return torch._int_mm(levels, gemm_weight(layer))

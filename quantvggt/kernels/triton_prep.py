@@ -185,7 +185,7 @@ def _fusable(norm: nn.Module, layer: nn.Module) -> bool:
     return (
         type(norm) is nn.LayerNorm
         and len(norm.normalized_shape) == 1
-        and isinstance(getattr(layer, "qweight", None), torch.Tensor)
+        and "qweight" in getattr(layer, "_buffers", {})  # may be None: freed while the CPU kernel holds the weights
         and hasattr(layer, "a_bits")
         and supports(layer)
         and layer.in_features % 8 == 0

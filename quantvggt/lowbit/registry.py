@@ -16,6 +16,11 @@ if TYPE_CHECKING:  # importing torch here would make `import quantvggt` (and `qu
 KernelFn = Callable[["nn.Module", "Tensor"], Any]
 # which QuantLinear path runs ("auto": the registered kernel; "int"/"fake": torch paths); read by quant and kernels
 QLINEAR_BACKEND_ENV = "QUANTVGGT_QLINEAR_BACKEND"
+# Per-layer state a kernel keeps on a module (prepacked weights, constants): a plain attribute, never a buffer, so
+# it is not saved, copied or moved with the module. A kernel that frees the layer's packed ``qweight`` buffer (CPU speed
+# mode holds the weights in its GEMM's format only) records its device type under "holder" and registers
+# "qlinear_levels" for that device, which returns the integer levels ``[N, K]`` from what it holds.
+KERNEL_STATE_ATTR = "_qv_kernel_state"
 _KERNELS: dict[tuple[str, str], KernelFn] = {}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -39,21 +40,83 @@ def config_from_json(d: dict[str, Any]) -> VGGTConfig:
     raise CheckpointError(f"config.json has neither model parts nor img_size/patch_size/embed_dim: keys {sorted(d)}")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors or torch checkpoint file without executing pickled code."""
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def read_safetensors(path: Path, float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Each tensor of a ``.safetensors`` file read into its own memory, floats converted to ``float_dtype`` as read.
+
+    ``safetensors.torch.load_file`` maps the whole file and its tensors share that mapping: a tensor freed later (the
+    int4 weights CPU speed mode replaces, 16-bit tensors converted to float32) keeps its pages resident for as long as
+    any tensor of the file lives, so a 16-bit checkpoint loaded as float32 peaked at both copies. Here the peak is the
+    loaded dict plus one tensor. The format (8-byte little-endian header size, JSON header, raw little-endian data)
+    is the library's documented one; its writer stays ``safetensors.torch.save_file``.
+    """
+    size = path.stat().st_size
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 0 < n <= size - 8:
+            raise CheckpointError(f"{path}: not a safetensors file (header size {n} for a {size}-byte file)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
+        base = 8 + n
+        entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
+        for name, info in sorted(entries, key=lambda kv: kv[1]["data_offsets"][0]):  # one forward pass over the file
+            dtype = _ST_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')!r}")
+            shape, (begin, end) = [int(d) for d in info["shape"]], info["data_offsets"]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if end - begin != nbytes or base + end > size:
+                raise CheckpointError(
+                    f"{path}: tensor {name} needs bytes {base + begin}-{base + end} of a {size}-byte file "
+                    f"({nbytes} for {info['dtype']} {shape}): truncated or corrupt"
+                )
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            f.seek(base + begin)
+            view, got = memoryview(buf.numpy()), 0
+            while got < nbytes:
+                k = f.readinto(view[got:])
+                if not k:
+                    raise CheckpointError(f"{path}: tensor {name}: file ends early (truncated)")
+                got += k
+            t = buf.view(dtype).reshape(shape)
+            if float_dtype is not None and t.is_floating_point() and t.dtype != float_dtype:
+                t = t.to(float_dtype)  # the 16-bit buffer is freed here, before the next tensor is read
+            out[name] = t
+    return {k: out[k] for k, _ in entries}  # the file's key order
+
+
+def read_state_dict(path: str | Path, float_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors or torch checkpoint file without executing pickled code (floats as ``float_dtype``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint file is empty")
+    if path.suffix == ".safetensors":
+        try:
+            return read_safetensors(path, float_dtype)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:  # header fields of the wrong form
+            raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except CheckpointError:
-        raise
     except Exception as e:  # truncated or foreign files surface as many exception types
         raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e})") from e
     for key in ("model", "state_dict"):
@@ -146,16 +209,21 @@ def _strict_load(model: VGGT, sd: dict[str, torch.Tensor], origin: str) -> None:
     model.load_state_dict(sd, strict=True, assign=True)
 
 
-def build_model(config: VGGTConfig, sd: dict[str, torch.Tensor], origin: str = "state dict") -> VGGT:
-    """Instantiate ``VGGT(config)`` without initialising weights, then load ``sd`` strictly."""
+def build_model(
+    config: VGGTConfig, sd: dict[str, torch.Tensor], origin: str = "state dict", dtype: torch.dtype | None = None
+) -> VGGT:
+    """Instantiate ``VGGT(config)`` without initialising weights, then load ``sd`` strictly, floats as ``dtype``.
+
+    ``dtype=None`` is float32 (16-bit checkpoints such as the shipped small model load like the official one).
+    """
     with torch.device("meta"):
         model = VGGT(config)
-    # 16-bit checkpoints (the shipped small model) load as float32 like the official one; compute dtype is the caller's
-    # converted in place, one tensor at a time, so the 16-bit copy is freed as we go: peak RSS is the fp32 model
-    # plus one tensor, not fp32 + the whole 16-bit state dict
+    # converted in place, one tensor at a time, so the checkpoint's copy is freed as we go: peak RSS is the model in
+    # ``dtype`` plus one tensor, never the whole state dict twice (a 16-bit checkpoint loaded as 16-bit makes no fp32)
+    want = dtype or torch.float32
     for k in list(sd):
-        if sd[k].is_floating_point() and sd[k].dtype != torch.float32:
-            sd[k] = sd[k].float()
+        if sd[k].is_floating_point() and sd[k].dtype != want:
+            sd[k] = sd[k].to(want)
     _strict_load(model, sd, origin)
     model.aggregator.reset_buffers()
     return model.eval()
@@ -182,7 +250,7 @@ def load_vggt(
     if config is None:
         config = VGGTConfig()
     log.info("loading VGGT weights from %s", weights)
-    model = build_model(config, read_state_dict(weights), str(weights))
+    model = build_model(config, read_state_dict(weights, dtype or torch.float32), str(weights), dtype=dtype)
     model.source = source
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
     return model.compile_() if compile else model

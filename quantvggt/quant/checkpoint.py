@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 import quantvggt
 from quantvggt.fsutil import atomic_dir
 from quantvggt.lowbit.attention import ATTENTION_KINDS
 from quantvggt.model.config import VGGTConfig
-from quantvggt.model.loading import CheckpointError, _strict_load
+from quantvggt.model.loading import CheckpointError, _strict_load, read_state_dict
 from quantvggt.model.vggt import VGGT
 from quantvggt.quant.calibrate import set_module
 from quantvggt.quant.config import QuantConfig
@@ -170,7 +170,9 @@ def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> VGGT
             set_module(model, name, layer)
     weights = path / "model.safetensors"
     try:
-        sd = load_file(str(weights))
+        sd = read_state_dict(weights)  # own memory per tensor: buffers freed later (speed mode) leave RAM
+    except CheckpointError:
+        raise
     except Exception as e:
         raise CheckpointError(f"{weights}: cannot read ({type(e).__name__}: {e})") from e
     _strict_load(model, sd, str(weights))

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 
 from quantvggt.lowbit import quantizer as qz
 from quantvggt.lowbit.hadamard import HadamardPlan, rotate
+from quantvggt.lowbit.registry import KERNEL_STATE_ATTR, get_kernel
 from quantvggt.lowbit.registry import QLINEAR_BACKEND_ENV as BACKEND_ENV
-from quantvggt.lowbit.registry import get_kernel
 
 BACKENDS = ("auto", "int", "fake")
 SpecT = TypeVar("SpecT", bound="_Spec")
@@ -142,8 +142,30 @@ class QuantLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, w{self.w_bits}a{self.a_bits}, rotate={self.rotate}"
 
     # -- weights ---------------------------------------------------------------------------------------------
+    # A device kernel may free ``qweight`` (set it to None) while it holds the same levels in its GEMM's own format
+    # (CPU speed mode: 1 byte/weight instead of 1.5). The packed form is rebuilt from what it holds wherever the
+    # buffer itself is needed: saving (state_dict), moving or casting (_apply), copying and pickling.
+    def _held_levels(self) -> Tensor:
+        holder = self.__dict__.get(KERNEL_STATE_ATTR, {}).get("holder")
+        fn = get_kernel("qlinear_levels", holder) if holder else None
+        if fn is None:
+            raise RuntimeError(f"QuantLinear({self.extra_repr()}): packed weights were freed and no kernel holds them")
+        return fn(self, None)
+
+    def _packed_from_held(self) -> Tensor:
+        lv = self._held_levels()
+        return qz.pack_int4(lv) if self.w_bits == 4 else lv.contiguous().clone()
+
+    def restore_packed(self) -> None:
+        """Rebuild the ``qweight`` buffer if a kernel freed it, and drop that kernel's state."""
+        if self.qweight is None:
+            self.qweight = self._packed_from_held()
+        self.__dict__.pop(KERNEL_STATE_ATTR, None)
+
     def int_weight(self) -> Tensor:
         """Integer weight levels ``[out, in]`` (int8 container)."""
+        if self.qweight is None:
+            return self._held_levels()
         return qz.unpack_int4(self.qweight) if self.w_bits == 4 else self.qweight
 
     def dequantized_weight(self) -> Tensor:
@@ -153,6 +175,7 @@ class QuantLinear(nn.Module):
     def set_weight(self, w_levels: Tensor, w_scale: Tensor) -> None:
         """Store integer levels (packed for 4-bit) and per-channel scales."""
         lv = w_levels.to(torch.int8)
+        self.__dict__.pop(KERNEL_STATE_ATTR, None)
         self.qweight = qz.pack_int4(lv) if self.w_bits == 4 else lv
         self.w_scale = w_scale.float().contiguous()
 
@@ -200,10 +223,39 @@ class QuantLinear(nn.Module):
         self._handle = next(_HANDLES)
         _LIVE[self._handle] = self
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies carry the packed weights, never a kernel's state (prepacked formats are rebuilt on first use)."""
+        state = self.__dict__.copy()
+        state.pop(KERNEL_STATE_ATTR, None)
+        if self.qweight is None:
+            state["_buffers"] = {**self._buffers, "qweight": self._packed_from_held()}
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Copies (deepcopy, pickling to Ray workers) get their own op handle."""
         super().__setstate__(state)
         self._register()
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qweight is None:  # freed by a kernel: the checkpoint format is always the packed one
+            destination[prefix + "qweight"] = self._packed_from_held()
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if self.qweight is None:  # give the loader a buffer to fill; the kernel's copy is stale from here on
+            shape = (self.out_features, self.in_features // 2 if self.w_bits == 4 else self.in_features)
+            self.qweight = torch.zeros(shape, dtype=torch.uint8 if self.w_bits == 4 else torch.int8)
+        self.__dict__.pop(KERNEL_STATE_ATTR, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        if self.qweight is not None:
+            return super()._apply(fn, recurse)
+        probe = torch.empty(0, dtype=torch.uint8)
+        moved = fn(probe)
+        if moved.device != probe.device or moved.dtype != probe.dtype:  # the held format belongs to the old device
+            self.restore_packed()
+        return super()._apply(fn, recurse)  # a no-op for integer CPU tensors (e.g. .float(), .to("cpu")) keeps it
 
     def forward_eager(self, x: Tensor) -> Tensor:
         """Dispatch on ``backend`` (or the ``QUANTVGGT_QLINEAR_BACKEND`` environment variable)."""
@@ -219,8 +271,9 @@ class QuantLinear(nn.Module):
         raise ValueError(f"unknown QuantLinear backend {backend!r}; choose from {BACKENDS}")
 
     def weight_bytes(self) -> int:
-        """Bytes held by this layer's buffers (packed weights, scales, signs, bias)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of this layer at rest (packed weights, scales, signs, bias), whatever format a kernel holds now."""
+        rest = sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "qweight")
+        return rest + self.out_features * (self.in_features // 2 if self.w_bits == 4 else self.in_features)
 
 
 # Compiled graphs call quantized layers through one custom op, so the kernels (fbgemm prepacks, Triton launches,

@@ -142,27 +142,62 @@ def test_threads_do_not_change_results(kernels: str, monkeypatch: pytest.MonkeyP
 
 
 @pytest.mark.parametrize("tokens", [40, 200])  # fbgemm's packing below SMALL_M tokens, int8 [K, N] above
-def test_speed_mode_caches_and_invalidates(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_speed_mode_holds_one_copy_and_follows_new_weights(tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu, "mode", "speed")
     torch.manual_seed(0)
     ql = FakeQuantLinear(nn.Linear(128, 32, bias=False), 4, 4, random_signs(128, 0)).to_quant_linear()
+    packed = ql.qweight.clone()
     x = torch.randn(tokens, 128)
     y0 = qlinear_forward(ql, x)
     kind = "fbgemm" if tokens < cpu.SMALL_M else "int8"
-    caches = ql.__dict__[cpu._CACHE_ATTR]
-    assert {k for k, v in caches.items() if v[3]} == {kind} and cpu.cached_bytes(ql) == 128 * 32
-    packed = caches[kind][2]
-    assert torch.equal(qlinear_forward(ql, x), y0) and caches[kind][2] is packed  # reused, not rebuilt
-    assert set(ql.state_dict()) == {"qweight", "w_scale", "act_scale", "act_clip", "signs"}
-    # an in-place edit bumps the version counter
-    ql.qweight.copy_(qz.pack_int4(-ql.int_weight()))
-    assert torch.equal(qlinear_forward(ql, x), -y0)
-    assert caches[kind][2] is not packed
-    # a new tensor (e.g. set_weight, load_state_dict with assign) is a different object
+    held = cpu._held(ql)
+    # the GEMM's format replaces the int4 buffer: 1 byte/weight in all
+    assert ql.qweight is None and held is not None and held.fmt == kind and cpu.cached_bytes(ql) == 128 * 32
+    assert torch.equal(qlinear_forward(ql, x), y0) and cpu._held(ql).operand is held.operand  # reused, not rebuilt
+    assert torch.equal(ql.int_weight(), qz.unpack_int4(packed))  # levels come back from the held copy
+    sd = ql.state_dict()
+    assert set(sd) == {"qweight", "w_scale", "act_scale", "act_clip", "signs"} and torch.equal(sd["qweight"], packed)
+    assert ql.qweight is None  # saving repacks into the state dict only
+    # new weights (set_weight, load_state_dict, assignment) replace the held copy
     ql.set_weight(ql.int_weight().float().neg(), ql.w_scale)
-    assert torch.equal(qlinear_forward(ql, x), y0)
+    assert cpu._held(ql) is None and torch.equal(qlinear_forward(ql, x), -y0)
+    ql.load_state_dict(sd)
+    assert torch.equal(qlinear_forward(ql, x), y0) and ql.qweight is None
+    ql.qweight = qz.pack_int4(-qz.unpack_int4(packed))
+    assert torch.equal(qlinear_forward(ql, x), -y0)
     cpu.release(ql)
-    assert cpu.cached_bytes(ql) == 0
+    assert cpu.cached_bytes(ql) == 0 and ql.qweight is not None
+    assert torch.equal(ql.qweight, qz.pack_int4(-qz.unpack_int4(packed)))
+
+
+def test_speed_mode_switches_format_when_call_size_crosses(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "mode", "speed")
+    ql = _ql(256, 64)
+    small, large = torch.randn(8, 256), torch.randn(300, 256)
+    want_small, want_large = ql.forward_int(small), ql.forward_int(large)
+    for x, want, fmt in [(small, want_small, "fbgemm"), (large, want_large, "int8"), (small, want_small, "fbgemm")]:
+        y = qlinear_forward(ql, x)
+        assert cpu._held(ql).fmt == fmt and cpu.cached_bytes(ql) == 256 * 64
+        assert (y - want).norm() / want.norm() < 2e-3
+
+
+def test_held_layer_copies_pickles_and_moves_with_its_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+    import pickle
+
+    monkeypatch.setattr(cpu, "mode", "speed")
+    ql = _ql(128, 32)
+    packed = ql.qweight.clone()
+    x = torch.randn(200, 128)
+    y = qlinear_forward(ql, x)
+    assert ql.qweight is None
+    for twin in (copy.deepcopy(ql), pickle.loads(pickle.dumps(ql))):
+        assert torch.equal(twin.qweight, packed) and cpu.cached_bytes(twin) == 0  # packed, no kernel state
+        assert torch.equal(qlinear_forward(twin, x), y)
+    ql.float()  # a no-op for the integer weights: the held copy stays
+    assert ql.qweight is None
+    ql.to(torch.device("meta"))  # another device: the buffer comes back and moves
+    assert ql.qweight is not None and ql.qweight.device.type == "meta" and cpu.cached_bytes(ql) == 0
 
 
 def test_activation_constants_follow_edits(kernels: str) -> None:

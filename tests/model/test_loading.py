@@ -32,6 +32,40 @@ def test_folder_with_nested_config(tmp_path: Path) -> None:
     _same(m, load_vggt(str(tmp_path)))
 
 
+@pytest.mark.parametrize("want", [None, torch.float16, torch.bfloat16])
+def test_16bit_checkpoint_loads_straight_into_the_asked_dtype(
+    tmp_path: Path, want: torch.dtype | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    m = _tiny()
+    save_file(
+        {k: v.half() if v.is_floating_point() else v for k, v in m.state_dict().items()},
+        str(tmp_path / "w.safetensors"),
+    )
+    (tmp_path / "config.json").write_text(json.dumps(m.config.to_dict()))
+    made: list[torch.dtype] = []  # every float dtype a checkpoint tensor is converted to on the way in
+
+    def spy(method: str) -> object:
+        orig = getattr(torch.Tensor, method)
+
+        def conv(self: torch.Tensor, *a: object, **k: object) -> torch.Tensor:
+            out = orig(self, *a, **k)
+            if out is not self and out.is_floating_point():
+                made.append(out.dtype)
+            return out
+
+        return conv
+
+    for method in ("to", "float", "half", "bfloat16"):
+        monkeypatch.setattr(torch.Tensor, method, spy(method))
+    got = load_vggt(str(tmp_path / "w.safetensors"), dtype=want)
+    monkeypatch.undo()
+    expect = want or torch.float32
+    assert {p.dtype for p in got.parameters()} == {expect}
+    assert set(made) <= {expect}  # a 16-bit model is never built through a float32 copy
+    if want is None:
+        _same(got, load_vggt(str(tmp_path / "w.safetensors")))
+
+
 def test_pt_file_loads_weights_only(tmp_path: Path) -> None:
     m = _tiny()
     torch.save({"model": m.state_dict()}, tmp_path / "ckpt.pt")
@@ -74,8 +108,40 @@ def test_truncated_file(tmp_path: Path) -> None:
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
     (tmp_path / "config.json").write_text(json.dumps(m.config.to_dict()))
-    with pytest.raises(CheckpointError, match="model.safetensors: cannot read"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor \S+ needs bytes .* truncated or corrupt"):
         load_vggt(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes(data[:100])
+    with pytest.raises(CheckpointError, match="model.safetensors: not a safetensors file"):
+        load_vggt(str(tmp_path))
+    (tmp_path / "model.safetensors").write_bytes((40).to_bytes(8, "little") + b"{" * 40)
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupt safetensors header"):
+        load_vggt(str(tmp_path))
+
+
+def test_safetensors_reader_round_trips_into_separate_memory(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    sd = {
+        "f32": torch.randn(3, 5, generator=g),
+        "bf16": torch.randn(7, generator=g).bfloat16(),
+        "f16": torch.randn(2, 2, generator=g).half(),
+        "i8": torch.randint(-128, 127, (4, 3), generator=g, dtype=torch.int8),
+        "u8": torch.randint(0, 255, (9,), generator=g, dtype=torch.uint8),
+        "i64": torch.arange(5),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+    }
+    save_file(sd, str(tmp_path / "a.safetensors"))
+    got = loading.read_safetensors(tmp_path / "a.safetensors")
+    assert set(got) == set(sd)
+    for k, v in sd.items():
+        assert got[k].dtype == v.dtype and torch.equal(got[k], v), k
+    # no shared mapping: a freed tensor gives its memory back (the reason this reader exists)
+    ptrs = [t.untyped_storage().data_ptr() for t in got.values() if t.numel()]
+    assert len(set(ptrs)) == len(ptrs)
+    as32 = loading.read_safetensors(tmp_path / "a.safetensors", torch.float32)
+    assert {as32[k].dtype for k in ("f32", "bf16", "f16", "scalar")} == {torch.float32}
+    assert as32["i8"].dtype == torch.int8 and torch.equal(as32["bf16"], sd["bf16"].float())
 
 
 def test_offline_hub_error_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
