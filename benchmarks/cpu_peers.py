@@ -16,6 +16,8 @@ round is reported, so load from other processes hits all of them alike):
 * ``bf16``: weights and activations in bfloat16 (per layer), ``torch.autocast("cpu", torch.bfloat16)`` (model);
 * ``W4A4 speed`` / ``W4A4 memory``: our QuantLinear in :mod:`quantvggt.kernels.cpu`'s two modes (int8 weights
   cached at 1 byte/weight, or int4 unpacked per call);
+* ``shipped``: W4A4 speed mode over the scope users get (``--model 1b``: + the DPT heads as weight-only int4,
+  dequantized per call), so the float part left is the smallest;
 * ``W8A8``: our quarot-w8a8 model (speed mode; 8-bit weights fall back to float GEMM where the CPU's integer GEMM
   is not exact for them, see :func:`quantvggt.kernels.cpu.int_gemm_exact`).
 
@@ -199,6 +201,9 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
     if "w8a8" in contenders:
         models["w8a8"] = copy.deepcopy(base)
         quantize_(models["w8a8"], get_recipe("quarot-w8a8", scope=scope))
+    if "shipped" in contenders:
+        models["shipped"] = copy.deepcopy(base)
+        quantize_(models["shipped"], get_recipe("quarot-w4a4", scope=_shipped_scope(scope)))
     lin_bytes = sum(m.weight.numel() for m in base.modules() if isinstance(m, nn.Linear))
     print(
         f"whole model {arch}, {side}x{side} px, quarot-w4a4 over {'+'.join(scope)} ({n_layers} layers); {header()}; "
@@ -209,7 +214,7 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
         + (f", int8 dyn {state_bytes(models['int8dyn']) / 1e6:.0f} (float part only)" if "int8dyn" in models else "")
     )
     cols = ["fp32", *[c for c in ("int8dyn", "bf16") if c in models or c in contenders], "speed", "memory"]
-    cols += ["w8a8"] if "w8a8" in models else []
+    cols += [c for c in ("w8a8", "shipped") if c in models]
     rows: list[dict[str, object]] = []
     head = " | ".join(f"{c} s" for c in cols) + " | " + " | ".join(f"{c} vs fp32" for c in cols[1:])
     print(f"| frames | {head} |")
@@ -225,6 +230,8 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
         fns["memory"] = with_mode("memory", lambda: q_mem(x))
         if "w8a8" in models:
             fns["w8a8"] = with_mode("speed", lambda: models["w8a8"](x))
+        if "shipped" in models:
+            fns["shipped"] = with_mode("speed", lambda: models["shipped"](x))
         with torch.no_grad():
             t = interleaved(fns, repeat)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -236,8 +243,9 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
         }
         if "int8dyn" in models:
             resident["int8dyn"] = state_bytes(models["int8dyn"]) + lin_bytes
-        if "w8a8" in models:
-            resident["w8a8"] = state_bytes(models["w8a8"]) + cpu.cached_bytes(models["w8a8"])
+        for c in ("w8a8", "shipped"):
+            if c in models:
+                resident[c] = state_bytes(models[c]) + cpu.cached_bytes(models[c])
         resident = {k: v for k, v in resident.items() if k in cols}
         rows.append({"frames": S, "seconds": t, "resident_weight_mb": {k: v / 1e6 for k, v in resident.items()}})
         print("resident weight MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in resident.items()))
@@ -252,7 +260,11 @@ def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, conte
     return {"arch": arch, "side": side, "repeat": repeat, "header": header(), "rows": rows}
 
 
-RSS_CONTENDERS = ("fp32", "fp16", "fp16->fp32", "int8dyn", "speed", "memory")
+RSS_CONTENDERS = ("fp32", "fp16", "fp16->fp32", "int8dyn", "speed", "memory", "shipped")
+
+
+def _shipped_scope(scope: tuple[str, ...]) -> tuple[str, ...]:
+    return (*scope, "dpt_heads") if "camera_head" in scope else scope
 
 
 def rss_mb() -> tuple[float, float]:
@@ -280,25 +292,39 @@ def _arch(arch: str) -> tuple[VGGTConfig, tuple[str, ...]]:
 
 
 def write_checkpoints(arch: str, folder: Path) -> None:
-    """fp32 and fp16 safetensors of the seeded model and its quarot-w4a4 folder, once (skipped when present)."""
+    """fp32 and fp16 safetensors of the seeded model, its quarot-w4a4 folder and the shipped-scope one (each once)."""
     from safetensors.torch import save_file
 
     from quantvggt.quant import save_quantized
 
-    if (folder / "w4a4" / "quant.json").is_file():
-        return
-    folder.mkdir(parents=True, exist_ok=True)
     cfg, scope = _arch(arch)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
+    todo = {
+        "fp32": not (folder / "fp32.safetensors").is_file(),
+        "fp16": not (folder / "fp16.safetensors").is_file(),
+        "w4a4": not (folder / "w4a4" / "quant.json").is_file(),
+        "shipped": not (folder / "shipped" / "quant.json").is_file(),
+    }
+    if not any(todo.values()):
+        return
     torch.manual_seed(0)
     base = VGGT(cfg).eval()
     base.source = f"seeded {arch}"
-    (folder / "config.json").write_text(json.dumps(cfg.to_dict()))
     sd = {k: v.contiguous() for k, v in base.state_dict().items()}
-    save_file(sd, str(folder / "fp32.safetensors"))
-    save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, str(folder / "fp16.safetensors"))
+    if todo["fp32"]:
+        save_file(sd, str(folder / "fp32.safetensors"))
+    if todo["fp16"]:
+        save_file(
+            {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, str(folder / "fp16.safetensors")
+        )
     del sd
-    quantize_(base, get_recipe("quarot-w4a4", scope=scope))
-    save_quantized(base, folder / "w4a4")
+    for name, sc in (("w4a4", scope), ("shipped", _shipped_scope(scope))):
+        if todo[name]:
+            q = copy.deepcopy(base)
+            quantize_(q, get_recipe("quarot-w4a4", scope=sc))
+            save_quantized(q, folder / name)
+            del q
 
 
 def rss_child(name: str, folder: Path, frames: int, side: int) -> dict[str, float]:
@@ -330,8 +356,8 @@ def rss_child(name: str, folder: Path, frames: int, side: int) -> dict[str, floa
     elif name in ("fp16", "fp16->fp32"):  # an fp16 checkpoint loaded as fp16, and as fp32 (what the library does)
         model = load_vggt(str(folder / "fp16.safetensors"), config=cfg, dtype=torch.float16 if name == "fp16" else None)
     else:
-        cpu.mode = name
-        model = load_model(str(folder / "w4a4"), device="cpu")
+        cpu.mode = "speed" if name == "shipped" else name
+        model = load_model(str(folder / ("shipped" if name == "shipped" else "w4a4")), device="cpu")
     trim()
     out["loaded"] = rss_mb()[0]
     out["peak_load"] = rss_mb()[1]
@@ -388,7 +414,9 @@ def main() -> None:
         help="cpu: process CPU time (1 thread only), robust when other jobs share the cores",
     )
     ap.add_argument(
-        "--contenders", default="int8dyn,bf16,w8a8", help="for --model, besides fp32 and W4A4: int8dyn,bf16,w8a8"
+        "--contenders",
+        default="int8dyn,bf16,w8a8",
+        help="for --model, besides fp32 and W4A4: int8dyn,bf16,w8a8,shipped",
     )
     ap.add_argument("--out", type=Path, help="write the whole-model results as JSON here")
     ap.add_argument("--rss", type=Path, help="with --model: per-contender RSS, one process each; checkpoints in RSS")
