@@ -74,6 +74,7 @@ def read_safetensors(path: Path, float_dtype: torch.dtype | None = None) -> dict
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from e
         base = 8 + n
+        staging = torch.empty(0, dtype=torch.uint8)
         entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
         for name, info in sorted(entries, key=lambda kv: kv[1]["data_offsets"][0]):  # one forward pass over the file
             dtype = _ST_DTYPES.get(info.get("dtype"))
@@ -86,7 +87,13 @@ def read_safetensors(path: Path, float_dtype: torch.dtype | None = None) -> dict
                     f"{path}: tensor {name} needs bytes {base + begin}-{base + end} of a {size}-byte file "
                     f"({nbytes} for {info['dtype']} {shape}): truncated or corrupt"
                 )
-            buf = torch.empty(nbytes, dtype=torch.uint8)
+            convert = float_dtype is not None and dtype.is_floating_point and dtype != float_dtype
+            if convert:  # read into one reused staging buffer: no per-tensor transient left to fragment the heap
+                if staging.numel() < nbytes:
+                    staging = torch.empty(nbytes, dtype=torch.uint8)
+                buf = staging[:nbytes]
+            else:
+                buf = torch.empty(nbytes, dtype=torch.uint8)
             f.seek(base + begin)
             view, got = memoryview(buf.numpy()), 0
             while got < nbytes:
@@ -95,9 +102,7 @@ def read_safetensors(path: Path, float_dtype: torch.dtype | None = None) -> dict
                     raise CheckpointError(f"{path}: tensor {name}: file ends early (truncated)")
                 got += k
             t = buf.view(dtype).reshape(shape)
-            if float_dtype is not None and t.is_floating_point() and t.dtype != float_dtype:
-                t = t.to(float_dtype)  # the 16-bit buffer is freed here, before the next tensor is read
-            out[name] = t
+            out[name] = t.to(float_dtype) if convert else t
     return {k: out[k] for k, _ in entries}  # the file's key order
 
 
