@@ -14,8 +14,9 @@ A scene of more than ``max_frames`` images is reconstructed by map/reduce over t
 (:mod:`workers.chunks`): one actor plans it, its chunks are predicted wherever an actor is free (each reading only its
 own images), and one actor aligns, merges and writes the COLMAP model. Smaller scenes run whole, one per actor.
 
-Actors get the driver's storage configuration as a ``runtime_env`` (:func:`quantvggt.storage.storage_env`), so a
-Ray head started before ``AWS_*`` was exported still reaches S3. Their log lines reach the driver's output.
+Actors get the driver's storage configuration and kernel selections as a ``runtime_env``
+(:func:`quantvggt.storage.storage_env`, :func:`quantvggt.lowbit.registry.kernel_env`), so a Ray head started before
+``AWS_*`` or ``QUANTVGGT_CPU_MODE`` was exported still uses them. Their log lines reach the driver's output.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
+from quantvggt.lowbit.registry import kernel_env
 from quantvggt.reconstruct import ReconstructionOptions
 from quantvggt.scene import SceneResult, scene_name
 from quantvggt.storage import storage_env
@@ -320,7 +322,7 @@ def run_scenes(
         num_gpus=1 if gpus >= 1 else 0,
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_RESTARTS,
-        runtime_env={"env_vars": storage_env()},
+        runtime_env={"env_vars": {**storage_env(), **kernel_env()}},  # e.g. QUANTVGGT_CPU_MODE=memory reaches them
     )
     plans: dict[str, ScenePlan] = {}
     metas: dict[str, dict[int, dict[str, Any]]] = {}  # scene -> chunk -> how its map task went

@@ -16,12 +16,26 @@ if TYPE_CHECKING:  # importing torch here would make `import quantvggt` (and `qu
 KernelFn = Callable[["nn.Module", "Tensor"], Any]
 # which QuantLinear path runs ("auto": the registered kernel; "int"/"fake": torch paths); read by quant and kernels
 QLINEAR_BACKEND_ENV = "QUANTVGGT_QLINEAR_BACKEND"
+# every environment variable that selects a kernel path (names as the kernels define them; tests check they match)
+KERNEL_ENV_NAMES = (
+    QLINEAR_BACKEND_ENV,
+    "QUANTVGGT_CPU_MODE",  # kernels.cpu.MODE_ENV
+    "QUANTVGGT_CPU_NATIVE",  # kernels.cpu_native.NATIVE_ENV
+    "QUANTVGGT_TRITON_QLINEAR",  # kernels.triton_w4a4.PATH_ENV
+)
 # Per-layer state a kernel keeps on a module (prepacked weights, constants): a plain attribute, never a buffer, so
 # it is not saved, copied or moved with the module. A kernel that frees the layer's packed ``qweight`` buffer (CPU speed
 # mode holds the weights in its GEMM's format only) records its device type under "holder" and registers
 # "qlinear_levels" for that device, which returns the integer levels ``[N, K]`` from what it holds.
 KERNEL_STATE_ATTR = "_qv_kernel_state"
 _KERNELS: dict[tuple[str, str], KernelFn] = {}
+
+
+def kernel_env() -> dict[str, str]:
+    """The kernel selections set in this process's environment, for workers in other processes (Ray runtime_env)."""
+    import os
+
+    return {k: os.environ[k] for k in KERNEL_ENV_NAMES if k in os.environ}
 
 
 def register_kernel(op: str, device_type: str, fn: KernelFn) -> None:
