@@ -32,6 +32,7 @@ import functools
 import logging
 import math
 import os
+import threading
 import warnings
 import weakref
 from collections.abc import Callable
@@ -50,6 +51,7 @@ from quantvggt.lowbit.registry import KERNEL_STATE_ATTR
 log = logging.getLogger(__name__)
 
 MODE_ENV = "QUANTVGGT_CPU_MODE"
+_CONVERT_LOCK = threading.Lock()
 MODES = ("speed", "memory")
 mode: str | None = None  # set to "speed" / "memory" to override QUANTVGGT_CPU_MODE in this process
 _STATE_ATTR = KERNEL_STATE_ATTR  # {"act": constants, "weight": _Held, "holder": "cpu"}: a plain attribute
@@ -141,13 +143,13 @@ class _Held:
     fmt: str  # "int8": [K, N] for _int_mm; "fbgemm": its packed params
     operand: Any
     nbytes: int
+    source: Any  # weakref to the qweight it was built from: a different buffer put in later makes this stale
 
 
 def _held(layer: nn.Module) -> _Held | None:
     h = layer.__dict__.get(_STATE_ATTR, {}).get("weight")
-    if h is not None and layer.qweight is not None:  # a new buffer was put in since: what we hold is stale
-        layer.__dict__[_STATE_ATTR].pop("weight")
-        layer.__dict__[_STATE_ATTR].pop("holder", None)
+    q = layer.qweight
+    if h is not None and q is not None and h.source() is not q:  # a new buffer was put in since: h is stale
         return None
     return h
 
@@ -196,16 +198,22 @@ def held_weight(layer: nn.Module, fmt: str) -> Any:
     """Speed mode: the weights in GEMM format ``fmt`` ("int8" or "fbgemm"), kept as their only copy in RAM."""
     h = _held(layer)
     if h is not None and h.fmt == fmt:
-        return h.operand
-    levels = _unpack(layer)
-    if h is not None:
-        log.debug("%s weights re-held as %s: the call size crossed SMALL_M", layer.__class__.__name__, fmt)
-    operand = levels.t().contiguous() if fmt == "int8" else _fbgemm_prepack(levels.contiguous())
-    state = layer.__dict__.setdefault(_STATE_ATTR, {})
-    state["weight"] = _Held(fmt, operand, layer.in_features * layer.out_features)
-    state["holder"] = "cpu"
-    layer.qweight = None  # QuantLinear rebuilds int4 from the held copy when it needs the buffer
-    return operand
+        return h.operand  # the hot path takes no lock
+    with _CONVERT_LOCK:  # threads sharing a model convert a layer once; readers never see it half-converted
+        h = _held(layer)
+        if h is not None and h.fmt == fmt:
+            return h.operand
+        q = layer.qweight
+        levels = _unpack(layer)
+        if h is not None:
+            log.debug("%s weights re-held as %s: the call size crossed SMALL_M", layer.__class__.__name__, fmt)
+        operand = levels.t().contiguous() if fmt == "int8" else _fbgemm_prepack(levels.contiguous())
+        state = layer.__dict__.setdefault(_STATE_ATTR, {})
+        source = h.source if h is not None and q is None else weakref.ref(q)
+        state["weight"] = _Held(fmt, operand, layer.in_features * layer.out_features, source)
+        state["holder"] = "cpu"
+        layer.qweight = None  # after the held copy is in place; QuantLinear rebuilds int4 from it when needed
+        return operand
 
 
 def gemm_weight(layer: nn.Module) -> Tensor:

@@ -181,6 +181,26 @@ def test_speed_mode_switches_format_when_call_size_crosses(monkeypatch: pytest.M
         assert (y - want).norm() / want.norm() < 2e-3
 
 
+def test_speed_mode_conversion_is_safe_across_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(cpu, "mode", "speed")
+    layers = [_ql(128, 32, seed=i) for i in range(16)]
+    x = {n: torch.randn(n, 128) for n in (8, 300)}  # both formats, so layers also switch while others read
+    want = {(i, n): layers[i].forward_int(x[n]) for i in range(16) for n in x}
+
+    def run(job: tuple[int, int]) -> float:
+        i, n = job
+        y = qlinear_forward(layers[i], x[n])
+        return float((y - want[i, n]).norm() / want[i, n].norm())
+
+    jobs = [(i, n) for _ in range(4) for i in range(16) for n in x]
+    with ThreadPoolExecutor(4) as pool:
+        errs = list(pool.map(run, jobs))
+    assert max(errs) < 2e-3
+    assert all(m.qweight is None for m in layers)
+
+
 def test_held_layer_copies_pickles_and_moves_with_its_weights(monkeypatch: pytest.MonkeyPatch) -> None:
     import copy
     import pickle
