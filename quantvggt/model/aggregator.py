@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from quantvggt.lowbit.attention import check_attention_kind
 from quantvggt.model.config import AggregatorConfig
 from quantvggt.model.dinov2 import build_vit
-from quantvggt.model.layers import Block, PatchEmbed, PositionGetter, RotaryPositionEmbedding2D
+from quantvggt.model.layers import Block, PatchEmbed, PositionGetter, RotaryPositionEmbedding2D, on_meta, randn_param
 
 _RESNET_MEAN = (0.485, 0.456, 0.406)
 _RESNET_STD = (0.229, 0.224, 0.225)
@@ -53,10 +53,11 @@ class Aggregator(nn.Module):
 
         self.frame_blocks = nn.ModuleList([make_block() for _ in range(cfg.depth)])
         self.global_blocks = nn.ModuleList([make_block() for _ in range(cfg.depth)])
-        self.camera_token = nn.Parameter(torch.randn(1, 2, 1, cfg.embed_dim))
-        self.register_token = nn.Parameter(torch.randn(1, 2, cfg.num_register_tokens, cfg.embed_dim))
-        nn.init.normal_(self.camera_token, std=1e-6)
-        nn.init.normal_(self.register_token, std=1e-6)
+        self.camera_token = randn_param(1, 2, 1, cfg.embed_dim)
+        self.register_token = randn_param(1, 2, cfg.num_register_tokens, cfg.embed_dim)
+        if not on_meta():  # nothing to draw on meta (see randn_param)
+            nn.init.normal_(self.camera_token, std=1e-6)
+            nn.init.normal_(self.register_token, std=1e-6)
         self.patch_start_idx = 1 + cfg.num_register_tokens
         self.reset_buffers()
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantvggt.model.layers import Block, PatchEmbed
+from quantvggt.model.layers import Block, PatchEmbed, on_meta
 
 # name -> (embed_dim, depth, num_heads)
 VIT_SIZES: dict[str, tuple[int, int, int]] = {
@@ -54,10 +54,11 @@ class DinoVisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim), requires_grad=False)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        if self.register_tokens is not None:
-            nn.init.normal_(self.register_tokens, std=1e-6)
+        if not on_meta():  # nothing to draw when a checkpoint fills it (see layers.randn_param)
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+            nn.init.normal_(self.cls_token, std=1e-6)
+            if self.register_tokens is not None:
+                nn.init.normal_(self.register_tokens, std=1e-6)
 
     def interpolate_pos_encoding(self, x: Tensor, h: int, w: int) -> Tensor:
         """Resample the square position table (bicubic, antialiased) to an ``h x w`` pixel input."""

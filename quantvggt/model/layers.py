@@ -38,12 +38,26 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def on_meta() -> bool:
+    """Whether modules are being built on the meta device (the checkpoint loaders do, then assign weights)."""
+    return torch.get_default_device().type == "meta"
+
+
+def randn_param(*shape: int) -> nn.Parameter:
+    """``nn.Parameter(torch.randn(*shape))``, but undrawn on the meta device.
+
+    There, random ops run as Python refs that import torch._dynamo and sympy (~150 MB in every process that loads a
+    checkpoint); on a real device the random stream is upstream's.
+    """
+    return nn.Parameter(torch.empty(*shape) if on_meta() else torch.randn(*shape))
+
+
 class LayerScale(nn.Module):
     """Per-channel residual scale (``gamma``)."""
 
     def __init__(self, dim: int, init_values: float = 1e-5) -> None:
         super().__init__()
-        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))  # no scalar op: on meta it imports dynamo
 
     def forward(self, x: Tensor) -> Tensor:
         """Scale the channels of ``x``."""

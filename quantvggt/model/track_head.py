@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from quantvggt.model.config import DPTHeadConfig, TrackHeadConfig
 from quantvggt.model.heads import DPTHead
-from quantvggt.model.layers import Mlp
+from quantvggt.model.layers import Mlp, randn_param
 
 
 def bilinear_sampler(inp: Tensor, coords: Tensor, padding_mode: str = "border") -> Tensor:
@@ -114,7 +114,7 @@ class EfficientUpdateFormer(nn.Module):
         self.input_transform = nn.Linear(input_dim, hidden_size)
         self.output_norm = nn.LayerNorm(hidden_size)
         self.flow_head = nn.Linear(hidden_size, output_dim)
-        self.virual_tracks = nn.Parameter(torch.randn(1, num_virtual_tracks, 1, hidden_size))  # upstream spelling
+        self.virual_tracks = randn_param(1, num_virtual_tracks, 1, hidden_size)  # upstream spelling
         self.time_blocks = nn.ModuleList([AttnBlock(hidden_size, num_heads, mlp_ratio) for _ in range(time_depth)])
         self.space_virtual_blocks = nn.ModuleList(
             [AttnBlock(hidden_size, num_heads, mlp_ratio) for _ in range(space_depth)]
@@ -204,7 +204,7 @@ class BaseTrackerPredictor(nn.Module):
         self.flows_emb_dim = latent_dim // 2
         self.corr_mlp = Mlp(corr_levels * (2 * corr_radius + 1) ** 2, hidden_size, latent_dim)
         self.transformer_dim = 3 * latent_dim + 4
-        self.query_ref_token = nn.Parameter(torch.randn(1, 2, self.transformer_dim))
+        self.query_ref_token = randn_param(1, 2, self.transformer_dim)
         self.updateformer = EfficientUpdateFormer(
             depth, depth, self.transformer_dim, hidden_size, output_dim=latent_dim + 2
         )

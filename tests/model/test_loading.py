@@ -174,3 +174,20 @@ def test_s3_uri(tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatc
         s3.upload_file(str(tmp_path / name), "models", f"tiny/{name}")
     monkeypatch.setenv("QUANTVGGT_CACHE", str(tmp_path / "cache"))
     _same(m, load_vggt("s3://models/tiny"))
+
+
+def test_building_on_meta_stays_light() -> None:
+    # random init ops on the meta device run as Python refs that import torch._dynamo and sympy (~150 MB per worker
+    # process that loads a checkpoint); the loaders build on meta, so the model must not draw there
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from quantvggt.model import VGGT, VGGTConfig\n"
+        "with torch.device('meta'):\n"
+        "    VGGT(VGGTConfig())\n"
+        "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
