@@ -16,6 +16,9 @@ LIBRARY_LOGGERS = ("quantvggt", "workers")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(LIBRARY_LOGGERS))
 # library lines logged outside any run (the CLI, the demo's set-up) are not for the API: no warning per line
 os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+# the temporary server the demo and local runs start would phone home and, offline (clusters, CI), log an ERROR that
+# reads like a failed run; opt in with PREFECT_SERVER_ANALYTICS_ENABLED=true
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def route_library_logs() -> None:
