@@ -114,10 +114,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.w_bits, self.a_bits, self.rotate = w_bits, a_bits, rotate
         self.plan = HadamardPlan.for_width(in_features) if rotate else None
-        if w_bits == 4:
-            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
-        else:
-            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("qweight", self._empty_packed())
         self.register_buffer("w_scale", torch.ones(out_features))
         self.register_buffer("act_scale", torch.ones(in_features))
         self.register_buffer("act_clip", torch.ones(1))
@@ -145,6 +142,16 @@ class QuantLinear(nn.Module):
     # A device kernel may free ``qweight`` (set it to None) while it holds the same levels in its GEMM's own format
     # (CPU speed mode: 1 byte/weight instead of 1.5). The packed form is rebuilt from what it holds wherever the
     # buffer itself is needed: saving (state_dict), moving or casting (_apply), copying and pickling.
+    def _packed_layout(self) -> tuple[tuple[int, int], torch.dtype]:
+        """``qweight``'s shape and dtype: ``[out, in/2]`` uint8 (two int4 per byte) for 4-bit weights, else int8."""
+        if self.w_bits == 4:
+            return (self.out_features, self.in_features // 2), torch.uint8
+        return (self.out_features, self.in_features), torch.int8
+
+    def _empty_packed(self) -> Tensor:
+        shape, dtype = self._packed_layout()
+        return torch.zeros(shape, dtype=dtype)
+
     def _held_levels(self) -> Tensor:
         holder = self.__dict__.get(KERNEL_STATE_ATTR, {}).get("holder")
         fn = get_kernel("qlinear_levels", holder) if holder else None
@@ -243,8 +250,7 @@ class QuantLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         if self.qweight is None:  # give the loader a buffer to fill; the kernel's copy is stale from here on
-            shape = (self.out_features, self.in_features // 2 if self.w_bits == 4 else self.in_features)
-            self.qweight = torch.zeros(shape, dtype=torch.uint8 if self.w_bits == 4 else torch.int8)
+            self.qweight = self._empty_packed()
         self.__dict__.pop(KERNEL_STATE_ATTR, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -273,7 +279,8 @@ class QuantLinear(nn.Module):
     def weight_bytes(self) -> int:
         """Bytes of this layer at rest (packed weights, scales, signs, bias), whatever format a kernel holds now."""
         rest = sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "qweight")
-        return rest + self.out_features * (self.in_features // 2 if self.w_bits == 4 else self.in_features)
+        (rows, cols), _ = self._packed_layout()
+        return rest + rows * cols  # one byte per element in either layout
 
 
 # Compiled graphs call quantized layers through one custom op, so the kernels (fbgemm prepacks, Triton launches,
