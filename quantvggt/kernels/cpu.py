@@ -46,11 +46,11 @@ from torch import Tensor, nn
 from quantvggt.kernels import cpu_native
 from quantvggt.lowbit import quantizer as qz
 from quantvggt.lowbit.hadamard import hadamard_transform
-from quantvggt.lowbit.registry import KERNEL_STATE_ATTR
+from quantvggt.lowbit.registry import CPU_MODE_ENV, KERNEL_STATE_ATTR
 
 log = logging.getLogger(__name__)
 
-MODE_ENV = "QUANTVGGT_CPU_MODE"
+MODE_ENV = CPU_MODE_ENV
 _CONVERT_LOCK = threading.Lock()
 MODES = ("speed", "memory")
 mode: str | None = None  # set to "speed" / "memory" to override QUANTVGGT_CPU_MODE in this process

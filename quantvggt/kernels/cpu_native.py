@@ -29,9 +29,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from quantvggt.lowbit.registry import CPU_NATIVE_ENV
+
 log = logging.getLogger(__name__)
 
-NATIVE_ENV = "QUANTVGGT_CPU_NATIVE"
+NATIVE_ENV = CPU_NATIVE_ENV
 DIR_ENV = "QUANTVGGT_CPU_KERNEL_DIR"
 # no -ffast-math: division, round-half-even and the epilogue's (acc * s) * w order must match torch's fp32 ops
 CFLAGS = [

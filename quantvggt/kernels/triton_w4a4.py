@@ -15,6 +15,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from quantvggt.lowbit.registry import TRITON_QLINEAR_ENV
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -351,7 +353,7 @@ def gemm_w4mma(
     return _launch(_gemm_w4mma_kernel, q, words, a_scale, w_scale, bias, out_dtype)
 
 
-PATH_ENV = "QUANTVGGT_TRITON_QLINEAR"  # "fused" (default: fused prep + MMA-layout GEMM) or "split" (previous path)
+PATH_ENV = TRITON_QLINEAR_ENV  # "fused" (default: fused prep + MMA-layout GEMM) or "split" (previous path)
 
 
 def prepared_words(layer: torch.nn.Module) -> Tensor:

@@ -16,13 +16,11 @@ if TYPE_CHECKING:  # importing torch here would make `import quantvggt` (and `qu
 KernelFn = Callable[["nn.Module", "Tensor"], Any]
 # which QuantLinear path runs ("auto": the registered kernel; "int"/"fake": torch paths); read by quant and kernels
 QLINEAR_BACKEND_ENV = "QUANTVGGT_QLINEAR_BACKEND"
-# every environment variable that selects a kernel path (names as the kernels define them; tests check they match)
-KERNEL_ENV_NAMES = (
-    QLINEAR_BACKEND_ENV,
-    "QUANTVGGT_CPU_MODE",  # kernels.cpu.MODE_ENV
-    "QUANTVGGT_CPU_NATIVE",  # kernels.cpu_native.NATIVE_ENV
-    "QUANTVGGT_TRITON_QLINEAR",  # kernels.triton_w4a4.PATH_ENV
-)
+CPU_MODE_ENV = "QUANTVGGT_CPU_MODE"  # kernels.cpu: "speed" / "memory"
+CPU_NATIVE_ENV = "QUANTVGGT_CPU_NATIVE"  # kernels.cpu_native: "0" turns the compiled C kernels off
+TRITON_QLINEAR_ENV = "QUANTVGGT_TRITON_QLINEAR"  # kernels.triton_w4a4: "fused" / "split"
+# every environment variable that selects a kernel path: what workers in other processes must also see
+KERNEL_ENV_NAMES = (QLINEAR_BACKEND_ENV, CPU_MODE_ENV, CPU_NATIVE_ENV, TRITON_QLINEAR_ENV)
 # Per-layer state a kernel keeps on a module (prepacked weights, constants): a plain attribute, never a buffer, so
 # it is not saved, copied or moved with the module. A kernel that frees the layer's packed ``qweight`` buffer (CPU speed
 # mode holds the weights in its GEMM's format only) records its device type under "holder" and registers
