@@ -332,7 +332,7 @@ def rss_child(name: str, folder: Path, frames: int, side: int) -> dict[str, floa
     import safetensors.torch  # noqa: F401  (imported by the loaders: part of the baseline, not of the model)
 
     from quantvggt.model import load_vggt
-    from quantvggt.pipeline import load_model
+    from quantvggt.quant.load import load_model
 
     # warm-up on the tiny architecture through the same kernels, so that lazily initialised libraries (oneDNN,
     # fbgemm, our native kernels) count in the baseline rather than as the model's weights

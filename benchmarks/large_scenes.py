@@ -130,7 +130,7 @@ def _peak_rss() -> float:
 
 def measure(folder: Path, max_frames: int, threads: int) -> dict[str, Any]:
     """Run one reconstruction in this process and return its time and memory (used by the ``cost`` section)."""
-    from quantvggt.pipeline import load_model
+    from quantvggt.quant.load import load_model
 
     torch.set_num_threads(threads)
     model = load_model(MODEL, "cpu")
@@ -195,7 +195,7 @@ def ray_table(root: Path, frames: int, chunk: int, workers: list[int], repeats: 
     """Wall time of one chunked scene on ``workers`` Ray workers (1 CPU, 1 thread each) vs in this process."""
     import ray
 
-    from quantvggt.pipeline import load_model
+    from quantvggt.quant.load import load_model
     from quantvggt.reconstruct import main as reconstruct_main
     from workers.reconstruct import run_scenes
 
@@ -262,7 +262,7 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(Path(args.measure), args.max_frames, args.threads)))
         return
-    from quantvggt.pipeline import load_model
+    from quantvggt.quant.load import load_model
 
     torch.set_num_threads(args.threads)
     root = Path(args.out)

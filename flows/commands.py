@@ -78,27 +78,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _submit_options(parser: argparse.ArgumentParser) -> None:
+    from quantvggt.options import BatchOptions, ReconstructionOptions, add_arguments
+
     parser.add_argument("scenes", nargs="+", help="scene folders, or prefixes holding scene folders (s3:// or local)")
     parser.add_argument("--checkpoint", required=True, help="checkpoint URI, or STORE/quantized/latest")
     parser.add_argument("--out", required=True, help="output root (s3://bucket/reconstructions)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--force", action="store_true", help="reconstruct scenes that are complete already")
-    parser.add_argument(
-        "--on-collision",
-        choices=["error", "suffix"],
-        default="error",
-        help="two scene folders with the same name: fail them, or write <name>-<hash of the parent>",
-    )
-    parser.add_argument("--allowed-failures", type=int, default=0, help="failed scenes that still let the run pass")
     parser.add_argument("--deployment", default="reconstruct/reconstruct")
-    parser.add_argument("--cpus-per-worker", type=int, default=1, help="Ray CPUs (and torch threads) per worker")
-    large = parser.add_argument_group("large scenes (more images than --max-frames are predicted in chunks on Ray)")
-    large.add_argument("--max-frames", type=int, help="single-pass limit (default 32)")
-    large.add_argument("--chunking", choices=["sequential", "anchors"])
-    large.add_argument("--chunk-size", type=int)
-    large.add_argument("--overlap", type=int, help="sequential: frames shared by neighbouring chunks")
-    large.add_argument("--anchors", type=int, help="anchors: frames in every chunk")
-    large.add_argument("--memory-budget-mb", type=float, help="memory one forward pass may use beyond the weights")
+    # only what is given is sent: the rest keeps the deployment's own values (prefect.yaml), else the defaults
+    add_arguments(parser, BatchOptions, "the run (Ray workers, collisions, failures)", defaults=False)
+    add_arguments(parser, ReconstructionOptions, "each scene (large scenes go in chunks on Ray)", defaults=False)
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -106,34 +94,21 @@ def _submit(args: argparse.Namespace) -> int:
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    from flows.params import (
-        CHUNK_PARAMETERS,
-        check_cpus_per_worker,
-        check_scene_inputs,
-        check_storage_root,
-        reconstruction_options,
-        resolve_checkpoint,
-    )
+    from flows.params import check_scene_inputs, check_storage_root, resolve_checkpoint
+    from quantvggt.options import BatchOptions, ReconstructionOptions, given
 
     _quiet()
-    chunking = {k: getattr(args, k) for k in CHUNK_PARAMETERS if getattr(args, k) is not None}
-    reconstruction_options(None, **chunking)  # a bad value fails here in one line, not in a worker later
-    check_cpus_per_worker(args.cpus_per_worker)
+    options, batch = given(ReconstructionOptions, args), given(BatchOptions, args)
+    ReconstructionOptions(**options), BatchOptions(**batch)  # a bad value fails here in one line, not in a worker later
     url = _api_url()
     check_scene_inputs(args.scenes)  # wrong bucket or prefix: fail here, not in a worker an hour later
     check_storage_root(args.out)
     resolve_checkpoint(args.checkpoint)
-    params = {
-        "scenes": args.scenes,
-        "checkpoint": args.checkpoint,
-        "out": args.out,
-        "num_workers": args.workers,
-        "force": args.force,
-        "on_collision": args.on_collision,
-        "allowed_failures": args.allowed_failures,
-        "cpus_per_worker": args.cpus_per_worker,
-        **chunking,
-    }
+    params: dict[str, Any] = {"scenes": args.scenes, "checkpoint": args.checkpoint, "out": args.out}
+    if options:
+        params["options"] = options
+    if batch:
+        params["batch"] = batch
     try:
         with _server(url):
             run = run_deployment(name=args.deployment, parameters=params, timeout=0)
@@ -255,7 +230,7 @@ def _when(t: Any) -> str:
 def _status(args: argparse.Namespace) -> int:
     """Recent runs (newest first, then the next scheduled) and the scene rows of the newest manifests."""
     from flows.report import one_line
-    from quantvggt.pipeline import read_manifest
+    from quantvggt.manifest import read_manifest
     from quantvggt.storage import open_storage
 
     _quiet()

@@ -12,7 +12,8 @@ import numpy as np
 from quantvggt import synth
 from quantvggt.eval import relative_pose_errors
 from quantvggt.evaluate import prediction_metrics
-from quantvggt.pipeline import load_model, read_manifest
+from quantvggt.manifest import read_manifest
+from quantvggt.quant.load import load_model
 from quantvggt.reconstruct import ReconstructionOptions, reconstruct_scene
 from quantvggt.storage import open_storage, split_uri
 
@@ -61,7 +62,11 @@ def main(
     failure: ScenesFailedError | None = None
     try:
         manifest = reconstruct(
-            scenes=[str(inbox)], checkpoint=ckpt, out=str(root / "reconstructions"), options=opts, num_workers=workers
+            scenes=[str(inbox)],
+            checkpoint=ckpt,
+            out=str(root / "reconstructions"),
+            options=opts,
+            batch={"num_workers": workers},
         )
     except ScenesFailedError as e:  # the summary below still shows every scene, the failed ones with their errors
         manifest, failure = e.manifest, e

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from quantvggt.storage import open_storage
+from quantvggt.storage import is_remote, open_storage
 
 LATEST = "latest"  # "<store>/quantized/latest": the checkpoint the quantize flow stored last
 LATEST_RECORD = "latest.json"
@@ -56,7 +56,7 @@ def check_deploy_env(names: list[str] | None = None) -> dict[str, str]:
 def check_storage_root(uri: str, name: str = "out") -> None:
     """A local folder may be created later; an ``s3://`` root needs an existing, reachable bucket."""
     require(**{name: uri})
-    if uri.startswith("s3://"):
+    if is_remote(uri):
         # a missing key is fine; the probe fails in one line for a missing bucket, denied access, no credentials
         open_storage(uri).exists(".quantvggt-probe")
     elif not Path(uri).expanduser().is_absolute():
@@ -66,7 +66,7 @@ def check_storage_root(uri: str, name: str = "out") -> None:
 def check_inbox(inbox: str) -> None:
     """An inbox must exist: a local folder, or an ``s3://`` prefix in an existing bucket."""
     require(inbox=inbox)
-    if inbox.startswith("s3://"):
+    if is_remote(inbox):
         check_storage_root(inbox, "inbox")
     elif not Path(inbox).expanduser().is_dir():
         raise ParameterError(f"inbox {inbox}: no such folder (was QUANTVGGT_STORE set when the deployment was made?)")
@@ -76,7 +76,7 @@ def check_scene_inputs(scenes: list[str]) -> None:
     """Every input must be something: an existing local folder, or an ``s3://`` prefix that holds objects."""
     require(scenes=scenes)
     for item in scenes:
-        if item.startswith("s3://"):
+        if is_remote(item):
             if not open_storage(item).list(""):
                 raise ParameterError(f"{item}: no objects under this prefix (upload the scene folders first)")
         elif not Path(item).expanduser().is_dir():
@@ -97,7 +97,7 @@ def resolve_checkpoint(checkpoint: str) -> str:
                 "flow first (`prefect deployment run quantize/quantize`), which records it there"
             )
         return str(json.loads(store.read_bytes(LATEST_RECORD))["checkpoint"])
-    if checkpoint.startswith("s3://"):
+    if is_remote(checkpoint):
         store = open_storage(checkpoint)
         if not any(store.exists(f) for f in ("quant.json", "config.json", "model.safetensors")):
             raise ParameterError(f"checkpoint {checkpoint}: no model there (no quant.json, config.json or weights)")
@@ -111,46 +111,3 @@ def record_latest(store_root: str, checkpoint: str, details: dict[str, Any]) -> 
     store = open_storage(store_root)
     store.write_bytes(LATEST_RECORD, json.dumps({"checkpoint": checkpoint, **details}, indent=1).encode())
     return store.uri(LATEST_RECORD)
-
-
-# flow parameter -> the ReconstructionOptions field it sets (large scenes: chunked inference, see quantvggt.chunking)
-CHUNK_PARAMETERS = ("max_frames", "chunking", "chunk_size", "overlap", "anchors", "memory_budget_mb")
-
-
-def reconstruction_options(options: dict[str, Any] | None, **chunking: Any) -> dict[str, Any]:
-    """``options`` with the flow's chunking parameters (those not None) merged in, checked as
-    :class:`~quantvggt.reconstruct.ReconstructionOptions` would be built from them; one-line :class:`ParameterError`.
-
-    A parameter given both ways with different values is refused rather than one silently winning.
-    """
-    from quantvggt.reconstruct import ReconstructionOptions
-
-    merged = dict(options or {})
-    for key, value in chunking.items():
-        if key not in CHUNK_PARAMETERS:
-            raise ParameterError(f"unknown chunking parameter {key!r} (known: {', '.join(CHUNK_PARAMETERS)})")
-        if value is None:
-            continue
-        if key in merged and merged[key] != value:
-            raise ParameterError(f"{key} given twice: {value!r} as a parameter, {merged[key]!r} in options")
-        merged[key] = value
-    try:
-        opts = ReconstructionOptions(**merged)
-    except (TypeError, ValueError) as e:
-        raise ParameterError(f"options: {e}") from e
-    if opts.chunking == "sequential" and opts.overlap is not None:
-        chunk = opts.chunk_size or opts.max_frames
-        if opts.overlap >= chunk:
-            raise ParameterError(f"overlap must be smaller than the chunk size ({chunk}), got {opts.overlap}")
-    if opts.chunking == "anchors" and opts.anchors is not None:
-        chunk = opts.chunk_size or opts.max_frames
-        if opts.anchors >= chunk:
-            raise ParameterError(f"anchors must be fewer than the chunk size ({chunk}), got {opts.anchors}")
-    return merged
-
-
-def check_cpus_per_worker(cpus: Any) -> int:
-    """CPUs (and torch threads) per Ray worker: a whole number >= 1."""
-    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
-        raise ParameterError(f"cpus_per_worker must be a whole number >= 1, got {cpus!r}")
-    return cpus

@@ -35,8 +35,8 @@ from flows.params import record_latest, require
 from flows.report import browse_url
 from quantvggt.calib import nfds
 from quantvggt.model.loading import resolve_source
-from quantvggt.pipeline import load_model
-from quantvggt.storage import Storage, fetch_scene, find_scenes, open_storage, sha256_file
+from quantvggt.quant.load import load_model
+from quantvggt.storage import Storage, fetch_scene, find_scenes, is_remote, open_storage, sha256_file
 
 route_library_logs()
 
@@ -59,7 +59,7 @@ def _local_pool(pool: list[str], work: Path) -> list[Path]:
     """Pool entries as local folders (``s3://`` pools are fetched scene by scene)."""
     out = []
     for i, item in enumerate(pool):
-        if str(item).startswith("s3://"):
+        if is_remote(item):
             st = open_storage(item)
             for s in find_scenes(st):
                 out.append(fetch_scene(st, s, work / f"pool{i}" / s))
@@ -72,7 +72,7 @@ def inputs_hash(model: str, pool_dirs: list[Path], params: dict[str, Any]) -> st
     """Hash of everything that determines the quantized checkpoint (weights, pool contents, recipe, seed, version)."""
     h = hashlib.sha256()
     try:
-        weights, _ = resolve_source(model) if not model.startswith("s3://") else (None, None)
+        weights, _ = resolve_source(model) if not is_remote(model) else (None, None)
         h.update((sha256_file(weights) if weights else model).encode())
     except Exception:  # unresolvable here (e.g. hub offline): fall back to the source string
         h.update(model.encode())
@@ -187,7 +187,7 @@ def quantize(
 ) -> str:
     """Return the URI of the quantized checkpoint for these inputs, computing it only if it is not stored yet."""
     from quantvggt.quant import get_recipe
-    from quantvggt.quant.cli import recipe_overrides
+    from quantvggt.quant.config import recipe_overrides
 
     logger = get_run_logger()
     require(model=model, calibration_pool=calibration_pool, out=out)

@@ -9,6 +9,7 @@ Prefect artifacts, and a progress artifact while scenes are reconstructed. More 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
@@ -23,20 +24,19 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from flows import route_library_logs
-from flows.params import (
-    ParameterError,
-    check_cpus_per_worker,
-    check_inbox,
-    check_storage_root,
-    reconstruction_options,
-    require,
-    resolve_checkpoint,
-)
+from flows.params import ParameterError, check_inbox, check_storage_root, require, resolve_checkpoint
 from flows.report import browse_url, read_previews, scene_rows, summary_markdown
-from quantvggt.pipeline import expand_scene_uris, write_manifest
-from quantvggt.reconstruct import ReconstructionOptions
+from quantvggt.manifest import write_manifest
+from quantvggt.options import BatchOptions, ReconstructionOptions, coerce
 from quantvggt.scene import SceneResult, Status, output_names, scene_name
-from quantvggt.storage import Storage, StorageError, StorageUnavailableError, cache_dir, open_storage
+from quantvggt.storage import (
+    Storage,
+    StorageError,
+    StorageUnavailableError,
+    cache_dir,
+    expand_scene_uris,
+    open_storage,
+)
 
 route_library_logs()
 Collision = Literal["error", "suffix"]
@@ -160,14 +160,7 @@ def _names(uris: list[str], on_collision: Collision) -> tuple[dict[str, str], li
 
 @task(name="ray-batch", cache_policy=NO_CACHE)
 def run_batch(
-    todo: list[tuple[str, str]],
-    checkpoint: str,
-    out: str,
-    options: dict[str, Any],
-    num_workers: int,
-    force: bool,
-    ray_address: str | None,
-    cpus_per_worker: int = 1,
+    todo: list[tuple[str, str]], checkpoint: str, out: str, options: ReconstructionOptions, batch: BatchOptions
 ) -> list[SceneResult]:
     """Reconstruct on Ray actors driven from this task; every scene gets a result, whatever fails on the way.
 
@@ -187,18 +180,23 @@ def run_batch(
         update_progress_artifact(progress, 100.0 * len(results) / len(todo), f"{len(results)} of {len(todo)} scenes")
 
     try:
-        where = ensure_ray(ray_address, num_cpus=max(num_workers, 1) * cpus_per_worker)
+        where = ensure_ray(batch.ray_address, num_cpus=batch.num_workers * batch.cpus_per_worker)
         logger.info(
-            "reconstructing %d scenes on %d Ray workers of %d CPUs (%s)", len(todo), num_workers, cpus_per_worker, where
+            "reconstructing %d scenes on %d Ray workers of %d CPUs (%s)",
+            len(todo),
+            batch.num_workers,
+            batch.cpus_per_worker,
+            where,
         )
         run_scenes(
             uris,
             checkpoint,
             out,
-            ReconstructionOptions(**options),
-            num_workers=num_workers,
-            cpus_per_worker=cpus_per_worker,
-            force=force,
+            options,
+            num_workers=batch.num_workers,
+            cpus_per_worker=batch.cpus_per_worker,
+            force=batch.force,
+            max_attempts=batch.max_attempts,
             names=names,
             on_result=on_result,
         )
@@ -243,45 +241,23 @@ def reconstruct(
     scenes: list[str] | str,
     checkpoint: str,
     out: str,
-    options: dict[str, Any] | None = None,
-    force: bool = False,
-    num_workers: int = 2,
-    ray_address: str | None = None,
-    on_collision: Collision = "error",
-    allowed_failures: int = 0,
-    max_frames: int | None = None,
-    chunking: Literal["sequential", "anchors"] | None = None,
-    chunk_size: int | None = None,
-    overlap: int | None = None,
-    anchors: int | None = None,
-    memory_budget_mb: float | None = None,
-    cpus_per_worker: int = 1,
+    options: ReconstructionOptions | None = None,
+    batch: BatchOptions | None = None,
 ) -> str:
-    """Reconstruct scene folders (local or s3://) into ``out``; returns the manifest URI.
+    """Reconstruct scene folders (local or any storage URI) into ``out``; returns the manifest URI.
 
-    ``on_collision``: two sources with the same folder name fail ("error") or get ``<name>-<hash>`` ("suffix").
-    The run fails when more than ``allowed_failures`` scenes fail (after writing the manifest and artifacts).
-    Large scenes (more than ``max_frames`` readable images, default 32) are predicted in chunks of ``chunk_size``
-    (``overlap`` shared frames, or ``anchors`` in every chunk; ``memory_budget_mb`` lowers both limits), fanned out
-    over the ``num_workers`` Ray workers; each worker takes ``cpus_per_worker`` CPUs. These set the same-named
-    ``options`` (None: leave them as ``options`` has them).
+    ``options`` say how each scene is read, predicted (scenes over ``max_frames`` readable images in chunks fanned
+    out over the Ray workers) and exported; ``batch`` how the run goes: Ray workers, name collisions ("error": two
+    sources with one folder name fail; "suffix": ``<name>-<hash>``), and ``allowed_failures`` (more failed scenes end
+    the run Failed, after the manifest and artifacts are written).
     """
     logger = get_run_logger()
     scenes = [scenes] if isinstance(scenes, str) else list(scenes)
     require(scenes=scenes, checkpoint=checkpoint, out=out)
-    if on_collision not in ("error", "suffix"):
-        raise ParameterError(f"on_collision must be 'error' or 'suffix', got {on_collision!r}")
-    # bad options fail before any work
-    options = reconstruction_options(
-        options,
-        max_frames=max_frames,
-        chunking=chunking,
-        chunk_size=chunk_size,
-        overlap=overlap,
-        anchors=anchors,
-        memory_budget_mb=memory_budget_mb,
-    )
-    cpus_per_worker = check_cpus_per_worker(cpus_per_worker)
+    try:  # bad options fail before any work, in one line (Prefect has already checked their types)
+        options, batch = coerce(ReconstructionOptions, options), coerce(BatchOptions, batch)
+    except (TypeError, ValueError) as e:
+        raise ParameterError(f"options: {e}") from e
     check_storage_root(out)
     run_name = time.strftime("%Y%m%dT%H%M%S") + "-" + (flow_run.get_name() or "local")
     try:
@@ -289,22 +265,22 @@ def reconstruct(
     except (ParameterError, StorageError) as e:  # deterministic: no worker is started, every scene says why
         model, model_error = checkpoint, str(e)
     try:
-        todo, decided = discover(scenes, out, force, on_collision)
+        todo, decided = discover(scenes, out, batch.force, batch.on_collision)
     except Exception as e:  # nothing could be listed, even after retries: one row per input says why
         todo, decided = [], [SceneResult(_label(s), error=f"cannot list scenes: {e}", source=s) for s in scenes]
     logger.info("%d scenes to reconstruct, %d decided without a worker", len(todo), len(decided))
     if model_error:
         logger.error("checkpoint unusable: %s", model_error)
-        batch = [SceneResult(n, error=f"checkpoint unusable: {model_error}", source=u) for u, n in todo]
+        batch_results = [SceneResult(n, error=f"checkpoint unusable: {model_error}", source=u) for u, n in todo]
     else:
-        batch = run_batch(todo, model, out, options, num_workers, force, ray_address, cpus_per_worker)
-    results = decided + batch
+        batch_results = run_batch(todo, model, out, options, batch)
+    results = decided + batch_results
     manifest, not_in_out = _manifest_anyway(results, out, run_name)
     if not_in_out:
         logger.error("manifest not written to %s (%s); a copy is at %s", out, not_in_out, manifest)
     _publish(results, out, manifest, f"Reconstruction {run_name}")
     failed = [r for r in results if not r.ok]
-    if len(failed) > allowed_failures or not_in_out:
+    if len(failed) > batch.allowed_failures or not_in_out:
         names = ", ".join(r.scene for r in failed[:10]) + (" ..." if len(failed) > 10 else "")
         raise ScenesFailedError(
             f"{len(failed)} of {len(results)} scenes failed ({names}); first error: {failed[0].error if failed else ''}"
@@ -312,7 +288,7 @@ def reconstruct(
             manifest,
         )
     if failed:
-        logger.warning("%d scenes failed (allowed: %d): %s", len(failed), allowed_failures, manifest)
+        logger.warning("%d scenes failed (allowed: %d): %s", len(failed), batch.allowed_failures, manifest)
     return manifest
 
 
@@ -321,39 +297,13 @@ def reconstruct_nightly(
     inbox: str,
     checkpoint: str,
     out: str,
-    options: dict[str, Any] | None = None,
-    num_workers: int = 2,
-    ray_address: str | None = None,
-    on_collision: Collision = "error",
-    allowed_failures: int = 0,
-    max_frames: int | None = None,
-    chunking: Literal["sequential", "anchors"] | None = None,
-    chunk_size: int | None = None,
-    overlap: int | None = None,
-    anchors: int | None = None,
-    memory_budget_mb: float | None = None,
-    cpus_per_worker: int = 1,
+    options: ReconstructionOptions | None = None,
+    batch: BatchOptions | None = None,
 ) -> str:
     """Scan ``inbox`` for scene folders not yet complete in ``out`` (for that source) and reconstruct them.
 
-    Large-scene and worker parameters as :func:`reconstruct`.
+    ``options`` and ``batch`` as :func:`reconstruct` (``force`` is ignored: a nightly run never redoes finished scenes).
     """
     check_inbox(inbox)
-    return reconstruct(
-        [inbox],
-        checkpoint,
-        out,
-        options,
-        False,
-        num_workers,
-        ray_address,
-        on_collision,
-        allowed_failures,
-        max_frames=max_frames,
-        chunking=chunking,
-        chunk_size=chunk_size,
-        overlap=overlap,
-        anchors=anchors,
-        memory_budget_mb=memory_budget_mb,
-        cpus_per_worker=cpus_per_worker,
-    )
+    batch = coerce(BatchOptions, batch)
+    return reconstruct([inbox], checkpoint, out, options, replace(batch, force=False))

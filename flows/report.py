@@ -9,7 +9,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from quantvggt.scene import SceneResult
-from quantvggt.storage import Storage, parse_s3_uri
+from quantvggt.storage import Storage, is_remote, parse_s3_uri, uri_scheme
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 MAX_EMBEDDED_PREVIEWS = 12  # pictures inline in the summary; every scene's preview is linked from its row anyway
@@ -35,13 +35,13 @@ def browse_url(uri: str) -> str:
     """A link a browser can open: a file:// URL, the S3-compatible endpoint's object URL, or the AWS console."""
     if not uri:
         return ""
-    if uri.startswith("s3://"):
+    if uri_scheme(uri) == "s3":
         bucket, key = parse_s3_uri(uri)
         endpoint = os.environ.get("QUANTVGGT_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:  # MinIO, moto: path-style object URLs
             return f"{endpoint.rstrip('/')}/{bucket}/{quote(key)}"
         return f"https://s3.console.aws.amazon.com/s3/buckets/{bucket}?prefix={quote(key)}"
-    if "://" in uri:
+    if is_remote(uri):
         return uri
     return Path(uri).resolve().as_uri()
 

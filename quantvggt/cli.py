@@ -26,13 +26,19 @@ ENTRY_POINT_GROUP = "quantvggt.commands"
 
 # command name -> (module holding configure(parser) and run(args), one-line help); the order is --help's order
 COMMANDS: dict[str, tuple[str, str]] = {
-    "predict": ("quantvggt.predict", "run a VGGT model on images and print cameras and depth statistics"),
-    "quantize": ("quantvggt.quant.cli", "calibrate + quantize a model and write a quantized checkpoint"),
-    "select-calibration": ("quantvggt.calib.nfds", "choose a calibration set with Noise-Filtered Diverse Sampling"),
-    "evaluate": ("quantvggt.evaluate", "Table 1: float vs quantized recipes on synthetic scenes with ground truth"),
+    "predict": ("quantvggt.commands.predict", "run a VGGT model on images and print cameras and depth statistics"),
+    "quantize": ("quantvggt.commands.quantize", "calibrate + quantize a model and write a quantized checkpoint"),
+    "select-calibration": (
+        "quantvggt.commands.select_calibration",
+        "choose a calibration set with Noise-Filtered Diverse Sampling",
+    ),
+    "evaluate": (
+        "quantvggt.commands.evaluate",
+        "Table 1: float vs quantized recipes on synthetic scenes with ground truth",
+    ),
     "train": ("quantvggt.train.cli", "train the small synthetic-scene VGGT (resumable)"),
-    "reconstruct": ("quantvggt.reconstruct", "reconstruct scene folders into COLMAP sparse models"),
-    "synth": ("quantvggt.synth", "render synthetic scenes with ground truth"),
+    "reconstruct": ("quantvggt.commands.reconstruct", "reconstruct scene folders into COLMAP sparse models"),
+    "synth": ("quantvggt.commands.synth", "render synthetic scenes with ground truth"),
 }
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
-import shutil
 import struct
 import tempfile
 import time
@@ -26,6 +24,7 @@ import torch
 
 from quantvggt.geometry import mat_to_quat
 from quantvggt.images import ImageTransform
+from quantvggt.options import CAMERA_MODES, IMAGE_MODES, ExportOptions  # noqa: F401  (re-exported)
 from quantvggt.prediction import SceneError, ScenePrediction
 
 if TYPE_CHECKING:
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-IMAGE_MODES = ("link", "copy", "none")
 # Tracks need more seed pixels than points wanted: duplicates of a stronger track and too-short tracks are dropped,
 # and the spare seeds replace them so `max_points` is still reached when the scene has enough. Bounded so that the
 # candidate observations (seeds x frames) stay in memory for 32-frame scenes at 518 px.
@@ -65,56 +63,7 @@ CREATE TABLE two_view_geometries (pair_id INTEGER PRIMARY KEY NOT NULL, rows INT
 PRAGMA user_version = 3800;
 """
 _PINHOLE = 1  # COLMAP's camera model id
-CAMERA_MODES = ("auto", "single", "per-image")
 _CAMERA_SENSOR = 0  # COLMAP's sensor type id of a camera (rigs.bin / frames.bin)
-
-
-@dataclass
-class ExportOptions:
-    """How a prediction becomes a COLMAP model and workspace (the export half of ``ReconstructionOptions``)."""
-
-    points_from: str = "depth"  # "depth" (unproject with predicted cameras) or "point_map"
-    conf_percentile: float = 50.0  # keep points above this confidence percentile ...
-    conf_threshold: float | None = None  # ... or above this absolute confidence, when set
-    max_points: int = 100_000
-    seed: int = 0
-    # "auto": one camera per image size and focal-length cluster (a gap over shared_camera_tol starts a new one);
-    # "single": one camera per image size (a fixed-lens capture); "per-image": a camera per image
-    camera: str = "auto"
-    # VGGT predicts focal length per frame: one physical camera's predictions scatter by a few percent (the shipped
-    # small model's by up to ~4 %), while a zoom step or a different lens differs by well over 10 %
-    shared_camera_tol: float = 0.08
-    tracks: bool = True  # observe each point in every frame that agrees; False: one observation per point
-    # relative depth difference under which another frame observes a point; the shipped small model's depth maps
-    # disagree between frames by 5-10 % (at 0.05 its 8-frame tracks averaged 2.5-3 observations, at 0.1 about 3.3)
-    track_tolerance: float = 0.1
-    min_track_length: int = 2  # shorter tracks are dropped (2: COLMAP's bundle adjuster refuses shorter ones)
-    ba: bool = False  # refine poses, focal lengths and points with pycolmap's bundle adjustment
-    ba_iterations: int = 100
-    images: str = "link"  # OUT/<scene>/images: "link" (absolute symlinks), "copy", or "none"
-    ply: bool = True  # sparse/0/points3D.ply for point-cloud viewers and Gaussian-splatting trainers
-    database: bool = True  # database.db with the tracks as matches, for `colmap point_triangulator` / `mapper`
-    text: bool = False  # also write COLMAP text files
-
-    def __post_init__(self) -> None:
-        if self.camera not in CAMERA_MODES:
-            raise ValueError(f"camera must be one of {', '.join(CAMERA_MODES)}, got {self.camera!r}")
-        if not 0 <= self.shared_camera_tol < 1:
-            raise ValueError(f"shared_camera_tol must be in [0, 1), got {self.shared_camera_tol}")
-        if self.points_from not in ("depth", "point_map"):
-            raise ValueError(f"points_from must be 'depth' or 'point_map', got {self.points_from!r}")
-        if not 0 <= self.conf_percentile < 100:
-            raise ValueError(f"conf_percentile must be in [0, 100), got {self.conf_percentile}")
-        if self.max_points < 1:
-            raise ValueError(f"max_points must be >= 1, got {self.max_points}")
-        if not self.track_tolerance > 0:
-            raise ValueError(f"track_tolerance must be > 0, got {self.track_tolerance}")
-        if self.min_track_length < 1:
-            raise ValueError(f"min_track_length must be >= 1, got {self.min_track_length}")
-        if self.ba_iterations < 1:
-            raise ValueError(f"ba_iterations must be >= 1, got {self.ba_iterations}")
-        if self.images not in IMAGE_MODES:
-            raise ValueError(f"images must be one of {', '.join(IMAGE_MODES)}, got {self.images!r}")
 
 
 def export_options(options: Any) -> ExportOptions:
@@ -863,56 +812,3 @@ def _points_xyz(rec: pycolmap.Reconstruction, n: int) -> np.ndarray:
     for pid, p in rec.points3D.items():
         xyz[pid - 1] = p.xyz
     return xyz
-
-
-# -- the workspace ---------------------------------------------------------------------------------------------------
-def link_or_copy_images(sources: list[Path], names: list[str], folder: Path, mode: str) -> str:
-    """Fill ``folder`` (the workspace's images/) with the source images as absolute symlinks or copies.
-
-    Returns the mode used: a symlink that the filesystem refuses falls back to a copy.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    used = mode
-    for src, name in zip(sources, names):
-        src = Path(os.path.abspath(src))  # absolute, so the link survives the rename of the output folder
-        dst = folder / name
-        if used == "link":
-            try:
-                os.symlink(src, dst)
-                continue
-            except OSError as e:  # e.g. filesystems without symlinks
-                log.warning("%s: cannot symlink (%s); copying the images instead", dst, e)
-                used = "copy"
-        shutil.copyfile(src, dst)
-    return used
-
-
-def write_workspace(
-    result: ColmapResult, folder: str | Path, options: Any = None, sources: list[Path] | None = None
-) -> dict[str, Any]:
-    """Write ``folder/sparse/0`` (binary; text, ``points3D.ply`` as asked), ``folder/database.db`` and ``images/``.
-
-    Returns what was written, for report.json.
-    """
-    opts = export_options(options if options is not None else ExportOptions())
-    folder = Path(folder)
-    t0 = time.perf_counter()
-    sparse = result.model.write(folder / "sparse" / "0")
-    if opts.text:
-        result.reconstruction.write_text(str(sparse))
-    out: dict[str, Any] = {"sparse": "sparse/0", "text": opts.text}
-    if opts.ply:
-        result.model.write_ply(sparse / "points3D.ply")
-        out["ply"] = "sparse/0/points3D.ply"
-    if opts.database:
-        result.model.write_database(folder / "database.db")
-        out["database"] = "database.db"
-    mode = opts.images
-    if mode != "none" and len(sources or []) != len(result.model.image_names):
-        log.warning("%s: the source images are not known; no images/ folder written", folder.name)
-        mode = "none (source images unknown)"
-    elif mode != "none":
-        mode = link_or_copy_images(list(sources or []), result.model.image_names, folder / "images", mode)
-    out["images"] = mode
-    out["seconds"] = round(time.perf_counter() - t0, 4)
-    return out

@@ -1,64 +1,114 @@
-"""The ``quantvggt predict`` command: run a model on image files and print the predicted cameras and depth."""
+"""A scene folder's frames through the model: scan the readable images, choose the frame limits and chunks, predict.
+
+The primitives of the one scene path (:mod:`quantvggt.reconstruct`): they read local files and return arrays.
+"""
 
 from __future__ import annotations
 
-import argparse
+import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from quantvggt.geometry import pose_encoding_to_extri_intri
+from quantvggt.images import ImageLoadError, load_and_preprocess, readable_images, reference_first
+from quantvggt.options import ReconstructionOptions
+from quantvggt.prediction import SceneError, ScenePrediction
+
+log = logging.getLogger(__name__)
 
 
-def summarise(preds: dict, names: Sequence[str]) -> str:
-    """A table of per-image camera position, focal lengths, depth range and mean confidence."""
-    H, W = preds["images"].shape[-2:]
-    extr, K = pose_encoding_to_extri_intri(preds["pose_enc"][0].cpu(), (H, W))
-    lines = [f"{'image':<16} {'t (x,y,z)':<26} {'fx':>8} {'fy':>8} {'depth min/med/max':>24} {'conf':>6}"]
-    for i, name in enumerate(names):
-        t = extr[i, :, 3].tolist()
-        d = preds["depth"][0, i, ..., 0]
-        c = preds["depth_conf"][0, i]
-        lines.append(
-            f"{name:<16} {'(' + ', '.join(f'{v:+.3f}' for v in t) + ')':<26} {K[i, 0, 0]:8.1f} {K[i, 1, 1]:8.1f} "
-            f"{f'{d.min():.3f}/{d.median():.3f}/{d.max():.3f}':>24} {c.mean():6.2f}"
+def scan_scene(scene: str | Path) -> tuple[list[Path], list[dict]]:
+    """Every readable image (the first non-blank one first) and the skipped files with reasons."""
+    scene = Path(scene)
+    if not scene.is_dir():
+        raise SceneError(f"{scene}: not a folder")
+    good, skipped = readable_images(scene)
+    if len(good) < 2:
+        raise SceneError(
+            f"{scene}: needs at least 2 usable images, found {len(good)}"
+            + (f" ({len(skipped)} unreadable)" if skipped else "")
         )
-    return "\n".join(lines)
+    try:
+        paths = reference_first(good)  # VGGT's world frame is frame 0: never a blank one
+    except ImageLoadError as e:
+        raise SceneError(f"{scene}: {e}") from e
+    return paths, skipped
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    """Options of ``quantvggt predict``."""
-    parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument(
-        "--model", default="facebook/VGGT-1B", help="hub id, local file/folder, s3:// URI, or 'demo-random'"
-    )
-    parser.add_argument("--mode", choices=["crop", "pad"], default="crop")
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model (zero graph breaks; pays off over many scenes of a few frame counts)",
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run a model on image files and print the predicted cameras and depth statistics."""
-    from quantvggt.images import load_and_preprocess
-    from quantvggt.pipeline import DEMO_RANDOM, load_model
-
-    source = args.model if args.model != DEMO_RANDOM else "tiny config, seeded random weights (untrained)"
-    paths = [Path(p) for p in args.images]
-    # images first: a bad one (unreadable, or a header claiming 30000x30000) is a one-line ImageLoadError naming
-    # the file, before the minutes a large model takes to load
-    batch = load_and_preprocess(paths, mode=args.mode)
-    model = load_model(args.model, compile=args.compile)
-    images = batch.images.to(next(model.parameters()).device)
+def predict_frames(
+    model: torch.nn.Module, paths: list[Path], options: ReconstructionOptions, scene: str = ""
+) -> ScenePrediction:
+    """One forward pass over ``paths`` (the first is the reference frame); ``report`` holds its timings."""
     t0 = time.perf_counter()
+    size = options.image_size or model.image_size
+    batch = load_and_preprocess(paths, mode=options.mode, target_size=size)  # type: ignore[arg-type]
+    t1 = time.perf_counter()
+    device = model.aggregator.camera_token.device
     with torch.no_grad():
-        preds = model(images)
-    dt = time.perf_counter() - t0
-    print(f"model: {source}")
-    print(f"input: {len(paths)} images -> {tuple(images.shape)}; forward {dt * 1000:.0f} ms on {images.device}")
-    print(summarise(preds, batch.names))
-    return 0
+        preds = model(batch.images.to(device))
+    t2 = time.perf_counter()
+    H, W = batch.images.shape[-2:]
+    extr, K = pose_encoding_to_extri_intri(preds["pose_enc"][0].double().cpu(), (H, W))
+    np_ = lambda t: None if t is None else t[0].detach().float().cpu().numpy()
+    return ScenePrediction(
+        scene=scene,
+        names=[p.name for p in paths],
+        original_sizes=batch.original_sizes,
+        transforms=batch.transforms,
+        extrinsics=extr.numpy(),
+        intrinsics=K.numpy(),
+        depth=np_(preds["depth"])[..., 0],
+        depth_conf=np_(preds["depth_conf"]),
+        world_points=np_(preds.get("world_points")),
+        world_points_conf=np_(preds.get("world_points_conf")),
+        images=batch.images.permute(0, 2, 3, 1).numpy(),
+        report={"model_input_hw": [int(H), int(W)], "timings_s": {"load": t1 - t0, "model": t2 - t1}},
+    )
+
+
+def frame_limits(model: torch.nn.Module, paths: list[Path], options: ReconstructionOptions) -> tuple[int, int, dict]:
+    """(single-pass limit, chunk size, memory report): ``max_frames`` / ``chunk_size``, lowered to fit the budget."""
+    limit = options.max_frames
+    chunk = options.chunk_size or limit
+    info: dict[str, Any] = {}
+    if options.memory_budget_mb is not None:
+        from quantvggt.chunking import forward_bytes, frames_for_budget
+        from quantvggt.images import open_image, preprocess_image
+
+        size = options.image_size or model.image_size
+        img, _ = preprocess_image(open_image(paths[0], name=paths[0].name), options.mode, size)  # type: ignore[arg-type]
+        H, W = img.shape[-2:]
+        fit = frames_for_budget(model, H, W, options.memory_budget_mb * 2**20)
+        limit, chunk = min(limit, fit), min(chunk, fit)
+        info = {
+            "budget_mb": options.memory_budget_mb,
+            "frames_in_budget": fit,
+            "estimated_mb": round(forward_bytes(model, min(len(paths), limit), H, W) / 2**20, 1),
+        }
+    return limit, max(2, chunk), info
+
+
+def chunk_plan(paths: list[Path], chunk_size: int, options: ReconstructionOptions) -> Any:
+    """The scene's chunks as ``options`` ask (design, overlap/anchors, order); a :class:`chunking.ChunkPlan`."""
+    from quantvggt.chunking import plan_scene
+
+    return plan_scene(
+        len(paths),
+        chunk_size,
+        options.chunking,
+        options.overlap,
+        options.anchors,
+        options.anchor_select,
+        paths,
+        options.order,
+    )
+
+
+def align_options(options: ReconstructionOptions) -> Any:
+    """How chunks are aligned and gated, from ``options`` (a :class:`chunking.AlignOptions`)."""
+    from quantvggt.chunking import AlignOptions
+
+    return AlignOptions(points_from=options.points_from, max_residual=options.max_align_residual, seed=options.seed)

@@ -1,268 +1,422 @@
-"""Scene folders in, COLMAP sparse models out: ``reconstruct_scene`` -> ``to_colmap`` -> ``write_scene``."""
+"""One scene, start to finish, the same way everywhere: plan -> predict (whole or in chunks) -> merge -> export ->
+commit. The CLI, the Prefect flows and the Ray workers all call this module; Ray only decides where chunks run.
+
+- **plan** (:func:`plan_scene`): the output is checked first (never over an input; a finished result of the same
+  source is skipped; another source's result under the same name is refused), then the readable images are scanned
+  and the frame limits applied: a scene within the single-pass limit is one chunk of every frame, a larger one
+  overlapping chunks (:mod:`quantvggt.chunking`). A :class:`ScenePlan` holds only names, so it travels between
+  processes.
+- **predict** (:func:`predict_chunk`): one chunk's images, one forward pass, frames in the plan's order.
+- **merge** (:func:`merge`): chunk predictions taken one at a time, aligned by Sim(3) into one world (a one-chunk
+  plan is its prediction); a chunk that failed is reported, never dropped silently.
+- **export + commit** (:func:`export_and_commit`): COLMAP model and workspace (:mod:`quantvggt.export`), report.json
+  and preview.png, then the completion record last: a local output folder is renamed into place whole, a remote one
+  uploaded with the record written after every file (:mod:`quantvggt.storage`).
+
+:func:`reconstruct` runs all of it in one process and raises for a scene that cannot be reconstructed;
+:func:`process_scene` is the same but returns a failed :class:`SceneResult` instead (batches go on).
+"""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import logging
-import math
+import os
+import socket
+import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# the export lives in quantvggt.colmap; its names stay importable from here for callers of this module
-from quantvggt.colmap import (  # noqa: F401  (re-exported: callers import these from reconstruct)
-    CAMERA_MODES,
-    IMAGE_MODES,
-    ColmapResult,
-    ExportOptions,
-    colmap_cameras,
-    select_points,
-    to_colmap,
-    write_workspace,
-)
+from quantvggt.chunking import ChunkMerger, ChunkPlan, select_frames
+from quantvggt.colmap import ColmapResult, to_colmap
+from quantvggt.export import check_formats, write_workspace
 from quantvggt.fsutil import atomic_dir, check_destination, check_outputs_outside_inputs, recover_dir
-from quantvggt.geometry import pose_encoding_to_extri_intri
-from quantvggt.images import (
-    ImageLoadError,
-    load_and_preprocess,
-    readable_images,
-    reference_first,
-)
-from quantvggt.prediction import SceneError, ScenePrediction
-from quantvggt.scene import SceneResult, output_names, scene_name, scene_source_key
+from quantvggt.images import IMAGE_EXTENSIONS, ImageLoadError, reference_first
+from quantvggt.options import ReconstructionOptions
+from quantvggt.predict import align_options, chunk_plan, frame_limits, predict_frames, scan_scene
+from quantvggt.prediction import SceneError, ScenePrediction  # noqa: F401  (SceneError re-exported)
+from quantvggt.scene import SceneResult, scene_name, scene_source_key
+from quantvggt.storage import COMPLETE, fetch_scene, local_path, open_storage, sha256_file, split_uri
 from quantvggt.verify import verify_model
 
 log = logging.getLogger(__name__)
 
+PREVIEW = "preview.png"  # the picture of a scene's reconstruction, beside its report.json
+
+
+def worker_name() -> str:
+    """``host:pid`` of this process, as scene results name their worker."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
 
 @dataclass
-class ReconstructionOptions(ExportOptions):
-    """How a scene is read, predicted and exported (the export fields come from :class:`ExportOptions`)."""
+class SceneJob:
+    """One scene to reconstruct: where it is, where its result goes (``OUT/<name>``) and how."""
 
-    max_frames: int = 32  # single-pass limit: a scene with more frames is predicted in overlapping chunks
-    chunking: str = "sequential"  # "sequential" windows (ordered captures) or shared "anchors" (unordered)
-    chunk_size: int | None = None  # frames per chunk; None = max_frames (or what memory_budget_mb allows)
-    overlap: int | None = None  # sequential: frames shared by neighbouring chunks; None = chunk_size // 4
-    anchors: int | None = None  # anchors: frames in every chunk; None = chunk_size // 4
-    anchor_select: str = "even"  # anchors evenly spaced along the order, or by "features" (farthest-point, thumbnails)
-    order: str = "auto"  # chunk along "name" order, a "similarity" chain (unordered sets), or "auto" (picks one)
-    memory_budget_mb: float | None = None  # memory one forward pass may use beyond the weights; lowers the limits
-    # a chunk whose alignment residual (relative to the scene extent) is higher fails; up to 2x it still merges when
-    # the shared frames' poses agree within 12 degrees (chunking.AlignOptions)
-    max_align_residual: float = 0.3
-    mode: str = "crop"
-    image_size: int | None = None  # preprocessing width; None = the model's own (518 for VGGT-1B)
+    source: str  # scene folder or URI (s3://..., any storage backend)
+    out: str  # output root: folder or URI
+    name: str = ""  # output name; '' = scene_name(source)
+    options: ReconstructionOptions = field(default_factory=ReconstructionOptions)
+    force: bool = False  # replace a finished result of the same source (else it is skipped)
+    checkpoint: str = ""  # the model the result is made with (recorded in the completion record)
 
     def __post_init__(self) -> None:
-        # NaN passes every range check written with < and >, inf most of them (`--conf-threshold nan` wrote a model
-        # with 0 points); so numbers must be finite first, and counts whole numbers, before any work is done
-        for key in ("conf_percentile", "conf_threshold", "shared_camera_tol", "track_tolerance", "memory_budget_mb"):
-            value = getattr(self, key, None)
-            if value is not None and (isinstance(value, bool) or not math.isfinite(value)):
-                raise ValueError(f"{key} must be a finite number, got {value}")
-        for key in ("max_points", "max_frames", "chunk_size", "overlap", "anchors", "image_size"):
-            value = getattr(self, key, None)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{key} must be a whole number, got {value!r}")
-        super().__post_init__()
-        if self.max_points < 1:
-            raise ValueError(f"max_points must be >= 1, got {self.max_points}")
-        if not 0 < self.max_align_residual < math.inf:
-            raise ValueError(f"max_align_residual must be a finite number > 0, got {self.max_align_residual}")
-        if self.image_size is not None and (self.image_size < 14 or self.image_size % 14):
-            raise ValueError(f"image_size must be a positive multiple of 14 (the patch size), got {self.image_size}")
-        if self.max_frames < 2:
-            raise ValueError(f"max_frames must be >= 2, got {self.max_frames}")
-        if self.chunking not in ("sequential", "anchors"):
-            raise ValueError(f"chunking must be 'sequential' or 'anchors', got {self.chunking!r}")
-        if self.chunk_size is not None and self.chunk_size < 2:
-            raise ValueError(f"chunk_size must be >= 2, got {self.chunk_size}")
-        if self.overlap is not None and self.overlap < 1:
-            raise ValueError(f"overlap must be >= 1, got {self.overlap}")
-        if self.anchors is not None and self.anchors < 1:
-            raise ValueError(f"anchors must be >= 1, got {self.anchors}")
-        if self.anchor_select not in ("even", "features"):
-            raise ValueError(f"anchor_select must be 'even' or 'features', got {self.anchor_select!r}")
-        if self.order not in ("auto", "name", "similarity"):
-            raise ValueError(f"order must be 'auto', 'name' or 'similarity', got {self.order!r}")
-        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
-            raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
-        if self.mode not in ("crop", "pad"):
-            raise ValueError(f"mode must be 'crop' or 'pad', got {self.mode!r}")
+        self.name = self.name or scene_name(self.source)
+        if self.name in ("", ".", "..") or "/" in self.name or "\\" in self.name or "\0" in self.name:
+            raise ValueError(f"output name {self.name!r} is not a single folder name")
+
+    @property
+    def output(self) -> str:
+        """Where the result goes (path or URI)."""
+        return open_storage(self.out).uri(self.name)
 
 
-def scan_scene(scene: str | Path) -> tuple[list[Path], list[dict]]:
-    """Every readable image (the first non-blank one first) and the skipped files with reasons."""
-    scene = Path(scene)
-    if not scene.is_dir():
-        raise SceneError(f"{scene}: not a folder")
-    good, skipped = readable_images(scene)
-    if len(good) < 2:
-        raise SceneError(
-            f"{scene}: needs at least 2 usable images, found {len(good)}"
-            + (f" ({len(skipped)} unreadable)" if skipped else "")
+@dataclass
+class ScenePlan:
+    """A planned scene: what the predict, merge and commit steps need to know (names only: it travels)."""
+
+    job: SceneJob
+    names: list[str]  # readable image file names, in scene order (the first is the reference frame)
+    plan: ChunkPlan | None  # None: one forward pass over every frame
+    chunk_size: int
+    skipped: list[dict[str, str]] = field(default_factory=list)  # unreadable files and why
+    memory: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)  # scan and plan
+    started: float = field(default_factory=time.time)  # wall clock when planning began (for the scene's total)
+
+    @property
+    def n_chunks(self) -> int:
+        """Forward passes this scene takes."""
+        return 1 if self.plan is None else len(self.plan.chunks)
+
+    def chunk_names(self, k: int) -> list[str]:
+        """File names of chunk ``k``'s images, in the plan's chunk order."""
+        return list(self.names) if self.plan is None else [self.names[i] for i in self.plan.chunks[k]]
+
+
+# -- the scene's files ------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def scene_folder(source: str, names: list[str] | None = None) -> Iterator[Path]:
+    """A local folder holding the scene's images (``names`` only, if given): the folder itself, or a temporary
+    download of a remote scene, removed afterwards."""
+    local = local_path(source)
+    if local is not None:
+        yield local
+        return
+    src, scene = split_uri(source)
+    with tempfile.TemporaryDirectory(prefix="quantvggt-scene-") as tmp:
+        dest = Path(tmp) / scene
+        if names is None:
+            fetch_scene(src, scene, dest)
+        else:
+            dest.mkdir(parents=True)
+            for n in names:
+                src.download(f"{scene}/{n}", dest / n)
+        yield dest
+
+
+def count_images(source: str) -> int:
+    """Image files directly in the scene (by extension; unread): an upper bound on its readable images."""
+    local = local_path(source)
+    if local is not None:
+        return sum(p.suffix.lower() in IMAGE_EXTENSIONS for p in local.iterdir()) if local.is_dir() else 0
+    src, scene = split_uri(source)
+    prefix = scene.rstrip("/") + "/"
+    keys = [k[len(prefix) :] for k in src.list(prefix)]
+    return sum("/" not in k and Path(k).suffix.lower() in IMAGE_EXTENSIONS for k in keys)
+
+
+# -- plan -------------------------------------------------------------------------------------------------------------
+def check_output(job: SceneJob) -> SceneResult | None:
+    """A skipped result when ``OUT/<name>`` holds this source's finished result (and not ``force``), else None.
+
+    Raises before any work for an output over an input folder, a file where the output folder should be, and a
+    finished result of another source under the same name (unless ``force``).
+    """
+    check_outputs_outside_inputs([job.output], [job.source])  # else force/commit would replace the scene's images
+    out = open_storage(job.out)
+    final = local_path(job.output)
+    if final is not None:
+        check_destination(final)  # a file where OUT or OUT/<name> should be: fail now, not after the model ran
+        recover_dir(final)  # a run killed mid-swap leaves the previous result aside: put it back before looking
+    record = out.completion_record(job.name)
+    if record is None and final is not None and (final / "report.json").is_file():
+        record = _legacy_record(final)  # written before completion records were local too
+    if record is None or job.force:
+        return None
+    if record.get("source") in (None, "", scene_source_key(job.source)):  # records without a source: older
+        return SceneResult(
+            job.name,
+            "skipped",
+            images=int(record.get("images", 0)),
+            points=int(record.get("points", 0)),
+            output=job.output,
+            report=open_storage(job.out).uri(f"{job.name}/report.json"),
+            source=job.source,
         )
-    try:
-        paths = reference_first(good)  # VGGT's world frame is frame 0: never a blank one
-    except ImageLoadError as e:
-        raise SceneError(f"{scene}: {e}") from e
-    return paths, skipped
-
-
-def predict_frames(
-    model: torch.nn.Module, paths: list[Path], options: ReconstructionOptions, scene: str = ""
-) -> ScenePrediction:
-    """One forward pass over ``paths`` (the first is the reference frame); ``report`` holds its timings."""
-    t0 = time.perf_counter()
-    size = options.image_size or model.image_size
-    batch = load_and_preprocess(paths, mode=options.mode, target_size=size)  # type: ignore[arg-type]
-    t1 = time.perf_counter()
-    device = model.aggregator.camera_token.device
-    with torch.no_grad():
-        preds = model(batch.images.to(device))
-    t2 = time.perf_counter()
-    H, W = batch.images.shape[-2:]
-    extr, K = pose_encoding_to_extri_intri(preds["pose_enc"][0].double().cpu(), (H, W))
-    np_ = lambda t: None if t is None else t[0].detach().float().cpu().numpy()
-    return ScenePrediction(
-        scene=scene,
-        names=[p.name for p in paths],
-        original_sizes=batch.original_sizes,
-        transforms=batch.transforms,
-        extrinsics=extr.numpy(),
-        intrinsics=K.numpy(),
-        depth=np_(preds["depth"])[..., 0],
-        depth_conf=np_(preds["depth_conf"]),
-        world_points=np_(preds.get("world_points")),
-        world_points_conf=np_(preds.get("world_points_conf")),
-        images=batch.images.permute(0, 2, 3, 1).numpy(),
-        report={"model_input_hw": [int(H), int(W)], "timings_s": {"load": t1 - t0, "model": t2 - t1}},
+    raise ValueError(
+        f"{job.output} holds the result of another scene folder with the same name ({record['source']}); "
+        "rename one, reconstruct with on_collision='suffix', or force to replace it"
     )
 
 
-def frame_limits(model: torch.nn.Module, paths: list[Path], options: ReconstructionOptions) -> tuple[int, int, dict]:
-    """(single-pass limit, chunk size, memory report): ``max_frames`` / ``chunk_size``, lowered to fit the budget."""
-    limit = options.max_frames
-    chunk = options.chunk_size or limit
-    info: dict[str, Any] = {}
-    if options.memory_budget_mb is not None:
-        from quantvggt.chunking import forward_bytes, frames_for_budget
-        from quantvggt.images import open_image, preprocess_image
-
-        size = options.image_size or model.image_size
-        img, _ = preprocess_image(open_image(paths[0], name=paths[0].name), options.mode, size)  # type: ignore[arg-type]
-        H, W = img.shape[-2:]
-        fit = frames_for_budget(model, H, W, options.memory_budget_mb * 2**20)
-        limit, chunk = min(limit, fit), min(chunk, fit)
-        info = {
-            "budget_mb": options.memory_budget_mb,
-            "frames_in_budget": fit,
-            "estimated_mb": round(forward_bytes(model, min(len(paths), limit), H, W) / 2**20, 1),
-        }
-    return limit, max(2, chunk), info
+def _legacy_record(final: Path) -> dict[str, Any]:
+    report = json.loads((final / "report.json").read_text())
+    points = report.get("points", {})
+    return {"images": report.get("images", 0), "points": points.get("kept", 0) if isinstance(points, dict) else 0}
 
 
-def chunk_plan(paths: list[Path], chunk_size: int, options: ReconstructionOptions) -> Any:
-    """The scene's chunks as ``options`` ask (design, overlap/anchors, order); a :class:`chunking.ChunkPlan`."""
-    from quantvggt.chunking import plan_scene
-
-    return plan_scene(
-        len(paths),
-        chunk_size,
-        options.chunking,
-        options.overlap,
-        options.anchors,
-        options.anchor_select,
-        paths,
-        options.order,
-    )
-
-
-def align_options(options: ReconstructionOptions) -> Any:
-    """How chunks are aligned and gated, from ``options`` (a :class:`chunking.AlignOptions`)."""
-    from quantvggt.chunking import AlignOptions
-
-    return AlignOptions(points_from=options.points_from, max_residual=options.max_align_residual, seed=options.seed)
+def plan_scene(model: torch.nn.Module, job: SceneJob, folder: Path) -> ScenePlan:
+    """Scan ``folder`` (the scene's local copy) and plan its forward passes under the frame limits."""
+    t0, started = time.perf_counter(), time.time()
+    check_formats(job.options.formats)
+    paths, skipped = scan_scene(folder)
+    limit, chunk_size, memory = frame_limits(model, paths, job.options)
+    t_scan = time.perf_counter() - t0
+    plan = None
+    if len(paths) > limit:
+        log.info("%s: %d images over the %d-frame single pass; chunks of %d", job.name, len(paths), limit, chunk_size)
+        plan = chunk_plan(paths, chunk_size, job.options)
+    timings = {"scan": t_scan} if plan is None else {"scan": t_scan, "plan": time.perf_counter() - t0 - t_scan}
+    return ScenePlan(job, [p.name for p in paths], plan, chunk_size, skipped, memory, timings, started)
 
 
-def predict_chunked(
-    model: torch.nn.Module, paths: list[Path], chunk_size: int, options: ReconstructionOptions, scene: str = ""
-) -> ScenePrediction:
-    """Overlapping chunks predicted one at a time, aligned by Sim(3) and merged (see :mod:`quantvggt.chunking`)."""
-    from quantvggt.chunking import ChunkMerger, select_frames
+# -- predict ----------------------------------------------------------------------------------------------------------
+def predict_chunk(model: torch.nn.Module, plan: ScenePlan, k: int, folder: Path) -> ScenePrediction:
+    """Chunk ``k`` of ``plan`` from ``folder``, frames in the plan's order (each chunk's reference frame non-blank)."""
+    frames = [folder / n for n in plan.chunk_names(k)]
+    if plan.plan is None:  # scan_scene already put a non-blank reference frame first
+        return predict_frames(model, frames, plan.job.options, plan.job.name)
+    order = [frames.index(p) for p in reference_first(frames)]
+    pred = predict_frames(model, [frames[j] for j in order], plan.job.options, plan.job.name)
+    return select_frames(pred, [order.index(j) for j in range(len(frames))])  # back to the plan's order
 
-    t0 = time.perf_counter()
-    names = [p.name for p in paths]
-    plan = chunk_plan(paths, chunk_size, options)
-    merger = ChunkMerger(plan, names, align_options(options))
-    timings = {"plan": time.perf_counter() - t0, "load": 0.0, "model": 0.0, "align": 0.0}
-    per_chunk = []
-    for chunk in plan.chunks:
-        frames = [paths[i] for i in chunk]
+
+ChunkOutcome = tuple[dict[str, Any], "ScenePrediction | None"]  # (worker, attempt, error, seconds), prediction
+
+
+def predict_chunks(model: torch.nn.Module, plan: ScenePlan, folder: Path) -> Iterator[ChunkOutcome]:
+    """Every chunk predicted here, one at a time (lazily: the merge holds one chunk's maps at a time).
+
+    A chunk of a chunked scene whose images cannot be read is an outcome with an error (the merge reports it); a
+    one-pass scene's error is raised (the scene fails).
+    """
+    for k in range(plan.n_chunks):
+        meta: dict[str, Any] = {"worker": "", "attempt": 1, "error": ""}
+        t0 = time.perf_counter()
         try:
-            order = [frames.index(p) for p in reference_first(frames)]  # a non-blank reference frame per chunk
-            pred = predict_frames(model, [frames[j] for j in order], options, scene)
+            pred = predict_chunk(model, plan, k, folder)
         except (ImageLoadError, OSError) as e:
-            merger.fail(f"cannot read its images: {e}")
-            per_chunk.append({})
-            continue
-        pred = select_frames(pred, [order.index(j) for j in range(len(chunk))])  # back to the plan's order
-        for key in ("load", "model"):
-            timings[key] += pred.report["timings_s"][key]
+            if plan.plan is None:
+                raise
+            meta["error"] = f"cannot read its images: {e}"
+            pred = None
+        meta["seconds"] = round(time.perf_counter() - t0, 4)
+        yield meta, pred
+
+
+# -- merge ------------------------------------------------------------------------------------------------------------
+def merge(plan: ScenePlan, outcomes: Iterable[ChunkOutcome], model: torch.nn.Module | None = None) -> ScenePrediction:
+    """One prediction of the whole scene from its chunks' outcomes (taken in plan order, one at a time)."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {**plan.timings_s, "fetch": 0.0, "load": 0.0, "model": 0.0}
+    if plan.plan is None:
+        (meta, merged), *_ = list(outcomes)
+        if merged is None:
+            raise RuntimeError(f"{plan.job.name}: prediction failed: {meta.get('error')}")
+        for key, v in merged.report.get("timings_s", {}).items():
+            timings[key] = timings.get(key, 0.0) + v
+        merged.report.update(chunking=None, images_unregistered=[])
+    else:
+        merger = ChunkMerger(plan.plan, plan.names, align_options(plan.job.options))
+        timings["align"] = 0.0
+        per_chunk: list[dict[str, Any]] = []
+        for meta, pred in outcomes:
+            entry = {"worker": meta.get("worker", ""), "attempt": meta.get("attempt", 1)}
+            if meta.get("error") or pred is None:
+                merger.fail(meta.get("error") if str(meta.get("error", "")).startswith("cannot read") else
+                            f"prediction failed: {meta.get('error')}")  # fmt: skip
+                per_chunk.append(entry)
+                continue
+            chunk_times = pred.report.get("timings_s", {})
+            for key in ("fetch", "load", "model"):
+                timings[key] += chunk_times.get(key, 0.0)
+            t = time.perf_counter()
+            merger.add(pred)
+            timings["align"] += time.perf_counter() - t
+            per_chunk.append({**entry, "timings_s": {key: round(v, 4) for key, v in chunk_times.items()}})
+            del pred  # one chunk's maps in memory at a time
         t = time.perf_counter()
-        merger.add(pred)
-        timings["align"] += time.perf_counter() - t
-        per_chunk.append({key: round(v, 4) for key, v in pred.report["timings_s"].items()})
-        del pred  # one chunk's maps in memory at a time
-    t = time.perf_counter()
-    merged = merger.result()
-    timings["merge"] = time.perf_counter() - t
-    for entry, times in zip(merged.report["chunking"]["per_chunk"], per_chunk):
-        entry["timings_s"] = times
-    merged.scene = scene
-    merged.report.update(model_input_hw=[int(v) for v in merged.depth.shape[1:]], timings_s=timings)
+        merged = merger.result()
+        timings["merge"] = time.perf_counter() - t
+        for entry, extra in zip(merged.report["chunking"]["per_chunk"], per_chunk):
+            entry.update(extra)
+        merged.report.update(model_input_hw=[int(v) for v in merged.depth.shape[1:]], chunk_size=plan.chunk_size)
+    if not timings["fetch"]:
+        timings.pop("fetch")
+    merged.scene = plan.job.name
+    report = merged.report
+    report.pop("timings_s", None)
+    merged.report = {
+        "scene": plan.job.name,
+        "images_used": list(merged.names),
+        "images_skipped": plan.skipped,
+        **report,
+        **({"memory": plan.memory} if plan.memory else {}),
+        "timings_s": {k: round(v, 4) for k, v in timings.items()},
+        **model_report(model),
+    }
+    log.debug("%s merged in %.3f s", plan.job.name, time.perf_counter() - t0)
     return merged
+
+
+def model_report(model: torch.nn.Module | None) -> dict[str, Any]:
+    """What report.json says about the model: its source, quantization config and attention kind."""
+    return {
+        "model_source": str(getattr(model, "source", None)),
+        "quantization": (getattr(model, "quant_meta", None) or {}).get("config"),
+        "attention": getattr(getattr(getattr(model, "config", None), "aggregator", None), "attention", None),
+    }
+
+
+# -- export + commit --------------------------------------------------------------------------------------------------
+def write_result(pred: ScenePrediction, folder: Path, options: ReconstructionOptions, sources: list[Path] | None,
+                 shown_as: Path | str | None = None) -> dict[str, Any]:  # fmt: skip
+    """COLMAP model, workspace and report.json of ``pred`` into ``folder``; returns the report."""
+    colmap = to_colmap(pred, options)
+    workspace = write_workspace(colmap, folder, options, sources)
+    kept = colmap.report["points"]["kept"]
+    verify_model(folder / "sparse/0", len(pred.names), kept, shown_as=Path(shown_as or folder) / "sparse/0")
+    report = {**pred.report, **colmap.report, "workspace": workspace}
+    report["options"] = asdict(options)
+    report["images"] = len(pred.names)
+    (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def write_preview(result_folder: Path) -> Path | None:
+    """``preview.png`` beside ``report.json``; a picture that cannot be drawn is logged and never fails the scene."""
+    from quantvggt.preview import render_preview
+
+    try:
+        return render_preview(result_folder, result_folder / PREVIEW)
+    except Exception as e:
+        log.warning("no preview for %s: %s: %s", result_folder.name, type(e).__name__, e)
+        return None
+
+
+def export_and_commit(plan: ScenePlan, merged: ScenePrediction, folder: Path | None) -> SceneResult:
+    """Write ``OUT/<name>`` (model, workspace, report.json, preview.png) and its completion record, last.
+
+    ``folder`` holds the scene's images for images/ (None: none known). A local output is built beside its final
+    place and renamed in whole; a remote one is built in a temporary folder and uploaded, the record after every file.
+    """
+    job, opts = plan.job, plan.job.options
+    final = local_path(job.output)
+    sources = [folder / n for n in merged.names] if folder is not None else None
+    if opts.images == "link" and (final is None or local_path(job.source) is None):
+        opts = replace(opts, images="copy")  # a link into a temporary download, or from another machine, would dangle
+    extra = {"source": scene_source_key(job.source), "checkpoint": job.checkpoint, "options": asdict(job.options)}
+
+    def build(tmp: Path, shown_as: Path | str) -> dict[str, Any]:
+        merged.report.setdefault("timings_s", {})["total"] = round(time.time() - plan.started, 4)
+        report = write_result(merged, tmp, opts, sources, shown_as)
+        write_preview(tmp)
+        return report
+
+    if final is not None:
+        with atomic_dir(final) as tmp:
+            report = build(tmp, final)
+            record = _record(tmp, report, extra)
+            (tmp / COMPLETE).write_text(json.dumps(record, indent=1))
+    else:
+        out = open_storage(job.out)
+        with tempfile.TemporaryDirectory(prefix="quantvggt-out-") as t:
+            tmp = Path(t) / job.name
+            tmp.mkdir()
+            report = build(tmp, job.output)
+            if job.force:
+                out.delete_prefix(job.name + "/")
+            out.upload_dir(tmp, job.name, extra=_record(None, report, extra))
+    return SceneResult(
+        job.name,
+        "done",
+        images=len(merged.names),
+        points=int(report["points"]["kept"]),
+        seconds=round(time.time() - plan.started, 3),
+        output=job.output,
+        report=open_storage(job.out).uri(f"{job.name}/report.json"),
+        source=job.source,
+    )
+
+
+def _record(folder: Path | None, report: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    record: dict[str, Any] = {"images": report["images"], "points": report["points"]["kept"], **extra}
+    if folder is not None:  # uploads list their files themselves (Storage.upload_dir)
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+        record = {"files": {p.relative_to(folder).as_posix(): sha256_file(p) for p in files},
+                  "completed_at": time.time(), **record}  # fmt: skip
+    return record
+
+
+# -- all of it --------------------------------------------------------------------------------------------------------
+def reconstruct(model: torch.nn.Module, job: SceneJob) -> SceneResult:
+    """Plan, predict, merge, export and commit one scene in this process; raises for a scene that cannot be done."""
+    skipped = check_output(job)
+    if skipped is not None:
+        return skipped
+    with scene_folder(job.source) as folder:
+        plan = plan_scene(model, job, folder)
+        merged = merge(plan, predict_chunks(model, plan, folder), model)
+        return export_and_commit(plan, merged, folder)
+
+
+def process_scene(model: torch.nn.Module, job: SceneJob, attempt: int = 1, worker: str | None = None) -> SceneResult:
+    """:func:`reconstruct`, but never raising for a bad scene: the failure comes back as a failed result."""
+    return guarded(lambda: reconstruct(model, job), job.source, job.name, attempt, worker)
+
+
+def guarded(
+    fn: Callable[[], SceneResult | Any], source: str, name: str = "", attempt: int = 1, worker: str | None = None
+) -> Any:
+    """``fn()`` with ``worker``/``attempt`` set on its result; any exception becomes a failed :class:`SceneResult`
+    naming the scene as the user gave it (one bad scene never stops the batch)."""
+    t0 = time.perf_counter()
+    worker = worker or worker_name()
+    try:
+        result = fn()
+    except Exception as e:
+        log.warning("scene %s failed: %s", source, e)
+        error = f"{type(e).__name__}: {e}"
+        return SceneResult(name or _label(source), error=error, attempt=attempt, worker=worker, source=source,
+                           seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
+    if isinstance(result, SceneResult):
+        result.worker, result.attempt = worker, attempt
+        if result.status == "skipped":
+            result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def _label(source: str) -> str:
+    try:
+        return scene_name(source)
+    except ValueError:  # an unnameable URI still gets its row
+        return source
 
 
 def reconstruct_scene(
     model: torch.nn.Module, scene: str | Path, options: ReconstructionOptions | None = None
 ) -> ScenePrediction:
-    """Run the model over one scene folder (float or quantized model alike); every readable image is used.
-
-    Up to the single-pass limit (``max_frames``, lowered by ``memory_budget_mb``) one forward pass sees every frame;
-    above it the frames are predicted in overlapping chunks brought into one world (:func:`predict_chunked`).
-    Images of a chunk that fails to align are listed in ``report["images_unregistered"]`` with the reason.
-    """
-    options = options or ReconstructionOptions()
-    name = scene_name(scene)
-    scene = Path(scene)
-    t0 = time.perf_counter()
-    paths, skipped = scan_scene(scene)
-    limit, chunk_size, memory = frame_limits(model, paths, options)
-    t_scan = time.perf_counter() - t0
-    if len(paths) <= limit:
-        pred = predict_frames(model, paths, options, name)
-        pred.report.update(chunking=None, images_unregistered=[])
-    else:
-        log.info("%s: %d images over the %d-frame single pass; chunks of %d", name, len(paths), limit, chunk_size)
-        pred = predict_chunked(model, paths, chunk_size, options, name)
-    timings = {"scan": t_scan, **pred.report.pop("timings_s")}
-    pred.report = {
-        "scene": name,
-        "images_used": list(pred.names),
-        "images_skipped": skipped,
-        **pred.report,
-        **({"memory": memory} if memory else {}),
-        "timings_s": {k: round(v, 4) for k, v in timings.items()},
-        "model_source": str(getattr(model, "source", None)),
-        "quantization": (getattr(model, "quant_meta", None) or {}).get("config"),
-        "attention": getattr(getattr(getattr(model, "config", None), "aggregator", None), "attention", None),
-    }
-    return pred
+    """The model's prediction of a local scene folder, every readable image used (whole, or chunks merged)."""
+    job = SceneJob(str(scene), out="", name=scene_name(scene), options=options or ReconstructionOptions())
+    plan = plan_scene(model, job, Path(scene))
+    return merge(plan, predict_chunks(model, plan, Path(scene)), model)
 
 
 def write_scene(
@@ -272,39 +426,17 @@ def write_scene(
     options: ReconstructionOptions | None = None,
     source: str | Path | None = None,
 ) -> Path:
-    """Write the workspace ``OUT/<scene>`` and ``report.json`` via a temporary folder renamed into place.
-
-    ``source`` is the scene folder the images are linked or copied from (``options.images``) into ``images/``.
-    """
+    """Write the workspace ``OUT/<scene>`` and ``report.json`` of an exported prediction, renamed into place whole."""
     options = options or ReconstructionOptions()
     final = Path(out_root) / pred.scene
     sources = [Path(source) / name for name in pred.names] if source is not None else None
     with atomic_dir(final) as tmp:
         workspace = write_workspace(colmap, tmp, options, sources)
         verify_model(tmp / "sparse/0", len(pred.names), colmap.report["points"]["kept"], shown_as=final / "sparse/0")
-        report = {**pred.report, **colmap.report, "workspace": workspace}
-        report["options"] = asdict(options)
+        report = {**pred.report, **colmap.report, "workspace": workspace, "options": asdict(options)}
         report["images"] = len(pred.names)
         (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return final
-
-
-def _local_only(*paths: str | Path) -> None:
-    """Refuse URIs: ``Path("s3://b/k")`` would be the local ``s3:/b/k``, reported as "not a folder" or created."""
-    for p in paths:
-        text = str(p)
-        if "://" in text:
-            raise ValueError(
-                f"{text}: reconstruct reads and writes local folders only; for S3 use the reconstruct flow "
-                "(`quantvggt submit`), or copy the scene to a local folder first"
-            )
-
-
-def _checked_name(name: str) -> str:
-    """An output name must be one folder name: ``OUT/<name>`` is replaced as a whole."""
-    if name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name:
-        raise ValueError(f"output name {name!r} is not a single folder name")
-    return name
 
 
 def main(
@@ -315,194 +447,9 @@ def main(
     overwrite: bool = True,
     name: str | None = None,
 ) -> SceneResult:
-    """Reconstruct one scene folder and write its COLMAP model to ``OUT/<name>``; raises for a scene that cannot be.
+    """Reconstruct one scene and write its COLMAP model to ``OUT/<name>``; raises for a scene that cannot be.
 
-    ``name`` defaults to :func:`scene_name` (callers with several scenes pass :func:`output_names`' choice). With
-    ``overwrite=False`` an existing result is kept and reported as ``skipped``. Refused before any work: a scene
-    or ``out`` that is a URI (this reads local folders), and an ``OUT/<name>`` overlapping the scene folder.
+    With ``overwrite=False`` a finished result of the same scene is kept and reported as ``skipped``.
     """
-    options = options or ReconstructionOptions()
-    t0 = time.perf_counter()
-    _local_only(scene, out)
-    name = scene_name(scene) if name is None else _checked_name(name)
-    final = Path(out) / name
-    check_outputs_outside_inputs([final], [scene])
-    check_destination(final)  # a file where OUT or OUT/<name> should be: fail now, not after the model ran
-    recover_dir(final)  # a run killed mid-swap leaves the previous result aside: put it back before looking
-    done = SceneResult(name, "done", output=str(final), report=str(final / "report.json"), source=str(scene))
-    if not overwrite and (final / "report.json").is_file():
-        old = json.loads((final / "report.json").read_text())
-        return replace(done, status="skipped", images=old["images"], points=old["points"]["kept"])
-    pred = reconstruct_scene(model, scene, options)
-    colmap = to_colmap(pred, options)
-    timings = {**pred.report["timings_s"], "total": round(time.perf_counter() - t0, 4)}
-    pred = replace(pred, scene=name, report={**pred.report, "scene": name, "timings_s": timings})
-    write_scene(pred, colmap, out, options, source=scene)
-    return replace(
-        done,
-        images=len(pred.names),
-        points=colmap.report["points"]["kept"],
-        seconds=round(time.perf_counter() - t0, 3),
-    )
-
-
-# -- the `quantvggt reconstruct` command -----------------------------------------------------------------------------
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    """Options of ``quantvggt reconstruct``."""
-    parser.add_argument("scenes", nargs="+", help="scene folders of images (local; S3 scenes go through the flow)")
-    parser.add_argument("--out", required=True, help="output root: each scene is written to OUT/<scene folder name>")
-    parser.add_argument(
-        "--on-collision",
-        choices=["error", "suffix"],
-        default="error",
-        help="scenes with the same folder name: refuse before any work (default), or name each <name>-<8 hex>",
-    )
-    g = parser.add_mutually_exclusive_group()
-    g.add_argument("--model", default="facebook/VGGT-1B", help="float model source")
-    g.add_argument("--quantized", help="quantized checkpoint folder")
-    parser.add_argument(
-        "--attention",
-        choices=["sdpa", "int8"],
-        default=None,
-        help="frame/global attention: exact sdpa or int8 Q·K^T (default: as the model or checkpoint records; sdpa)",
-    )
-    parser.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the model (zero graph breaks; pays off over many scenes of a few frame counts)",
-    )
-    parser.add_argument(
-        "--max-frames", type=int, default=32, help="single-pass limit; larger scenes go in chunks (no image dropped)"
-    )
-    chunks = parser.add_argument_group("large scenes (more frames than --max-frames)")
-    chunks.add_argument(
-        "--chunking",
-        choices=["sequential", "anchors"],
-        default="sequential",
-        help="sequential overlapping windows (ordered captures) or anchor frames shared by every chunk (unordered)",
-    )
-    chunks.add_argument("--chunk-size", type=int, default=None, help="frames per chunk (default: --max-frames)")
-    chunks.add_argument("--overlap", type=int, default=None, help="sequential: shared frames (default: chunk/4)")
-    chunks.add_argument("--anchors", type=int, default=None, help="anchors: frames in every chunk (default: chunk/4)")
-    chunks.add_argument("--anchor-select", choices=["even", "features"], default="even")
-    chunks.add_argument(
-        "--order",
-        choices=["auto", "name", "similarity"],
-        default="auto",
-        help="chunk along file-name order, a chain of similar-looking frames (unordered collections), or auto: "
-        "name order unless it jumps between unlike views",
-    )
-    chunks.add_argument(
-        "--memory-budget-mb",
-        type=float,
-        default=None,
-        help="memory one forward pass may use beyond the weights; lowers the single-pass limit and chunk size",
-    )
-    chunks.add_argument(
-        "--max-align-residual",
-        type=float,
-        default=0.3,
-        help="a chunk aligning worse than this (relative to the scene extent) is reported, not merged "
-        "(up to 2x this when the shared frames' poses agree within 12 degrees)",
-    )
-    parser.add_argument("--conf-percentile", type=float, default=50.0)
-    parser.add_argument(
-        "--conf-threshold", type=float, default=None, help="absolute confidence threshold (overrides the percentile)"
-    )
-    parser.add_argument("--max-points", type=int, default=100_000)
-    parser.add_argument("--points-from", choices=["depth", "point_map"], default="depth")
-    parser.add_argument("--mode", choices=["crop", "pad"], default="crop")
-    parser.add_argument("--text", action="store_true", help="also write COLMAP text files")
-    export = parser.add_argument_group("COLMAP export")
-    export.add_argument(
-        "--no-tracks", dest="tracks", action="store_false", help="one observation per point (no multi-view tracks)"
-    )
-    export.add_argument(
-        "--track-tolerance",
-        type=float,
-        default=ExportOptions.track_tolerance,
-        help="relative depth difference under which another frame observes a point",
-    )
-    export.add_argument(
-        "--min-track-length",
-        type=int,
-        default=ExportOptions.min_track_length,
-        help="drop points seen by fewer frames (COLMAP's bundle_adjuster needs 2)",
-    )
-    export.add_argument("--ba", action="store_true", help="bundle-adjust poses, focal lengths and points (pycolmap)")
-    export.add_argument(
-        "--camera",
-        choices=CAMERA_MODES,
-        default=ExportOptions.camera,
-        help="COLMAP cameras: per image size and focal cluster (auto), one per image size (single), or per image",
-    )
-    export.add_argument(
-        "--camera-tol",
-        dest="shared_camera_tol",
-        type=float,
-        default=ExportOptions.shared_camera_tol,
-        help="auto: a relative focal-length gap that starts a new camera",
-    )
-    export.add_argument(
-        "--images",
-        choices=IMAGE_MODES,
-        default=ExportOptions.images,
-        help="OUT/<scene>/images for COLMAP MVS and Gaussian splatting: absolute symlinks, copies, or none",
-    )
-    export.add_argument("--no-ply", dest="ply", action="store_false", help="no sparse/0/points3D.ply")
-    export.add_argument("--no-database", dest="database", action="store_false", help="no database.db")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Reconstruct scene folders and write COLMAP models; one bad scene does not stop the others (exit 1)."""
-    from tqdm import tqdm
-
-    from quantvggt.model.aggregator import set_attention
-    from quantvggt.pipeline import load_model
-
-    opts = ReconstructionOptions(
-        max_frames=args.max_frames,
-        chunking=args.chunking,
-        chunk_size=args.chunk_size,
-        overlap=args.overlap,
-        anchors=args.anchors,
-        anchor_select=args.anchor_select,
-        order=args.order,
-        memory_budget_mb=args.memory_budget_mb,
-        max_align_residual=args.max_align_residual,
-        conf_percentile=args.conf_percentile,
-        conf_threshold=args.conf_threshold,
-        max_points=args.max_points,
-        text=args.text,
-        points_from=args.points_from,
-        mode=args.mode,
-        tracks=args.tracks,
-        track_tolerance=args.track_tolerance,
-        min_track_length=args.min_track_length,
-        ba=args.ba,
-        camera=args.camera,
-        shared_camera_tol=args.shared_camera_tol,
-        images=args.images,
-        ply=args.ply,
-        database=args.database,
-    )
-    # refused before the model is loaded: URIs, two scenes writing one OUT/<name>, an output over an input folder
-    _local_only(*args.scenes, args.out)
-    scenes = list({scene_source_key(s): s for s in args.scenes}.values())  # a folder given twice is done once
-    names = output_names(scenes, args.on_collision)
-    check_outputs_outside_inputs([Path(args.out) / names[s] for s in scenes], scenes)
-    model = set_attention(load_model(args.quantized or args.model), args.attention)
-    if args.compile:  # after set_attention, so the compiled graph traces the attention actually used
-        model = model.compile_()
-    failed = 0
-    for scene in tqdm(scenes, desc="scenes", unit="scene"):
-        try:
-            res = main(model, scene, args.out, opts, name=names[scene])
-            tqdm.write(f"{res.scene}: {res.images} images, {res.points} points -> {Path(res.output) / 'sparse' / '0'}")
-        except (ValueError, RuntimeError, OSError) as e:  # SceneError is a ValueError; OutputError an OSError
-            failed += 1
-            tqdm.write(f"{names[scene]}: FAILED: {e}")
-    print(f"{len(scenes) - failed} of {len(scenes)} scenes reconstructed into {args.out}")
-    return 1 if failed else 0
+    job = SceneJob(str(scene), str(out), name or "", options or ReconstructionOptions(), force=overwrite)
+    return reconstruct(model, job)

@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from quantvggt import colmap as cm
+from quantvggt.export import write_workspace
 from quantvggt.images import ImageTransform
 from quantvggt.prediction import ScenePrediction
 from quantvggt.synth import load_gt
@@ -218,7 +219,7 @@ def test_workspace_images(synth_scenes: Path, tmp_path: Path, mode: str) -> None
     pred = gt_prediction(synth_scenes / "scene_000")
     res = cm.to_colmap(pred, cm.ExportOptions(max_points=200))
     src = sources(synth_scenes / "scene_000")
-    out = cm.write_workspace(res, tmp_path / "ws", cm.ExportOptions(images=mode), src)
+    out = write_workspace(res, tmp_path / "ws", cm.ExportOptions(images=mode), src)
     assert out["images"] == mode and out["ply"] == "sparse/0/points3D.ply"
     assert (tmp_path / "ws" / "sparse" / "0" / "points3D.ply").is_file()
     assert (tmp_path / "ws" / "database.db").is_file()
@@ -240,7 +241,7 @@ def test_workspace_images(synth_scenes: Path, tmp_path: Path, mode: str) -> None
 
 def test_workspace_without_known_sources_has_no_images(synth_scenes: Path, tmp_path: Path) -> None:
     res = cm.to_colmap(gt_prediction(synth_scenes / "scene_000"), cm.ExportOptions(max_points=50))
-    out = cm.write_workspace(res, tmp_path / "ws", cm.ExportOptions(images="copy"), None)
+    out = write_workspace(res, tmp_path / "ws", cm.ExportOptions(images="copy"), None)
     assert out["images"].startswith("none") and not (tmp_path / "ws" / "images").exists()
 
 
@@ -274,7 +275,7 @@ def test_colmap_tools_refine_the_exported_workspace(synth_scenes: Path, tmp_path
     pred = _perturbed(synth_scenes / "scene_001")
     res = cm.to_colmap(pred, cm.ExportOptions(max_points=800))
     ws = tmp_path / "ws"
-    cm.write_workspace(res, ws, cm.ExportOptions(images="link"), sources(synth_scenes / "scene_001"))
+    write_workspace(res, ws, cm.ExportOptions(images="link"), sources(synth_scenes / "scene_001"))
     text = _colmap("model_analyzer", "--path", str(ws / "sparse" / "0"))
     assert int(re.search(r"Points:\s*(\d+)", text).group(1)) == 800
     assert float(re.search(r"Mean track length:\s*([\d.]+)", text).group(1)) >= 2
@@ -382,13 +383,16 @@ def test_reconstruct_command_export_options(synth_scenes: Path, tmp_path: Path) 
 
 def test_pipeline_copies_the_images_of_fetched_scenes(model, synth_scenes: Path, tmp_path: Path) -> None:
     import json
+    import uuid
 
-    from quantvggt.pipeline import process_scene
-    from quantvggt.reconstruct import ReconstructionOptions
+    from quantvggt.reconstruct import ReconstructionOptions, SceneJob, process_scene
+    from quantvggt.storage import open_storage
 
-    res = process_scene(
-        model, str(synth_scenes / "scene_001"), str(tmp_path / "out"), ReconstructionOptions(max_points=100)
-    )
+    inbox = open_storage(f"memory://{uuid.uuid4().hex}/inbox")  # a remote scene: its download is temporary
+    for p in (p for p in (synth_scenes / "scene_001").iterdir() if p.is_file()):
+        inbox.upload(p, f"scene_001/{p.name}")
+    job = SceneJob(inbox.uri("scene_001"), str(tmp_path / "out"), options=ReconstructionOptions(max_points=100))
+    res = process_scene(model, job)
     assert res.status == "done", res.error
     ws = tmp_path / "out" / "scene_001"
     assert json.loads((ws / "report.json").read_text())["workspace"]["images"] == "copy"

@@ -9,7 +9,7 @@ from typing import Literal
 import pyarrow as pa
 import pytest
 
-from quantvggt.pipeline import markdown_table, read_manifest, write_manifest
+from quantvggt.manifest import markdown_table, read_manifest, write_manifest
 from quantvggt.scene import SceneResult, arrow_type, manifest_schema, scene_name
 from quantvggt.storage import open_storage
 

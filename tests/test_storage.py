@@ -68,7 +68,7 @@ def test_s3_checksum_mismatch_detected(s3_endpoint: str, tmp_path: Path, monkeyp
     f.write_bytes(b"original")
     st.upload(f, "f.bin")
     s3.put_object(Bucket="corrupt", Key="f.bin", Body=b"tampered", Metadata={"sha256": "0" * 64})
-    monkeypatch.setattr("quantvggt.storage.time.sleep", lambda s: None)
+    monkeypatch.setattr("time.sleep", lambda s: None)
     with pytest.raises(StorageError, match="SHA-256 mismatch"):
         st.download("f.bin", tmp_path / "out.bin")
     assert not (tmp_path / "out.bin").exists()

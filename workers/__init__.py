@@ -1,1 +1,1 @@
-"""Ray actors that run (quantized) VGGT over scenes; thin wrappers over :mod:`quantvggt.pipeline`."""
+"""Ray actors that run (quantized) VGGT over scenes; thin wrappers over :mod:`quantvggt.reconstruct`."""

@@ -7,7 +7,7 @@ Failures are sorted by whether a retry can help:
   ``max_attempts`` dispatches;
 - a worker whose setup fails (checkpoint missing, no credentials) is deterministic: every item fails at once with
   that error, nothing is retried;
-- an item that fails inside a healthy worker comes back as a failed result (``process_scene`` never raises), and
+- an item that fails inside a healthy worker comes back as a failed result (``quantvggt.reconstruct.guarded``), and
   a call that raises anyway is recorded as failed, not retried.
 
 A scene of more than ``max_frames`` images is reconstructed by map/reduce over the same actors
@@ -21,7 +21,6 @@ Actors get the driver's storage configuration and kernel selections as a ``runti
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import socket
@@ -32,10 +31,10 @@ import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from quantvggt.lowbit.registry import kernel_env
-from quantvggt.reconstruct import ReconstructionOptions
+from quantvggt.options import ReconstructionOptions
+from quantvggt.reconstruct import SceneJob, ScenePlan
 from quantvggt.scene import SceneResult, scene_name
 from quantvggt.storage import storage_env
-from workers.chunks import ScenePlan
 
 log = logging.getLogger(__name__)
 V = TypeVar("V")
@@ -62,12 +61,13 @@ def _log_to_stderr() -> None:
 
 @ray.remote
 class ReconstructionWorker:
-    """Holds one loaded model; ``process`` returns a :class:`SceneResult` and never raises for a bad scene.
+    """Holds one loaded model and runs the steps of :mod:`workers.chunks` on :class:`SceneJob` s; never raises for a
+    bad scene.
 
     A setup failure is kept, not raised, so that the driver can tell it (deterministic) from a dead process.
     """
 
-    def __init__(self, model_uri: str, options: dict[str, Any], cpus: int = 1) -> None:
+    def __init__(self, model_uri: str, cpus: int = 1) -> None:
         _log_to_stderr()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.model_uri = model_uri
@@ -75,11 +75,10 @@ class ReconstructionWorker:
         try:
             import torch
 
-            from quantvggt.pipeline import load_model
+            from quantvggt.quant.load import load_model
 
             # as many threads as the CPUs Ray gave this actor (num_cpus): more would oversubscribe the node's cores
             torch.set_num_threads(max(1, cpus) if not torch.cuda.is_available() else torch.get_num_threads())
-            self.options = ReconstructionOptions(**options)
             self.model = load_model(model_uri)
         except Exception as e:
             self.setup_error = f"{type(e).__name__}: {e}"
@@ -89,38 +88,17 @@ class ReconstructionWorker:
         """'' once the model is loaded, else why it could not be."""
         return self.setup_error
 
-    def process(self, scene_uri: str, out_uri: str, force: bool, attempt: int, name: str | None = None) -> SceneResult:
-        """Reconstruct one scene and upload it as ``OUT/<name>``."""
-        from quantvggt.pipeline import process_scene
+    def _setup_failed(self, job: SceneJob, attempt: int) -> SceneResult:
+        error = f"worker setup failed: {self.setup_error}"
+        return SceneResult(job.name, attempt=attempt, error=error, source=job.source, worker=self.name)
 
-        if self.setup_error:
-            error = f"worker setup failed: {self.setup_error}"
-            return SceneResult(
-                name or _name(scene_uri), attempt=attempt, error=error, source=scene_uri, worker=self.name
-            )
-        return process_scene(
-            self.model,
-            scene_uri,
-            out_uri,
-            self.options,
-            force=force,
-            attempt=attempt,
-            worker=self.name,
-            name=name,
-            checkpoint=self.model_uri,
-        )
-
-    def start(
-        self, scene_uri: str, out_uri: str, force: bool, attempt: int, name: str | None = None
-    ) -> SceneResult | ScenePlan:
+    def start(self, job: SceneJob, attempt: int) -> SceneResult | ScenePlan:
         """Reconstruct a scene that fits one pass, else plan its chunks (:func:`workers.chunks.start_scene`)."""
         from workers.chunks import start_scene
 
         if self.setup_error:
-            return self.process(scene_uri, out_uri, force, attempt, name)  # the failed result naming the setup error
-        return start_scene(
-            self.model, scene_uri, out_uri, self.options, force, attempt, self.name, name, self.model_uri
-        )
+            return self._setup_failed(job, attempt)
+        return start_scene(self.model, job, attempt, self.name)
 
     def predict_chunk(self, plan: ScenePlan, k: int, attempt: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Map: chunk ``k`` of ``plan`` -> (how it went, its prediction as arrays or None); never raises."""
@@ -134,25 +112,24 @@ class ReconstructionWorker:
         try:
             if self.setup_error:
                 raise RuntimeError(f"worker setup failed: {self.setup_error}")
-            data = predict_chunk(self.model, plan.scene_uri, plan.chunk_names(k), self.options, plan.name)
+            data = predict_chunk(self.model, plan, k)
         except Exception as e:  # reported by the reduce step (ChunkMerger.fail), never dropped
             meta["error"] = f"{type(e).__name__}: {e}"
-            log.warning("%s chunk %d failed: %s", plan.name, k, meta["error"])
+            log.warning("%s chunk %d failed: %s", plan.job.name, k, meta["error"])
         meta["seconds"] = round(time.perf_counter() - t0, 4)
         return meta, data
 
-    def reduce(
-        self, plan: ScenePlan, metas: list[dict[str, Any]], chunks: list[Any], out_uri: str, force: bool, attempt: int
-    ) -> SceneResult:
-        """Reduce: align and merge ``chunks`` (ObjectRefs, fetched one at a time) and write the scene's model."""
+    def reduce(self, plan: ScenePlan, metas: list[dict[str, Any]], chunks: list[Any], attempt: int) -> SceneResult:
+        """Reduce: merge ``chunks`` (ObjectRefs, fetched one at a time) and write the scene's model."""
         from workers.chunks import reduce_scene
+
+        if self.setup_error:
+            return self._setup_failed(plan.job, attempt)
 
         def get(k: int) -> dict[str, Any]:
             return ray.get(chunks[k])
 
-        return reduce_scene(
-            self.model, plan, metas, get, out_uri, self.options, force, attempt, self.name, self.model_uri
-        )
+        return reduce_scene(self.model, plan, metas, get, attempt, self.name)
 
     def pid(self) -> int:
         """Process id (used by tests that kill a worker)."""
@@ -315,7 +292,8 @@ def run_scenes(
     if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
         raise ValueError(f"cpus_per_worker must be a whole number >= 1, got {cpus_per_worker!r}")
     names = names or {}
-    opts = dataclasses.asdict(options or ReconstructionOptions())
+    opts = options or ReconstructionOptions()
+    checkpoint = model_uri
     gpus = ray.cluster_resources().get("GPU", 0)
     actor_cls = ReconstructionWorker.options(
         num_cpus=cpus_per_worker,
@@ -327,6 +305,14 @@ def run_scenes(
     plans: dict[str, ScenePlan] = {}
     metas: dict[str, dict[int, dict[str, Any]]] = {}  # scene -> chunk -> how its map task went
     payloads: dict[tuple[str, int], Any] = {}  # (scene, chunk) -> ObjectRef of its arrays, held until the reduce
+
+    jobs: dict[str, SceneJob] = {}
+    unnamed: dict[str, str] = {}
+    for scene in scene_uris:
+        try:
+            jobs[scene] = SceneJob(scene, out_uri, names.get(scene) or "", opts, force, checkpoint)
+        except ValueError as e:  # an unnameable URI: its row says why, the others go on
+            unnamed[scene] = f"ValueError: {e}"
 
     def failed(scene: str, attempt: int, error: str) -> SceneResult:
         return SceneResult(names.get(scene) or _name(scene), attempt=attempt, error=error, source=scene)
@@ -340,7 +326,7 @@ def run_scenes(
     def dispatch(actor: Any, item: tuple[str, str, int], attempt: int) -> Any:
         kind, scene, k = item
         if kind == "scene":
-            ref = actor.start.remote(scene, out_uri, force, attempt, names.get(scene))
+            ref = actor.start.remote(jobs[scene], attempt)
             if on_dispatch is not None:
                 on_dispatch(actor, scene, attempt)
             return ref
@@ -350,9 +336,9 @@ def run_scenes(
             meta, data = actor.predict_chunk.options(num_returns=2).remote(plan, k, attempt)
             payloads[(scene, k)] = data
             return meta
-        n = len(plan.plan.chunks)
+        n = plan.n_chunks
         refs = [payloads.get((scene, j)) for j in range(n)]  # in a list: passed as refs, fetched one at a time
-        return actor.reduce.remote(plan, [metas[scene][j] for j in range(n)], refs, out_uri, force, attempt)
+        return actor.reduce.remote(plan, [metas[scene][j] for j in range(n)], refs, attempt)
 
     results: dict[str, SceneResult] = {}
 
@@ -362,27 +348,29 @@ def run_scenes(
         if on_result is not None:
             on_result(result)
 
-    if scene_uris:
+    for scene, error in unnamed.items():
+        finish(scene, failed(scene, 0, error))
+    if jobs:
         # all num_workers actors even for fewer scenes: one large scene's chunks can keep every one of them busy
         pool = ActorDispatcher(
-            lambda: actor_cls.remote(model_uri, opts, cpus_per_worker), num_workers, max_attempts, ready_timeout_s
+            lambda: actor_cls.remote(model_uri, cpus_per_worker), num_workers, max_attempts, ready_timeout_s
         )
         try:
             with pool:
-                items = [("scene", s, -1) for s in scene_uris]
+                items = [("scene", s, -1) for s in scene_uris if s in jobs]
                 for (kind, scene, k), result in pool.map_unordered(dispatch, items, on_error):
                     if kind == "scene" and isinstance(result, ScenePlan):
                         plans[scene], metas[scene] = result, {}
                         if on_plan is not None:
                             on_plan(result)
-                        for j in range(len(result.plan.chunks)):
+                        for j in range(result.n_chunks):
                             pool.add(("chunk", scene, j))
                     elif kind == "chunk":
                         metas[scene][k] = result
-                        if len(metas[scene]) == len(plans[scene].plan.chunks):
+                        if len(metas[scene]) == plans[scene].n_chunks:
                             pool.add(("reduce", scene, -1))
                     else:
-                        for j in range(len(plans[scene].plan.chunks) if scene in plans else 0):
+                        for j in range(plans[scene].n_chunks if scene in plans else 0):
                             payloads.pop((scene, j), None)  # the reduce has them: free the object store
                         finish(scene, result)
         except WorkerSetupError as e:  # deterministic: the same error for every scene, no retries

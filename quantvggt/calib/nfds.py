@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -384,45 +383,3 @@ def main(
     write_manifest(rows, out)
     plot_selection(rows, out.with_suffix(".png"))
     return out
-
-
-# -- the `quantvggt select-calibration` command ----------------------------------------------------------------------
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    """Options of ``quantvggt select-calibration``."""
-    parser.add_argument("pool", nargs="+", help="scene folders, folders of scene folders, or a .csv/.parquet manifest")
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--out", required=True, help="manifest .parquet (a .png plot is written beside it)")
-    parser.add_argument("--clusters", type=int, default=5)
-    parser.add_argument("--per-cluster", type=int, default=4)
-    parser.add_argument("--frames", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run NFDS over a pool of scenes and write the selection manifest (+ PNG)."""
-    from tqdm import tqdm
-
-    from quantvggt.pipeline import load_model
-
-    model = load_model(args.model)
-    out = main(
-        model,
-        args.pool,
-        args.out,
-        frames=args.frames,
-        n_clusters=args.clusters,
-        per_cluster=args.per_cluster,
-        seed=args.seed,
-        overwrite=True,
-        progress=lambda xs: tqdm(xs, desc="statistics", unit="sample"),
-    )
-    rows = read_manifest(out)
-    selected, filtered = sum(r["selected"] for r in rows), sum(r["outlier"] for r in rows)
-    print(f"{selected} selected of {len(rows)} candidates; {filtered} filtered as outliers")
-    for r in rows:
-        if r["outlier"]:
-            print(f"  filtered {r['sample_id']}: {r['outlier_reason']}")
-    print(f"wrote {out} and {out.with_suffix('.png')}")
-    return 0

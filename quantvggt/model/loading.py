@@ -132,7 +132,7 @@ def read_state_dict(path: str | Path, float_dtype: torch.dtype | None = None) ->
     return obj
 
 
-def _download_s3(uri: str) -> Path:
+def _download_remote(uri: str) -> Path:
     from quantvggt.storage import download_to_cache
 
     return download_to_cache(uri)
@@ -170,10 +170,12 @@ def _download_hub(repo_id: str) -> Path:
 
 def resolve_source(source: str) -> tuple[Path, Path | None]:
     """Map a source to (weights file, config.json or None), downloading when needed."""
-    if source.startswith("s3://"):
-        local = _download_s3(source)
+    from quantvggt.storage import is_remote, local_path
+
+    if is_remote(source):  # s3:// or any other storage backend: fetched into the cache first
+        local = _download_remote(source)
         return resolve_source(str(local))
-    path = Path(os.path.expanduser(source))
+    path = local_path(source) or Path(os.path.expanduser(source))
     if not path.exists() and (ASSETS_DIR / source).is_dir():
         path = ASSETS_DIR / source
     if path.is_dir():

@@ -147,9 +147,9 @@ def _parse_specs(
 
 def load_quantized(path: str | Path, device: str | torch.device = "cpu") -> VGGT:
     """Load a folder written by :func:`save_quantized`; outputs are bit-identical to the saved model's."""
-    if str(path).startswith("s3://"):
-        from quantvggt.storage import download_to_cache
+    from quantvggt.storage import download_to_cache, is_remote
 
+    if is_remote(path):
         path = download_to_cache(str(path))
     path = Path(path)
     doc = read_quant_meta(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fnmatch
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -186,3 +187,20 @@ def get_recipe(name: str, **overrides: Any) -> QuantConfig:
         )
     _check_options(type(base), overrides, f"recipe {name}")
     return dataclasses.replace(base, **overrides)
+
+
+def recipe_overrides(
+    seed: int | None = None, scope: Sequence[str] | None = None, epochs: int | None = None
+) -> dict[str, Any]:
+    """``get_recipe`` keyword overrides from command/flow options; options left at ``None`` keep the recipe's value.
+
+    The recipe itself rejects an option it does not have (e.g. ``epochs`` for rtn-w4a4), so this never filters.
+    """
+    overrides: dict[str, Any] = {}
+    if seed is not None:
+        overrides["seed"] = seed
+    if scope:
+        overrides["scope"] = tuple(scope)
+    if epochs is not None:
+        overrides["epochs"] = epochs
+    return overrides

@@ -238,7 +238,7 @@ def test_run_writes_what_it_can_when_storage_fails(
 ) -> None:
     """A bad checkpoint, an unlistable input and an output store that fails mid-run: every scene still has a row."""
     import flows.reconstruct as rec
-    from quantvggt.pipeline import read_manifest
+    from quantvggt.manifest import read_manifest
     from quantvggt.storage import StorageError
 
     monkeypatch.setenv("QUANTVGGT_CACHE", str(tmp_path / "cache"))

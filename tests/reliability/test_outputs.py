@@ -25,7 +25,8 @@ import torch
 
 from quantvggt import cli, synth
 from quantvggt.fsutil import check_outputs_outside_inputs
-from quantvggt.pipeline import load_model, process_scene
+from quantvggt.quant.load import load_model
+from quantvggt.reconstruct import SceneJob, process_scene
 from quantvggt.reconstruct import ReconstructionOptions, main
 from quantvggt.scene import scene_name
 
@@ -170,16 +171,16 @@ REFUSED: list[tuple[str, Callable[[Path], list[str | Path]], str]] = [
     ("conf-percentile-nan", _opt("--conf-percentile", "nan"), "conf_percentile must be a finite number"),
     ("align-residual-nan", _opt("--max-align-residual", "nan"), "max_align_residual must be a finite number > 0"),
     ("memory-budget-inf", _opt("--memory-budget-mb", "inf"), "memory_budget_mb must be a finite number"),
+    # storage URIs are read and written through the storage backends (s3://, file://, memory://); others are refused
     (
-        "scene-on-s3",
-        lambda r: ["reconstruct", "s3://bucket/inbox/scene_000/", "--out", r / "o"],
-        r"^quantvggt reconstruct: error: s3://bucket/inbox/scene_000/: reconstruct reads and writes local folders "
-        r"only; for S3 use the reconstruct flow \(`quantvggt submit`\)",
+        "scene-on-unknown-storage",
+        lambda r: ["reconstruct", "gs://bucket/inbox/scene_000/", "--out", r / "o"],
+        r"^quantvggt reconstruct: error: gs://bucket/inbox/scene_000/: no storage backend for gs://",
     ),
     (
-        "out-on-s3",
-        lambda r: ["reconstruct", r / "data" / "scene_000", "--out", "s3://bucket/out"],
-        "s3://bucket/out: reconstruct reads and writes local folders only",
+        "out-on-unknown-storage",
+        lambda r: ["reconstruct", r / "data" / "scene_000", "--out", "gs://bucket/out"],
+        "gs://bucket/out: no storage backend for gs://",
     ),
 ]  # fmt: skip
 
@@ -217,7 +218,7 @@ def test_library_refuses_overlap_too(root: Path, model: torch.nn.Module) -> None
     check_outputs_outside_inputs(["s3://b/in/scene_0001"], ["s3://b/in/scene_000"])  # a prefix, not a parent
     check_outputs_outside_inputs(["s3://other/in/scene_000"], ["s3://b/in/scene_000"])
     # the batch path: a failed scene (even with force, which deletes OUT/<name> first), frames untouched
-    res = process_scene(model, str(scene), str(root / "data"), OPTS, force=True)
+    res = process_scene(model, SceneJob(str(scene), str(root / "data"), options=OPTS, force=True))
     assert res.status == "failed" and "is the input folder" in res.error
     assert frames(scene) == ["frame_000.png", "frame_001.png", "frame_002.png"]
 

@@ -81,7 +81,7 @@ def _bucket(s3_endpoint: str, keys: list[str]) -> str:
 
 def _no_sleep(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     sleeps: list[float] = []
-    monkeypatch.setattr(storage_mod.time, "sleep", sleeps.append)
+    monkeypatch.setattr(storage_mod.base.time, "sleep", sleeps.append)
     return sleeps
 
 

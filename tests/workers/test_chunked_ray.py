@@ -54,7 +54,7 @@ def test_large_scene_is_mapped_over_workers_and_fully_registered(scenes: Path, t
     assert _report(tmp_path, "small")["chunking"] is None
 
     # the same chunks, aligned and merged by the same ChunkMerger: the same model as reconstructing in one process
-    from quantvggt.pipeline import load_model
+    from quantvggt.quant.load import load_model
     from quantvggt.reconstruct import main
 
     done = main(load_model(MODEL, "cpu"), big, tmp_path / "here", OPTIONS)

@@ -1,28 +1,12 @@
-"""The ``quantvggt quantize`` command: calibrate and quantize a model, then write a quantized checkpoint folder."""
+"""``quantvggt quantize``: calibrate and quantize a model, then write a quantized checkpoint folder."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
-
-def recipe_overrides(
-    seed: int | None = None, scope: Sequence[str] | None = None, epochs: int | None = None
-) -> dict[str, Any]:
-    """``get_recipe`` keyword overrides from command/flow options; options left at ``None`` keep the recipe's value.
-
-    The recipe itself rejects an option it does not have (e.g. ``epochs`` for rtn-w4a4), so this never filters.
-    """
-    overrides: dict[str, Any] = {}
-    if seed is not None:
-        overrides["seed"] = seed
-    if scope:
-        overrides["scope"] = tuple(scope)
-    if epochs is not None:
-        overrides["epochs"] = epochs
-    return overrides
+from quantvggt.quant.config import recipe_overrides
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -97,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     """Calibrate and quantize a model, then write a quantized checkpoint folder."""
     from quantvggt.calib import folder_samples
     from quantvggt.calib.nfds import load_selected
-    from quantvggt.pipeline import load_model
     from quantvggt.quant import get_recipe, quantize_, save_quantized
+    from quantvggt.quant.load import load_model
     from quantvggt.quant.sensitivity import mixed_precision, read_layer_bits
 
     # the recipe first: a misspelt or foreign option fails before minutes of model loading and calibration

@@ -1,0 +1,20 @@
+"""``database.db``: cameras, images, keypoints and the tracks as verified matches, for ``colmap point_triangulator``
+and ``colmap mapper``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from quantvggt.colmap import ColmapResult
+from quantvggt.export import register_writer
+from quantvggt.options import ExportOptions
+
+
+def write(result: ColmapResult, folder: Path, options: ExportOptions, sources: list[Path] | None) -> dict[str, Any]:
+    """COLMAP's SQLite database of the model (see :meth:`ColmapModel.write_database`)."""
+    result.model.write_database(folder / "database.db")
+    return {"database": "database.db"}
+
+
+register_writer("database", write, enabled=lambda o: o.database)
