@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -48,6 +49,8 @@ from quantvggt.verify import verify_model
 log = logging.getLogger(__name__)
 
 PREVIEW = "preview.png"  # the picture of a scene's reconstruction, beside its report.json
+TEMP_PREFIX = "quantvggt-scene-"  # temporary downloads of remote scenes (scene_folder)
+_TEMP_SCENE = re.compile(re.escape(tempfile.gettempdir().rstrip("/")) + "/" + TEMP_PREFIX + r"[^/\s]+/[^/\s:]+")
 
 
 def worker_name() -> str:
@@ -110,7 +113,7 @@ def scene_folder(source: str, names: list[str] | None = None) -> Iterator[Path]:
         yield local
         return
     src, scene = split_uri(source)
-    with tempfile.TemporaryDirectory(prefix="quantvggt-scene-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
         dest = Path(tmp) / scene
         if names is None:
             fetch_scene(src, scene, dest)
@@ -287,9 +290,9 @@ def model_report(model: torch.nn.Module | None) -> dict[str, Any]:
 
 # -- export + commit --------------------------------------------------------------------------------------------------
 def write_result(pred: ScenePrediction, folder: Path, options: ReconstructionOptions, sources: list[Path] | None,
-                 shown_as: Path | str | None = None) -> dict[str, Any]:  # fmt: skip
-    """COLMAP model, workspace and report.json of ``pred`` into ``folder``; returns the report."""
-    colmap = to_colmap(pred, options)
+                 shown_as: Path | str | None = None, colmap: ColmapResult | None = None) -> dict[str, Any]:  # fmt: skip
+    """COLMAP model (exported here unless given), workspace and report.json of ``pred`` into ``folder``."""
+    colmap = colmap if colmap is not None else to_colmap(pred, options)
     workspace = write_workspace(colmap, folder, options, sources)
     kept = colmap.report["points"]["kept"]
     verify_model(folder / "sparse/0", len(pred.names), kept, shown_as=Path(shown_as or folder) / "sparse/0")
@@ -393,7 +396,8 @@ def guarded(
         result = fn()
     except Exception as e:
         log.warning("scene %s failed: %s", source, e)
-        error = f"{type(e).__name__}: {e}"
+        # a remote scene is read from a temporary download: name it as the user gave it
+        error = _TEMP_SCENE.sub(source.rstrip("/"), f"{type(e).__name__}: {e}")
         return SceneResult(name or _label(source), error=error, attempt=attempt, worker=worker, source=source,
                            seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
     if isinstance(result, SceneResult):
@@ -431,11 +435,7 @@ def write_scene(
     final = Path(out_root) / pred.scene
     sources = [Path(source) / name for name in pred.names] if source is not None else None
     with atomic_dir(final) as tmp:
-        workspace = write_workspace(colmap, tmp, options, sources)
-        verify_model(tmp / "sparse/0", len(pred.names), colmap.report["points"]["kept"], shown_as=final / "sparse/0")
-        report = {**pred.report, **colmap.report, "workspace": workspace, "options": asdict(options)}
-        report["images"] = len(pred.names)
-        (tmp / "report.json").write_text(json.dumps(report, indent=1, default=str))
+        write_result(pred, tmp, options, sources, final, colmap)
     return final
 
 

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from quantvggt import synth
+from quantvggt.commands import synth as synth_command
 
 
 def _centres(extr: np.ndarray) -> np.ndarray:
@@ -62,9 +63,9 @@ def test_long_captures_name_frames_in_order(tmp_path: Path) -> None:
 
 def test_synth_command_takes_a_trajectory(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
-    synth.configure(parser)
+    synth_command.configure(parser)
     args = parser.parse_args([str(tmp_path), "--scenes", "1", "--frames", "6", "--size", "32x24", "--trajectory=walk"])
-    assert synth.run(args) == 0
+    assert synth_command.run(args) == 0
     assert json.loads((tmp_path / "scene_000" / "gt" / "cameras.json").read_text())["trajectory"] == "walk"
     with pytest.raises(SystemExit):
         parser.parse_args([str(tmp_path), "--trajectory", "spiral"])

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor, nn
 
-from quantvggt.kernels.triton_w4a4 import _round_half_even
+from quantvggt.kernels.triton_common import _round_half_even
 from quantvggt.lowbit.registry import QLINEAR_BACKEND_ENV
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -15,17 +15,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from quantvggt.kernels.triton_common import _round_half_even
 from quantvggt.lowbit.registry import TRITON_QLINEAR_ENV
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@triton.jit
-def _round_half_even(v):
-    r = tl.floor(v + 0.5)
-    tie = (r - v) == 0.5
-    odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-    return tl.where(tie & odd, r - 1.0, r)
 
 
 @triton.jit

@@ -154,9 +154,11 @@ def test_documented_stack_end_to_end(
     deployed = _prefect(["--no-prompt", "deploy", "--all"], {**env, "QUANTVGGT_STORE": store})
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     nightly = client.read_deployment_by_name("reconstruct-nightly/reconstruct-nightly")
-    large = {"num_workers": 2, "cpus_per_worker": 1, "max_frames": None, "chunking": None, "chunk_size": None}
-    large |= {"overlap": None, "anchors": None, "memory_budget_mb": None}  # prefect.yaml: large-scene parameters
-    expected = {"inbox": f"{store}/inbox", "checkpoint": f"{store}/quantized/latest", "out": OUT, **large}
+    nested = {  # prefect.yaml: the options objects, nested (quantvggt.options)
+        "options": {"max_frames": 32, "chunking": "sequential", "memory_budget_mb": None},
+        "batch": {"num_workers": 2, "cpus_per_worker": 1, "allowed_failures": 0},
+    }
+    expected = {"inbox": f"{store}/inbox", "checkpoint": f"{store}/quantized/latest", "out": OUT, **nested}
     assert nightly.parameters == expected
     assert nightly.work_pool_name == "quantvggt-local"
 

@@ -73,7 +73,7 @@ def test_reconstruct_flow_over_s3(bucket: str, prefect_harness, ray_local, tmp_p
             checkpoint=f"{bucket}/models/tiny-w4a4",
             out=out,
             options={"max_points": 300},
-            num_workers=2,
+            batch={"num_workers": 2},
         )
     rows = _rows(failed.value.manifest)
     assert rows["scene_000"]["status"] == rows["scene_001"]["status"] == "done", {
@@ -94,8 +94,7 @@ def test_reconstruct_flow_over_s3(bucket: str, prefect_harness, ray_local, tmp_p
             scenes=[f"{bucket}/inbox"],
             checkpoint=f"{bucket}/models/tiny-w4a4",
             out=out,
-            num_workers=2,
-            allowed_failures=1,  # scene_broken, as documented
+            batch={"num_workers": 2, "allowed_failures": 1},  # scene_broken, as documented
         )
     )
     assert again["scene_000"]["status"] == "skipped" and again["scene_001"]["status"] == "skipped"

@@ -26,8 +26,7 @@ import torch
 from quantvggt import cli, synth
 from quantvggt.fsutil import check_outputs_outside_inputs
 from quantvggt.quant.load import load_model
-from quantvggt.reconstruct import SceneJob, process_scene
-from quantvggt.reconstruct import ReconstructionOptions, main
+from quantvggt.reconstruct import ReconstructionOptions, SceneJob, main, process_scene
 from quantvggt.scene import scene_name
 
 MODEL = "vggt-tiny-synthetic"
