@@ -55,7 +55,6 @@ def main(
         clusters=3,
         per_cluster=2,
         epochs=epochs,
-        scope=["aggregator", "camera_head", "dpt_heads"],
     )
     print(f"[2/4] quantized checkpoint: {ckpt}")
     opts = {"max_points": 20000}

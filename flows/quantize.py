@@ -185,10 +185,14 @@ def quantize(
     epochs: int | None = None,
     scope: list[str] | None = None,
 ) -> str:
-    """Return the URI of the quantized checkpoint for these inputs, computing it only if it is not stored yet."""
-    from quantvggt.quant import get_recipe
-    from quantvggt.quant.config import recipe_overrides
+    """Return the URI of the quantized checkpoint for these inputs, computing it only if it is not stored yet.
 
+    ``scope`` None: the shipped scope (``quantvggt.quant.config.SHIPPED_SCOPE``), as the CLI and the demo use.
+    """
+    from quantvggt.quant import get_recipe
+    from quantvggt.quant.config import SHIPPED_SCOPE, recipe_overrides
+
+    scope = list(SHIPPED_SCOPE) if scope is None else list(scope)
     logger = get_run_logger()
     require(model=model, calibration_pool=calibration_pool, out=out)
     overrides = recipe_overrides(seed, scope, epochs)
@@ -206,7 +210,7 @@ def quantize(
             "clusters": clusters,
             "per_cluster": per_cluster,
             "epochs": epochs,
-            "scope": list(scope) if scope else None,
+            "scope": scope,
         }
         key = f"quantized/{inputs_hash(model, pool_dirs, details)}"
         stored = store.is_complete(key)

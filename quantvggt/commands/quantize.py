@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from quantvggt.quant.config import recipe_overrides
+from quantvggt.quant.config import SHIPPED_SCOPE, recipe_overrides
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,9 +24,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=10, help="frames per calibration sample")
     parser.add_argument(
         "--scope",
+        default=list(SHIPPED_SCOPE),
         nargs="+",
         choices=["aggregator", "patch_embed", "camera_head", "dpt_heads"],
-        help="parts to quantize",
+        help="parts to quantize (default: the shipped scope, as the quantize flow and the demo)",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument(
