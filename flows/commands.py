@@ -72,7 +72,12 @@ def _demo_options(parser: argparse.ArgumentParser) -> None:
 def _demo(args: argparse.Namespace) -> int:
     """The main job on embedded defaults."""
     from flows.demo import main as demo_main
+    from quantvggt.model.loading import resolve_source
 
+    for name in ("scenes", "workers", "epochs"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    resolve_source(args.model)  # a model that is not there fails in one line, before any flow runs
     demo_main(out=args.out, model=args.model, scenes=args.scenes, workers=args.workers, epochs=args.epochs)
     return 0
 

@@ -170,6 +170,10 @@ class ReconstructionOptions(ExportOptions):
             raise ValueError(f"anchors must be >= 1, got {self.anchors}")
         if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
             raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
+        if self.chunking == "anchors" and self.overlap is not None:
+            raise ValueError("overlap applies to sequential chunking; anchors chunks share --anchors frames instead")
+        if self.chunking == "sequential" and self.anchors is not None:
+            raise ValueError("anchors applies to chunking='anchors'; sequential chunks share --overlap frames instead")
         chunk = self.chunk_size or self.max_frames
         if self.chunking == "sequential" and self.overlap is not None and self.overlap >= chunk:
             raise ValueError(f"overlap must be smaller than the chunk size ({chunk}), got {self.overlap}")

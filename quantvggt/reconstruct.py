@@ -151,6 +151,11 @@ def check_output(job: SceneJob) -> SceneResult | None:
     record = out.completion_record(job.name)
     if record is None and final is not None and (final / "report.json").is_file():
         record = _legacy_record(final)  # written before completion records were local too
+    if record is None and final is not None and final.is_dir() and any(final.iterdir()):
+        raise ValueError(
+            f"{final} exists and is not a quantvggt result (no {COMPLETE} or report.json): refusing to replace it; "
+            "choose another --out, or move that folder away"
+        )
     if record is None or job.force:
         return None
     if record.get("source") in (None, "", scene_source_key(job.source)):  # records without a source: older

@@ -40,14 +40,19 @@ def run(args: argparse.Namespace) -> int:
 
     from quantvggt.fsutil import check_outputs_outside_inputs
     from quantvggt.model.aggregator import set_attention
-    from quantvggt.quant.load import load_model
+    from quantvggt.quant.load import is_quantized_source, load_model
     from quantvggt.reconstruct import SceneJob, reconstruct
     from quantvggt.scene import output_names, scene_source_key
     from quantvggt.storage import open_storage
 
     opts = from_args(ReconstructionOptions, args)
     for uri in (*args.scenes, args.out):
+        if not str(uri).strip():
+            raise ValueError("an empty path was given (--out '' or a scene ''): name a folder")
         open_storage(uri)  # an unknown scheme fails here, before the model is loaded
+    if args.quantized and not is_quantized_source(args.quantized):
+        raise ValueError(f"--quantized {args.quantized}: not a quantized checkpoint (no quant.json); for a float "
+                         "model use --model")  # fmt: skip
     # refused before the model is loaded: two scenes writing one OUT/<name>, an output over an input folder
     scenes = list({scene_source_key(s): s for s in args.scenes}.values())  # a folder given twice is done once
     names = output_names(scenes, args.on_collision)
@@ -62,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
         try:
             res = reconstruct(model, jobs[scene])
             tqdm.write(f"{res.scene}: {res.images} images, {res.points} points -> {res.output}/sparse/0")
-        except (ValueError, RuntimeError, OSError) as e:  # SceneError is a ValueError; OutputError an OSError
+        except Exception as e:  # one bad scene never stops the others (MemoryError, sqlite3 errors included)
             failed += 1
-            tqdm.write(f"{names[scene]}: FAILED: {e}")
+            kind = "" if isinstance(e, (ValueError, RuntimeError, OSError)) else f"{type(e).__name__}: "
+            tqdm.write(f"{names[scene]}: FAILED: {kind}{e}")
     print(f"{len(scenes) - failed} of {len(scenes)} scenes reconstructed into {args.out}")
     return 1 if failed else 0

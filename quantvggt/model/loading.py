@@ -161,7 +161,8 @@ def _download_hub(repo_id: str) -> Path:
             f"cannot fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). "
             "The hub may be unreachable from this machine: download the checkpoint elsewhere and pass "
             "a local path (a model.safetensors/model.pt file, or a folder with config.json + model.safetensors), "
-            "or an s3:// URI, e.g. `load_vggt('/models/VGGT-1B/model.pt')`."
+            "or an s3:// URI, e.g. `load_vggt('/models/VGGT-1B/model.pt')`. Offline, the shipped small model "
+            "works: `--model vggt-tiny-synthetic`."
         ) from e
     if cfg.parent != weights.parent:
         raise CheckpointError(f"hub files for {repo_id} landed in different folders")
