@@ -1,0 +1,253 @@
+"""Third reliability pass (issue #26): outputs compared by inode, outputs of `quantize` / `select-calibration`,
+database.db on a full disk and in bounded memory, truncated JPEGs, EXIF orientation, skipped files, unsafe names,
+NaN weights, and argument / config validation.
+
+How to add a case: most sections are a table (``OVERLAPS``, ``REFUSED_FOLDERS``, ``BAD_CONFIGS``, ...); add a row.
+A case must fail on the code before its fix (each row names the symptom it had) and run in about a second.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from quantvggt import synth
+from quantvggt.fsutil import check_output_file, check_output_folder, check_outputs_outside_inputs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two synthetic scenes of 3 frames (56x42) to copy from."""
+    return synth.main(tmp_path_factory.mktemp("src"), scenes=2, frames=3, seed=0, size=(56, 42))
+
+
+@pytest.fixture
+def data(tmp_path: Path, scenes: Path) -> Path:
+    """``tmp/data/scene_000``, ``tmp/data/scene_001``: copies a test may damage."""
+    for s in ("scene_000", "scene_001"):
+        shutil.copytree(scenes / s, tmp_path / "data" / s)
+    return tmp_path / "data"
+
+
+def frames(folder: Path) -> list[str]:
+    """The PNG frames of a scene folder."""
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+# -- 1. outputs over inputs reached through another path (bind mount) -------------------------------------------------
+def _can_bind_mount() -> bool:
+    if shutil.which("unshare") is None or sys.platform != "linux":
+        return False
+    return subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+def _in_mount_namespace(tmp: Path, binds: list[tuple[Path, Path]], code: str) -> subprocess.CompletedProcess[str]:
+    """Run python ``code`` in a private mount namespace where each (source, target) folder is bind-mounted."""
+    mounts = " && ".join(f"mount --bind '{s}' '{t}'" for s, t in binds)
+    script = tmp / "check.py"
+    script.write_text(textwrap.dedent(code))
+    return subprocess.run(
+        ["unshare", "-rm", "sh", "-c", f"{mounts} && exec '{sys.executable}' '{script}'"],
+        capture_output=True,
+        text=True,
+        cwd=tmp,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+
+
+OVERLAPS = [
+    # (id, output relative to the bind target "mnt" (a second path to data/), input, expected wording)
+    ("out-root-is-the-scenes-parent", "scene_000", "data/scene_000", "is the input folder"),
+    ("out-inside-the-scene", "scene_000/out", "data/scene_000", "lies inside the input folder"),
+    ("out-contains-the-scene", ".", "data/scene_000", "contains the input folder"),
+]
+
+
+@pytest.mark.skipif(not _can_bind_mount(), reason="needs unshare -rm (user + mount namespaces) for a bind mount")
+@pytest.mark.parametrize(("out", "inp", "how"), [c[1:] for c in OVERLAPS], ids=[c[0] for c in OVERLAPS])
+def test_overlap_through_a_bind_mount_is_found(out: str, inp: str, how: str, data: Path) -> None:
+    # `reconstruct data/scene_000 --out mnt` with mnt a bind mount of data/ compared path strings and deleted frames
+    tmp = data.parent
+    (tmp / "mnt").mkdir()
+    r = _in_mount_namespace(
+        tmp,
+        [(data, tmp / "mnt")],
+        f"""
+        import os
+        from quantvggt.fsutil import check_outputs_outside_inputs
+        assert os.path.samefile("mnt", "data")  # the mount is in place: two paths, one folder
+        try:
+            check_outputs_outside_inputs([os.path.normpath("mnt/{out}")], ["{inp}"])
+        except ValueError as e:
+            print("REFUSED", e)
+        else:
+            print("ACCEPTED")
+        """,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("REFUSED") and how in r.stdout, r.stdout
+
+
+@pytest.mark.skipif(not _can_bind_mount(), reason="needs unshare -rm (user + mount namespaces) for a bind mount")
+def test_reconstruct_into_a_bind_mount_of_the_scenes_parent_keeps_the_frames(data: Path) -> None:
+    tmp = data.parent
+    (tmp / "mnt").mkdir()
+    r = _in_mount_namespace(
+        tmp,
+        [(data, tmp / "mnt")],
+        """
+        import sys
+        from quantvggt import cli
+        cli.plugin_commands = lambda taken=(): []
+        sys.exit(cli.main(["reconstruct", "data/scene_000", "--out", "mnt", "--model", "vggt-tiny-synthetic"]))
+        """,
+    )
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "quantvggt reconstruct: error: output mnt/scene_000 is the input folder data/scene_000" in r.stderr
+    assert frames(data / "scene_000") == ["frame_000.png", "frame_001.png", "frame_002.png"]
+
+
+def test_different_folders_with_one_name_are_not_an_overlap(tmp_path: Path) -> None:
+    for p in ("a/scene", "b/scene"):
+        (tmp_path / p).mkdir(parents=True)
+    check_outputs_outside_inputs([tmp_path / "a" / "scene"], [tmp_path / "b" / "scene"])
+    check_outputs_outside_inputs([tmp_path / "a" / "new" / "x"], [tmp_path / "b"])  # missing outputs are fine
+    check_outputs_outside_inputs([tmp_path / "a"], [tmp_path / "b" / "missing"])
+
+
+# -- 2. `quantize --out` and `select-calibration --out`: never over someone's data or an input ----------------------
+@pytest.fixture
+def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """``quantvggt ARGS`` in this process (library commands only) -> (exit code, stdout, stderr)."""
+    from quantvggt import cli
+
+    monkeypatch.setattr(cli, "plugin_commands", lambda taken=(): [])
+
+    def run(*argv: str | Path) -> tuple[int, str, str]:
+        capsys.readouterr()
+        rc = cli.main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_check_output_folder(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "IMG_1.jpg").write_bytes(b"a photo")
+    with pytest.raises(ValueError, match=r"photos: is a folder that is not empty and has no quant.json"):
+        check_output_folder(photos, own_marker="quant.json")
+    (tmp_path / "empty").mkdir()
+    check_output_folder(tmp_path / "empty", own_marker="quant.json")  # new, empty or ours: fine
+    check_output_folder(tmp_path / "new" / "ckpt", own_marker="quant.json")
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "quant.json").write_text("{}")
+    check_output_folder(tmp_path / "old", own_marker="quant.json")
+    (tmp_path / "old" / "scene").mkdir()
+    with pytest.raises(ValueError, match="contains the input folder"):
+        check_output_folder(tmp_path / "old", [tmp_path / "old" / "scene"], own_marker="quant.json")
+    with pytest.raises(ValueError, match="lies inside the input folder"):
+        check_output_folder(photos / "ckpt", [photos], own_marker="quant.json")
+    with pytest.raises(ValueError, match="exists and is not one of our results"):
+        check_output_file(photos / "IMG_1.jpg")
+    with pytest.raises(ValueError, match="is a folder; give a file name"):
+        check_output_file(photos)
+
+
+def test_save_quantized_never_replaces_data_or_writes_into_an_input(tmp_path: Path, data: Path) -> None:
+    from quantvggt.quant import get_recipe, quantize_, save_quantized
+    from tests.conftest import sane_tiny_model
+
+    model = sane_tiny_model()
+    quantize_(model, get_recipe("rtn-w4a4"))
+    before = _tree(data)
+    with pytest.raises(ValueError, match=r"data: is a folder that is not empty and has no quant.json"):
+        save_quantized(model, data)
+    with pytest.raises(ValueError, match="lies inside the input folder"):
+        save_quantized(model, data / "scene_000" / "ckpt", inputs=[data / "scene_000"])
+    assert _tree(data) == before
+    ckpt = save_quantized(model, tmp_path / "ckpt")
+    assert save_quantized(model, ckpt) == ckpt  # our own checkpoint is replaced as before
+
+
+QUANTIZE_OUTS = [
+    # `quantize --out data` replaced the calibration scene's parent folder; `--out photos` deleted the photos
+    ("out-is-the-calibration-scenes-parent", lambda d: d, "is a folder that is not empty and has no quant.json"),
+    ("out-is-a-photo-folder", lambda d: d.parent / "photos", "is a folder that is not empty and has no quant.json"),
+]
+
+
+@pytest.mark.parametrize(("out", "expect"), [c[1:] for c in QUANTIZE_OUTS], ids=[c[0] for c in QUANTIZE_OUTS])
+def test_quantize_out_never_replaces_data(out: Callable, expect: str, data: Path, run_cli: Callable) -> None:
+    (data.parent / "photos").mkdir()
+    (data.parent / "photos" / "IMG_1.jpg").write_bytes(b"a photo")
+    before = _tree(data.parent)
+    argv = ["quantize", "--model", "vggt-tiny-synthetic", "--calibration", data / "scene_000", "--recipe", "rtn-w4a4"]
+    rc, stdout, err = run_cli(*argv, "--frames", "2", "--out", out(data))
+    assert rc == 2 and re.search(expect, err) and len(err.strip().splitlines()) == 1, stdout + err
+    assert _tree(data.parent) == before
+
+
+SELECTION_OUTS = [
+    # the plot landed inside the scene and became a frame of it
+    ("inside-a-scene", lambda d: d / "scene_000" / "sel.parquet", "lies inside the input folder"),
+    # the plot replaced frame_000.png
+    ("plot-over-a-frame", lambda d: d / "scene_000" / "frame_000.parquet", "lies inside the input folder"),
+    # the plot beside a manifest in the pool folder made the pool folder a scene of its own on the next run
+    ("in-the-pool-folder", lambda d: d / "sel.parquet", "lies inside the input folder"),
+    ("onto-a-photo", lambda d: d.parent / "photos" / "IMG_1.jpg", "must end in .parquet"),
+    ("plot-onto-a-photo", lambda d: d.parent / "photos" / "IMG_1.parquet", "IMG_1.png: exists and is not one of our"),
+]
+
+
+@pytest.mark.parametrize(("out", "expect"), [c[1:] for c in SELECTION_OUTS], ids=[c[0] for c in SELECTION_OUTS])
+def test_select_calibration_out_never_lands_in_an_input(
+    out: Callable, expect: str, data: Path, run_cli: Callable
+) -> None:
+    (data.parent / "photos").mkdir()
+    for name in ("IMG_1.jpg", "IMG_1.png"):
+        (data.parent / "photos" / name).write_bytes(b"a photo")
+    before = _tree(data.parent)
+    argv = ["select-calibration", data, "--model", "vggt-tiny-synthetic", "--frames", "2", "--clusters", "1"]
+    rc, stdout, err = run_cli(*argv, "--out", out(data))
+    assert rc == 2 and re.search(expect, err) and len(err.strip().splitlines()) == 1, stdout + err
+    assert _tree(data.parent) == before
+
+
+def test_select_calibration_replaces_its_own_manifest_and_plot(data: Path, tmp_path: Path, run_cli: Callable) -> None:
+    argv = ["select-calibration", data, "--model", "vggt-tiny-synthetic", "--frames", "2", "--clusters", "1"]
+    for _ in range(2):  # the second run replaces what the first wrote
+        rc, stdout, err = run_cli(*argv, "--out", tmp_path / "sel" / "m.parquet")
+        assert rc == 0, stdout + err
+    assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == ["m.parquet", "m.png"]
+
+
+COUNTS = [
+    # --clusters 0 selected nothing and exited 0
+    ("clusters-0", ["--clusters", "0"], "n_clusters must be a whole number >= 1, got 0"),
+    ("per-cluster-0", ["--per-cluster", "0"], "per_cluster must be a whole number >= 1, got 0"),
+    ("frames-1", ["--frames", "1"], "frames must be a whole number >= 2, got 1"),
+]
+
+
+@pytest.mark.parametrize(("opts", "expect"), [c[1:] for c in COUNTS], ids=[c[0] for c in COUNTS])
+def test_select_calibration_refuses_bad_counts(opts: list[str], expect: str, data: Path, run_cli: Callable) -> None:
+    argv = ["select-calibration", data, "--model", "vggt-tiny-synthetic", "--out", data.parent / "m.parquet"]
+    rc, stdout, err = run_cli(*argv, *opts)
+    assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, stdout + err
+    assert not (data.parent / "m.parquet").exists()
