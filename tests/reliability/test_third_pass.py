@@ -8,17 +8,24 @@ A case must fail on the code before its fix (each row names the symptom it had) 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from quantvggt import synth
+from quantvggt.colmap import ColmapModel
 from quantvggt.fsutil import check_output_file, check_output_folder, check_outputs_outside_inputs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -251,3 +258,134 @@ def test_select_calibration_refuses_bad_counts(opts: list[str], expect: str, dat
     rc, stdout, err = run_cli(*argv, *opts)
     assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, stdout + err
     assert not (data.parent / "m.parquet").exists()
+
+
+# -- 3. database.db: a full disk fails one scene in one line; matches built in bounded memory -------------------------
+def _model(S: int, N: int, seen: float, seed: int = 0) -> ColmapModel:
+    """A ColmapModel of S images and N points, each point observed by a random ``seen`` share of the images (>= 2)."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((N, S)) < seen
+    mask[np.arange(N), rng.integers(0, S, N)] = True
+    mask[np.arange(N), (rng.integers(1, S, N) + np.argmax(mask, 1)) % S] = True
+    obs_point, obs_image = np.nonzero(mask)
+    cam = np.zeros((S, 3, 4))
+    cam[:, :, :3] = np.eye(3)
+    cam[:, 0, 3] = np.arange(S)
+    return ColmapModel(
+        camera_sizes=np.array([[64, 48]]),
+        camera_params=np.array([[50.0, 50.0, 32.0, 24.0]]),
+        image_names=[f"f{i:04d}.png" for i in range(S)],
+        image_camera=np.zeros(S, np.int64),
+        cam_from_world=cam,
+        xyz=rng.random((N, 3)) + np.array([0.0, 0.0, 5.0]),
+        rgb=np.zeros((N, 3), np.uint8),
+        obs_point=obs_point.astype(np.int64),
+        obs_image=obs_image.astype(np.int64),
+        obs_xy=rng.random((obs_point.size, 2)) * 40,
+    )
+
+
+def _matches(db: Path) -> dict[tuple[int, int], set[tuple[int, int]]]:
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        rows = con.execute("SELECT pair_id, data FROM two_view_geometries").fetchall()
+    out = {}
+    for pair_id, blob in rows:
+        m = np.frombuffer(blob, "<u4").reshape(-1, 2)
+        out[(pair_id // 2147483647 - 1, pair_id % 2147483647 - 1)] = {tuple(r) for r in m.tolist()}
+    return out
+
+
+def _expected_matches(m: ColmapModel) -> dict[tuple[int, int], set[tuple[int, int]]]:
+    """Every two observations of a track, from the points2D order images.bin is written in (by image, then point)."""
+    _, p2d = m._point2d_index()
+    out: dict[tuple[int, int], set[tuple[int, int]]] = {}
+    for p in range(m.num_points):
+        obs = sorted(np.flatnonzero(m.obs_point == p), key=lambda o: m.obs_image[o])
+        for x, y in itertools.combinations(obs, 2):
+            out.setdefault((int(m.obs_image[x]), int(m.obs_image[y])), set()).add((int(p2d[x]), int(p2d[y])))
+    return out
+
+
+@pytest.mark.parametrize("budget_mb", [None, 0.01], ids=["default-budget", "tiny-budget-many-groups"])
+def test_database_holds_every_match_of_every_track(budget_mb: float | None, tmp_path: Path) -> None:
+    m = _model(S=12, N=300, seen=0.4)
+    stats: dict = {}
+    m.write_database(tmp_path / "database.db", budget_mb, stats)
+    assert _matches(tmp_path / "database.db") == _expected_matches(m)
+    lengths = m.track_lengths()
+    assert stats["matches"] == int((lengths * (lengths - 1) // 2).sum())
+    if budget_mb:
+        assert stats["peak_matches_in_memory"] < stats["matches"] / 10  # streamed in many small groups
+
+
+def test_database_is_built_within_the_memory_budget(tmp_path: Path) -> None:
+    # a 600-frame scene peaked at 8.5 GB (every pair of every track at once) and MemoryError killed the batch; here
+    # 60 frames x 3000 points seen by all: 5.3 M matches, ~400 MB the old way; the budget is 16 MB
+    m = _model(S=60, N=3000, seen=1.0)
+    m._point2d_index()
+    tracemalloc.start()
+    try:
+        stats: dict = {}
+        m.write_database(tmp_path / "database.db", 16, stats)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert stats["matches"] == 3000 * 60 * 59 // 2
+    fixed = 3 * m.obs_point.size * 8  # the per-observation index arrays every way of writing needs
+    assert peak < 16 * 2**20 * 1.25 + fixed, f"peak {peak / 2**20:.1f} MB"
+
+
+def test_reconstruct_passes_its_memory_budget_to_the_database(data: Path, tmp_path: Path) -> None:
+    from quantvggt.pipeline import load_model
+    from quantvggt.reconstruct import ReconstructionOptions, main
+
+    res = main(load_model("vggt-tiny-synthetic", "cpu"), data / "scene_000", tmp_path / "out",
+               ReconstructionOptions(max_points=200, memory_budget_mb=64))  # fmt: skip
+    report = json.loads(Path(res.report).read_text())
+    assert report["workspace"]["database_pairs"]["budget_mb"] == 64
+    assert report["workspace"]["database_pairs"]["pairs"] >= 1
+
+
+def _full_disk_for(scene: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sqlite writing ``<scene>``'s database.db hits a full disk (a real SQLITE_FULL: max_page_count reached)."""
+    real = sqlite3.connect
+
+    def connect(path: str | Path, *a: object, **k: object) -> sqlite3.Connection:
+        con = real(path, *a, **k)  # type: ignore[arg-type]
+        if f".{scene}." in str(path):
+            con.execute("PRAGMA max_page_count = 8")
+        return con
+
+    monkeypatch.setattr(sqlite3, "connect", connect)
+
+
+def test_a_full_disk_writing_the_database_fails_one_scene_and_the_batch_goes_on(
+    data: Path, run_cli: Callable, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sqlite3.OperationalError is not an OSError: it escaped the per-scene handler and ended the batch
+    _full_disk_for("scene_000", monkeypatch)
+    out = data.parent / "out"
+    rc, stdout, err = run_cli(
+        "reconstruct", data / "scene_000", data / "scene_001", "--out", out, "--model", "vggt-tiny-synthetic"
+    )
+    assert rc == 1 and "Traceback" not in stdout + err, stdout + err
+    failed = [line for line in stdout.splitlines() if "FAILED" in line]
+    assert len(failed) == 1, stdout
+    assert re.fullmatch(
+        r"scene_000: FAILED: .*out/scene_000: cannot write the result \(No space left on device, writing database.db\)",
+        failed[0],
+    ), failed[0]
+    assert "1 of 2 scenes reconstructed" in stdout
+    assert (out / "scene_001" / "database.db").is_file() and not (out / "scene_000").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["scene_001"]  # no temporary folder left behind
+
+
+def test_other_sqlite_errors_are_one_line_naming_the_database(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = _model(S=3, N=20, seen=1.0)
+
+    def broken(*a: object, **k: object) -> sqlite3.Connection:
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(sqlite3, "connect", broken)
+    with pytest.raises(OSError, match=r"^database.db: cannot write the COLMAP database \(sqlite3: OperationalError"):
+        m.write_database(tmp_path / "database.db")
