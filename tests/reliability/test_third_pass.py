@@ -9,6 +9,7 @@ A case must fail on the code before its fix (each row names the symptom it had) 
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import json
 import re
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from quantvggt import synth
 from quantvggt.colmap import ColmapModel
@@ -389,3 +391,83 @@ def test_other_sqlite_errors_are_one_line_naming_the_database(tmp_path: Path, mo
     monkeypatch.setattr(sqlite3, "connect", broken)
     with pytest.raises(OSError, match=r"^database.db: cannot write the COLMAP database \(sqlite3: OperationalError"):
         m.write_database(tmp_path / "database.db")
+
+
+# -- 4. frames: truncated JPEGs, formats that were ignored, broken links -----------------------------------------------
+def _photo(seed: int = 0, size: tuple[int, int] = (64, 48)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _encode(img: Image.Image, fmt: str, **kw: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def _zero_second_half(data: bytes) -> bytes:
+    return data[: len(data) // 2] + bytes(len(data) - len(data) // 2)
+
+
+def _zeros_after(data: bytes, share: float) -> bytes:
+    k = int(len(data) * share)
+    return data[:k] + bytes(len(data) - k)
+
+
+TRUNCATED = [
+    # (id, file bytes): each decoded without a word before (Pillow reads zeros as valid entropy-coded data)
+    ("jpeg-second-half-zeros", _zero_second_half(_encode(_photo(), "JPEG", quality=90))),
+    ("jpeg-last-tenth-zeros", _zeros_after(_encode(_photo(), "JPEG", quality=95), 0.9)),
+    ("jpeg-444-last-quarter-zeros", _zeros_after(_encode(_photo(), "JPEG", subsampling=0), 0.75)),
+]
+
+
+@pytest.mark.parametrize("data", [c[1] for c in TRUNCATED], ids=[c[0] for c in TRUNCATED])
+def test_truncated_jpegs_are_refused(data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import ImageFile
+
+    from quantvggt.images import ImageLoadError, open_image
+
+    expect = r"^cut.jpg: corrupt or truncated image \(JPEG data ends without its end marker\)$"
+    with pytest.raises(ImageLoadError, match=expect):
+        open_image(data, name="cut.jpg")
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # another library turned Pillow's flag on
+    with pytest.raises(ImageLoadError, match="corrupt or truncated"):
+        open_image(_encode(_photo(), "PNG")[:-40], name="cut.png")
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # and it is left as it was
+    padded = _encode(_photo(), "JPEG") + bytes(64)  # padding after the end marker, as some cameras write
+    assert open_image(padded, name="padded.jpg").size == (64, 48)
+
+
+def _animated_gif() -> bytes:
+    buf = io.BytesIO()
+    _photo(0).save(buf, "GIF", save_all=True, append_images=[_photo(1)])
+    return buf.getvalue()
+
+
+def test_every_frame_format_is_used_or_skipped_with_a_reason(data: Path, tmp_path: Path) -> None:
+    # .bmp/.gif/.jfif/.heic frames and broken links were ignored without a message (not used, not in report.json)
+    from quantvggt.pipeline import load_model
+    from quantvggt.reconstruct import ReconstructionOptions, main
+
+    scene = data / "scene_000"
+    src = Image.open(scene / "frame_001.png").convert("RGB")
+    (scene / "frame_003.bmp").write_bytes(_encode(src, "BMP"))
+    (scene / "frame_004.gif").write_bytes(_encode(src, "GIF"))
+    (scene / "frame_005.jfif").write_bytes(_encode(src, "JPEG", quality=95))
+    (scene / "frame_006.heic").write_bytes(b"\0\0\0\x18ftypheic" + bytes(100))
+    (scene / "frame_007.gif").write_bytes(_animated_gif())
+    (scene / "frame_008.jpg").symlink_to(tmp_path / "gone.jpg")
+    (scene / "notes.txt").write_text("not a frame, not listed")
+    res = main(load_model("vggt-tiny-synthetic", "cpu"), scene, tmp_path / "out", ReconstructionOptions(max_points=50))
+    report = json.loads(Path(res.report).read_text())
+    expected_used = ["frame_000.png", "frame_001.png", "frame_002.png", "frame_003.bmp", "frame_004.gif"]
+    assert sorted(report["images_used"]) == [*expected_used, "frame_005.jfif"]
+    skipped = {s["name"]: s["reason"] for s in report["images_skipped"]}
+    assert set(skipped) == {"frame_006.heic", "frame_007.gif", "frame_008.jpg"}
+    try:
+        import pillow_heif  # noqa: F401
+    except ImportError:
+        assert "HEIC/HEIF image: decoding it needs the pillow-heif package" in skipped["frame_006.heic"]
+    assert "animated GIF with 2 pictures" in skipped["frame_007.gif"]
+    assert re.search(r"broken symbolic link \(its target .*gone.jpg is missing\)", skipped["frame_008.jpg"])
