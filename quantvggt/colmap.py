@@ -19,6 +19,7 @@ import shutil
 import struct
 import tempfile
 import time
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -563,6 +564,16 @@ def _pixel_points(pred: ScenePrediction, options: ExportOptions) -> _PixelPoints
         usable = np.isfinite(depth) & (depth > 0)
     depth = depth.reshape(S, H, W)
     valid = np.stack([_valid_content_mask(tf, sz, H, W) for tf, sz in zip(pred.transforms, pred.original_sizes)])
+    finite = np.isfinite(conf) & np.isfinite(depth)  # a point map's NaN carries into its depth
+    broken = int((valid & ~finite).sum())
+    if valid.any() and broken == int(valid.sum()):
+        # NaN weights gave NaN maps, and those a model of 0 points with exit 0
+        raise SceneError(
+            f"{pred.scene}: the model predicted no finite depth or confidence (NaN or inf in all {broken} pixels);"
+            " its weights are broken: check the checkpoint"
+        )
+    if broken:
+        log.warning("%s: %d predicted pixels are NaN or inf; they give no points", pred.scene, broken)
     valid &= usable & np.isfinite(conf)
     vals = conf[valid]
     # one partial sort for the threshold percentile and the median
@@ -575,6 +586,7 @@ def _pixel_points(pred: ScenePrediction, options: ExportOptions) -> _PixelPoints
         "median": float(median) if vals.size else None,
         "max": float(vals.max()) if vals.size else None,
         "candidates": int(valid.sum()),
+        "non_finite": broken,
         "above_threshold": int(keep.sum()),
     }
     return _PixelPoints(
@@ -804,6 +816,41 @@ def _error_stats(res: np.ndarray) -> dict[str, float | None]:
     return {"mean": round(float(res.mean()), 6), "median": round(float(np.median(res)), 6)}
 
 
+def _name_is_safe(name: str) -> bool:
+    """Whether COLMAP's text files (space-separated, one record per line) and its binary files can hold ``name``."""
+    try:
+        name.encode("utf-8")  # a file name that is not UTF-8 (kept as surrogates) cannot be written at all
+    except UnicodeEncodeError:
+        return False
+    return not any(c.isspace() or unicodedata.category(c).startswith("C") for c in name)
+
+
+def colmap_image_names(names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Names COLMAP can hold: spaces, newlines, other control characters and non-UTF-8 bytes become ``_``.
+
+    Returns the names and ``{new: original}`` for those renamed (reported, and ``images/`` links the new name to the
+    original file). A name with a space was cut there by COLMAP's text reader, one with a newline broke the file.
+    A renamed name that collides with another gets ``-2``, ``-3``, ... before its extension.
+    """
+    out: list[str] = []
+    renamed: dict[str, str] = {}
+    taken = {n for n in names if _name_is_safe(n)}
+    for name in names:
+        if _name_is_safe(name):
+            out.append(name)
+            continue
+        clean = "".join("_" if not _name_is_safe(c) else c for c in name)
+        stem, ext = os.path.splitext(clean)
+        new, k = clean, 1
+        while new in taken:
+            k += 1
+            new = f"{stem}-{k}{ext}"
+        taken.add(new)
+        out.append(new)
+        renamed[new] = name
+    return out, renamed
+
+
 def to_colmap(pred: ScenePrediction, options: Any = None) -> ColmapResult:
     """Build the COLMAP model (PINHOLE cameras at original resolution, posed images, points with tracks).
 
@@ -836,10 +883,13 @@ def to_colmap(pred: ScenePrediction, options: Any = None) -> ColmapResult:
     tf = np.array([[t.sx, t.sy, t.ox, t.oy] for t in pred.transforms])[tr.obs_frame]  # ImageTransform.to_original
     xy = np.stack([(tr.obs_pixel % W + 0.5 - tf[:, 2]) / tf[:, 0], (tr.obs_pixel // W + 0.5 - tf[:, 3]) / tf[:, 1]], -1)
     colors = pred.images.reshape(S, -1, 3)[tr.seed_frame, tr.seed_pixel]
+    names, renamed = colmap_image_names(list(pred.names))
+    if renamed:
+        log.warning("%s: %d image names COLMAP cannot hold were renamed: %s", pred.scene, len(renamed), renamed)
     model = ColmapModel(
         camera_sizes=sizes,
         camera_params=params,
-        image_names=list(pred.names),
+        image_names=names,
         image_camera=cam_of,
         cam_from_world=pred.extrinsics.astype(np.float64).copy(),
         xyz=tr.xyz.astype(np.float64),
@@ -853,6 +903,7 @@ def to_colmap(pred: ScenePrediction, options: Any = None) -> ColmapResult:
         "tracks": tr.report,
         "reprojection_error": _error_stats(model.residuals()),
         "cameras": C,
+        **({"renamed_images": renamed} if renamed else {}),
     }
     t1 = time.perf_counter()
     if opts.ba:
@@ -957,16 +1008,57 @@ def _points_xyz(rec: pycolmap.Reconstruction, n: int) -> np.ndarray:
 
 
 # -- the workspace ---------------------------------------------------------------------------------------------------
-def link_or_copy_images(sources: list[Path], names: list[str], folder: Path, mode: str) -> str:
+def _exif_orientation(path: Path) -> int:
+    """The EXIF orientation tag of an image file (1 = as stored; 1 when absent or unreadable)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # the frame was read once already; an unreadable tag means no rotation was applied either
+        return 1
+
+
+def write_upright(src: Path, dst: Path) -> None:
+    """Write ``src`` with its EXIF orientation applied to the pixels (and the tag dropped), in its own format.
+
+    The model saw the frame upright (``images.open_image`` applies the tag) and the cameras are upright; COLMAP
+    and Gaussian-splatting trainers read the stored pixels without the tag, so a linked original was rotated
+    against its camera.
+    """
+    from PIL import Image, ImageOps
+
+    with Image.open(src) as im:
+        fmt = "JPEG" if im.format in ("JPEG", "MPO") else (im.format or "PNG")
+        icc = im.info.get("icc_profile")
+        upright = ImageOps.exif_transpose(im)  # drops the orientation tag from the copy's EXIF
+    kw: dict[str, Any] = {"exif": upright.getexif().tobytes()}
+    if icc:
+        kw["icc_profile"] = icc
+    if fmt == "JPEG":
+        kw["quality"] = 95  # re-encoded once; the pixels COLMAP reads must be the upright ones
+    upright.save(dst, fmt, **kw)
+
+
+def link_or_copy_images(
+    sources: list[Path], names: list[str], folder: Path, mode: str, rotated: list[str] | None = None
+) -> str:
     """Fill ``folder`` (the workspace's images/) with the source images as absolute symlinks or copies.
 
-    Returns the mode used: a symlink that the filesystem refuses falls back to a copy.
+    Returns the mode used: a symlink that the filesystem refuses falls back to a copy. A source with an EXIF
+    orientation other than 1 is written upright instead (:func:`write_upright`; its name goes to ``rotated``):
+    its camera in the model is the upright one.
     """
     folder.mkdir(parents=True, exist_ok=True)
     used = mode
     for src, name in zip(sources, names):
         src = Path(os.path.abspath(src))  # absolute, so the link survives the rename of the output folder
         dst = folder / name
+        if _exif_orientation(src) != 1:
+            write_upright(src, dst)
+            if rotated is not None:
+                rotated.append(name)
+            continue
         if used == "link":
             try:
                 os.symlink(src, dst)
@@ -1005,7 +1097,10 @@ def write_workspace(
         log.warning("%s: the source images are not known; no images/ folder written", folder.name)
         mode = "none (source images unknown)"
     elif mode != "none":
-        mode = link_or_copy_images(list(sources or []), result.model.image_names, folder / "images", mode)
+        rotated: list[str] = []
+        mode = link_or_copy_images(list(sources or []), result.model.image_names, folder / "images", mode, rotated)
+        if rotated:  # written upright, not linked: the cameras are upright
+            out["images_written_upright"] = rotated
     out["images"] = mode
     out["seconds"] = round(time.perf_counter() - t0, 4)
     return out

@@ -471,3 +471,93 @@ def test_every_frame_format_is_used_or_skipped_with_a_reason(data: Path, tmp_pat
         assert "HEIC/HEIF image: decoding it needs the pillow-heif package" in skipped["frame_006.heic"]
     assert "animated GIF with 2 pictures" in skipped["frame_007.gif"]
     assert re.search(r"broken symbolic link \(its target .*gone.jpg is missing\)", skipped["frame_008.jpg"])
+
+
+# -- 5. the exported workspace: EXIF-rotated frames, names COLMAP cannot hold, NaN weights ----------------------------
+def test_an_exif_rotated_frame_is_written_upright_in_images(data: Path, tmp_path: Path) -> None:
+    # the camera was the upright one (the model sees frames upright) but images/ linked the stored, rotated pixels
+    import pycolmap
+
+    from quantvggt.images import open_image
+    from quantvggt.pipeline import load_model
+    from quantvggt.reconstruct import ReconstructionOptions, main
+
+    scene = data / "scene_000"
+    upright = Image.open(scene / "frame_001.png").convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the stored pixels are the upright picture turned the other way
+    upright.transpose(Image.Transpose.ROTATE_90).save(scene / "frame_001.jpg", quality=95, exif=exif.tobytes())
+    (scene / "frame_001.png").unlink()
+    for images in ("link", "copy"):
+        res = main(load_model("vggt-tiny-synthetic", "cpu"), scene, tmp_path / images,
+                   ReconstructionOptions(max_points=50, images=images))  # fmt: skip
+        ws = Path(res.output)
+        rec = pycolmap.Reconstruction(str(ws / "sparse" / "0"))
+        image = next(im for im in rec.images.values() if im.name == "frame_001.jpg")
+        camera = rec.cameras[image.camera_id]
+        stored = ws / "images" / "frame_001.jpg"
+        with Image.open(stored) as im:  # read as COLMAP and splatting trainers do: the stored pixels, no tag
+            assert im.size == (camera.width, camera.height) == upright.size
+            assert im.getexif().get(0x0112, 1) == 1
+            got = np.asarray(im.convert("RGB"), np.int16)
+        seen = open_image(scene / "frame_001.jpg")  # what the model saw
+        right = float(np.abs(got - np.asarray(seen, np.int16)).mean())
+        turned = float(np.abs(got - np.asarray(seen.rotate(180), np.int16)).mean())
+        assert right < 4 and right < turned / 4  # the upright picture (re-encoded once), not a turned one
+        assert not stored.is_symlink()
+        assert (ws / "images" / "frame_000.png").is_symlink() == (images == "link")  # the others as asked
+        report = json.loads(Path(res.report).read_text())
+        assert report["workspace"]["images_written_upright"] == ["frame_001.jpg"]
+
+
+def test_names_colmap_cannot_hold_are_renamed_with_a_mapping(data: Path, tmp_path: Path) -> None:
+    # `--text` models of "frame 000.png" were cut at the space by COLMAP's reader; a newline broke images.txt
+    import pycolmap
+
+    from quantvggt.pipeline import load_model
+    from quantvggt.reconstruct import ReconstructionOptions, main
+
+    scene = data / "scene_000"
+    (scene / "frame_000.png").rename(scene / "frame 000.png")
+    (scene / "frame_001.png").rename(scene / "frame\n001.png")
+    res = main(load_model("vggt-tiny-synthetic", "cpu"), scene, tmp_path / "out",
+               ReconstructionOptions(max_points=50, text=True))  # fmt: skip
+    ws = Path(res.output)
+    expected = {"frame_000.png", "frame_001.png", "frame_002.png"}
+    lines = (ws / "sparse" / "0" / "images.txt").read_text().splitlines()
+    assert {line.split()[-1] for line in lines if line.endswith(".png")} == expected
+    text = pycolmap.Reconstruction()
+    text.read_text(str(ws / "sparse" / "0"))
+    assert {im.name for im in text.images.values()} == expected
+    assert {im.name for im in pycolmap.Reconstruction(str(ws / "sparse" / "0")).images.values()} == expected
+    assert {p.name for p in (ws / "images").iterdir()} == expected
+    assert (ws / "images" / "frame_001.png").resolve() == (scene / "frame\n001.png").resolve()
+    report = json.loads(Path(res.report).read_text())
+    assert report["renamed_images"] == {"frame_000.png": "frame 000.png", "frame_001.png": "frame\n001.png"}
+
+
+def test_colmap_image_names_never_collide() -> None:
+    from quantvggt.colmap import colmap_image_names
+
+    names, renamed = colmap_image_names(["a b.png", "a_b.png", "a\tb.png", "ok.jpg", "bad\udcff.png"])
+    assert names == ["a_b-2.png", "a_b.png", "a_b-3.png", "ok.jpg", "bad_.png"]
+    assert renamed == {"a_b-2.png": "a b.png", "a_b-3.png": "a\tb.png", "bad_.png": "bad\udcff.png"}
+
+
+def test_nan_weights_fail_the_scene_instead_of_a_model_of_zero_points(
+    data: Path, tmp_path: Path, run_cli: Callable
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "nan-model"
+    shutil.copytree(REPO / "quantvggt" / "assets" / "vggt-tiny-synthetic", broken)
+    weights = next(broken.glob("*.safetensors"))
+    sd = load_file(str(weights))
+    for k, v in sd.items():
+        if k.startswith("depth_head.") and v.is_floating_point():
+            v.fill_(float("nan"))
+    save_file(sd, str(weights))
+    rc, stdout, err = run_cli("reconstruct", data / "scene_000", "--out", tmp_path / "out", "--model", broken)
+    assert rc == 1 and "Traceback" not in stdout + err, stdout + err
+    assert re.search(r"^scene_000: FAILED: scene_000: the model predicted no finite depth or confidence", stdout, re.M)
+    assert not (tmp_path / "out" / "scene_000").exists()
