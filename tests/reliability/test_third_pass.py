@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from quantvggt import synth
@@ -561,3 +562,38 @@ def test_nan_weights_fail_the_scene_instead_of_a_model_of_zero_points(
     assert rc == 1 and "Traceback" not in stdout + err, stdout + err
     assert re.search(r"^scene_000: FAILED: scene_000: the model predicted no finite depth or confidence", stdout, re.M)
     assert not (tmp_path / "out" / "scene_000").exists()
+
+
+# -- 6. train options -------------------------------------------------------------------------------------------------
+TRAIN = [
+    # (id, options, expected one-line error): steps -1 trained nothing and said it wrote a checkpoint; the others
+    # were tracebacks
+    ("steps-negative", ["--steps", "-1"], "steps must be a whole number >= 1, got -1"),
+    ("batch-size-0", ["--batch-size", "0"], "batch_size must be a whole number >= 1, got 0"),
+    ("lr-nan", ["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    ("workers-negative", ["--workers", "-2"], "workers must be a whole number >= 0, got -2"),
+    ("device-bogus", ["--device", "gpu0"], "device 'gpu0' is not a torch device"),
+]
+
+
+@pytest.mark.parametrize(("opts", "expect"), [c[1:] for c in TRAIN], ids=[c[0] for c in TRAIN])
+def test_bad_train_options_are_one_line(opts: list[str], expect: str, tmp_path: Path, run_cli: Callable) -> None:
+    rc, stdout, err = run_cli("train", "--out", tmp_path / "run", *opts)
+    assert rc == 2 and expect in err and len(err.strip().splitlines()) == 1, stdout + err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_train_on_cuda_without_a_gpu_is_one_line(tmp_path: Path, run_cli: Callable) -> None:
+    rc, stdout, err = run_cli("train", "--out", tmp_path / "run", "--device", "cuda", "--steps", "1")
+    assert rc == 2 and len(err.strip().splitlines()) == 1, stdout + err
+    assert "device 'cuda': no CUDA GPU is available here (use --device cpu)" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_broken_saved_train_config_names_its_file(tmp_path: Path) -> None:
+    from quantvggt.train.loop import main
+
+    (tmp_path / "train_config.json").write_text(json.dumps({"steps": 10, "batch_size": 0}))
+    with pytest.raises(ValueError, match=r"train_config.json: batch_size must be a whole number >= 1, got 0"):
+        main(tmp_path)
