@@ -98,11 +98,11 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"{key} must be a whole number >= {least}, got {value!r}")
-        for key in ("lr", "grad_clip"):
+        for key in ("grad_clip",):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
                 raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
-        for key in ("weight_decay", "camera_weight", "dense_weight"):
+        for key in ("lr", "weight_decay", "camera_weight", "dense_weight"):  # lr 0: weights stay as they start
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")

@@ -570,7 +570,7 @@ TRAIN = [
     # were tracebacks
     ("steps-negative", ["--steps", "-1"], "steps must be a whole number >= 1, got -1"),
     ("batch-size-0", ["--batch-size", "0"], "batch_size must be a whole number >= 1, got 0"),
-    ("lr-nan", ["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    ("lr-nan", ["--lr", "nan"], "lr must be a finite number >= 0, got nan"),
     ("workers-negative", ["--workers", "-2"], "workers must be a whole number >= 0, got -2"),
     ("device-bogus", ["--device", "gpu0"], "device 'gpu0' is not a torch device"),
 ]
