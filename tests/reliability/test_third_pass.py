@@ -597,3 +597,70 @@ def test_a_broken_saved_train_config_names_its_file(tmp_path: Path) -> None:
     (tmp_path / "train_config.json").write_text(json.dumps({"steps": 10, "batch_size": 0}))
     with pytest.raises(ValueError, match=r"train_config.json: batch_size must be a whole number >= 1, got 0"):
         main(tmp_path)
+
+
+# -- 7. config.json / quant.json values --------------------------------------------------------------------------------
+BAD_CONFIGS = [
+    # (id, path into config.json, value, expected key and problem): each was a traceback in the model's constructor
+    ("embed-dim-zero", ("aggregator", "embed_dim"), 0, r"aggregator: embed_dim must be a whole number in 1\.\.65536"),
+    ("depth-negative", ("aggregator", "depth"), -2, r"aggregator: depth must be a whole number in 1\.\.65536, got -2"),
+    ("heads-a-string", ("aggregator", "num_heads"), "4", r"aggregator: num_heads must be a whole number .*got '4'"),
+    ("depth-absurd", ("aggregator", "depth"), 10**9, r"aggregator: depth must be a whole number in 1\.\.65536"),
+    ("features-float", ("depth_head", "features"), 8.5, r"depth_head: features must be a whole number .*got 8\.5"),
+    ("mlp-ratio-zero", ("aggregator", "mlp_ratio"), 0, r"aggregator: mlp_ratio must be a number in 0\.001\.\.64"),
+    ("qkv-bias-a-string", ("aggregator", "qkv_bias"), "yes", r"aggregator: qkv_bias must be true or false"),
+    ("image-size-absurd", ("image_size",), 14 * 10**6, r"image_size must be a positive multiple of 14 up to 65536"),
+    ("part-not-an-object", ("camera_head",), 3, r"camera_head must be an object of options or null, got 3"),
+]  # fmt: skip
+
+
+def _tiny_folder(tmp_path: Path, key: tuple[str, ...], value: object) -> Path:
+    folder = tmp_path / "model"
+    shutil.copytree(REPO / "quantvggt" / "assets" / "vggt-tiny-synthetic", folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    inner = cfg.get("config", cfg)
+    node = inner
+    for k in key[:-1]:
+        node = node[k]
+    node[key[-1]] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.mark.parametrize(("key", "value", "expect"), [c[1:] for c in BAD_CONFIGS], ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_json_values_are_one_line_naming_file_and_key(
+    key: tuple[str, ...], value: object, expect: str, tmp_path: Path, run_cli: Callable
+) -> None:
+    folder = _tiny_folder(tmp_path, key, value)
+    frame = REPO / "quantvggt" / "assets" / "samples" / "frame_00.png"
+    rc, stdout, err = run_cli("predict", frame, "--model", folder)
+    assert rc == 2 and len(err.strip().splitlines()) == 1, stdout + err
+    assert str(folder / "config.json") in err and re.search(expect, err), err
+
+
+QUANT_JSON = [
+    # (id, edit of quant.json, expected key and problem)
+    ("model-config-depth-zero", lambda d: d["model_config"]["aggregator"].update(depth=0), r"depth must be a whole"),
+    ("epochs-a-string", lambda d: d["config"].update(epochs="many"), r"epochs must be a whole number .*got 'many'"),
+    ("alpha-negative", lambda d: d["config"].update(alpha=-1), r"alpha must be a number in 0\.\.1e\+06, got -1"),
+    ("learn-smooth-a-number", lambda d: d["config"].update(learn_smooth=2), r"learn_smooth must be true or false"),
+    ("scope-a-string", lambda d: d["config"].update(scope="aggregator"), r"scope must be a list of parts"),
+]
+
+
+@pytest.mark.parametrize(("edit", "expect"), [c[1:] for c in QUANT_JSON], ids=[c[0] for c in QUANT_JSON])
+def test_bad_quant_json_values_are_one_line_naming_file_and_key(edit: Callable, expect: str, tmp_path: Path) -> None:
+    from quantvggt.model.loading import CheckpointError
+    from quantvggt.quant import get_recipe, load_quantized, quantize_, save_quantized
+    from tests.conftest import sane_tiny_model
+
+    model = sane_tiny_model()
+    quantize_(model, get_recipe("quantvggt-w4a8", epochs=0), [torch.rand(2, 3, 28, 28)])
+    ckpt = save_quantized(model, tmp_path / "ckpt")
+    doc = json.loads((ckpt / "quant.json").read_text())
+    edit(doc)
+    (ckpt / "quant.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError) as err:
+        load_quantized(ckpt)
+    assert "\n" not in str(err.value) and str(ckpt / "quant.json") in str(err.value), err.value
+    assert re.search(expect, str(err.value)), err.value
