@@ -10,11 +10,16 @@ where pycolmap works on it (bundle adjustment, text files, :attr:`ColmapResult.r
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import itertools
 import logging
+import os
 import struct
 import tempfile
 import time
+import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +68,11 @@ CREATE TABLE two_view_geometries (pair_id INTEGER PRIMARY KEY NOT NULL, rows INT
 PRAGMA user_version = 3800;
 """
 _PINHOLE = 1  # COLMAP's camera model id
+# database.db is built in groups of image pairs whose matches fit this many MiB (ReconstructionOptions'
+# memory_budget_mb replaces it): every pair at once peaked at 8.5 GB for a 600-frame scene
+DATABASE_MEMORY_MB = 256
+_MATCH_BYTES = 96  # working bytes per match of a group: partner, both indices, sort order, copies, the row's blob
+_GATHER_BYTES = 64  # working bytes per gathered observation of a chunk of tracks
 _CAMERA_SENSOR = 0  # COLMAP's sensor type id of a camera (rigs.bin / frames.bin)
 
 
@@ -81,6 +91,26 @@ def _transform(T: np.ndarray, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tu
     numpy's matmul with an inner size of 3 is 5-10x slower than these nine multiply-adds on 100k points.
     """
     return tuple(T[k, 0] * x + T[k, 1] * y + T[k, 2] * z + T[k, 3] for k in range(3))
+
+
+_SQLITE_FULL, _SQLITE_IOERR = 13, 10  # sqlite3 primary result codes
+
+
+def _database_error(path: Path, e: Exception) -> OSError:
+    """sqlite's error writing ``path`` as an ``OSError`` (a full disk is ENOSPC), one line naming database.db.
+
+    ``sqlite3.OperationalError`` is not an ``OSError``: a full disk while writing database.db used to escape every
+    per-scene handler and end the whole batch.
+    """
+    from quantvggt.fsutil import OutputError
+
+    code = getattr(e, "sqlite_errorcode", None)
+    code = code & 0xFF if isinstance(code, int) else None
+    if code == _SQLITE_FULL or "disk is full" in str(e):
+        return OSError(errno.ENOSPC, f"No space left on device, writing {path.name}")
+    if code == _SQLITE_IOERR:
+        return OSError(errno.EIO, f"I/O error writing {path.name} (sqlite3: {e})")
+    return OutputError(f"{path.name}: cannot write the COLMAP database (sqlite3: {type(e).__name__}: {e})")
 
 
 # -- the model as arrays ---------------------------------------------------------------------------------------------
@@ -246,70 +276,127 @@ class ColmapModel:
             f.write(v.tobytes())
         return path
 
-    def write_database(self, path: str | Path) -> Path:
+    def write_database(
+        self, path: str | Path, memory_budget_mb: float | None = None, report: dict[str, Any] | None = None
+    ) -> Path:
         """A COLMAP database (3.8 schema): the points2D as keypoints, every two observations of a track as a match.
 
-        With it ``colmap point_triangulator`` (and ``mapper``) run on the workspace as exported.
+        With it ``colmap point_triangulator`` (and ``mapper``) run on the workspace as exported. The matches are
+        built and written one image and one group of partner images at a time, so the working memory stays under
+        ``memory_budget_mb`` (default :data:`DATABASE_MEMORY_MB`) whatever the scene's size: building every pair at
+        once took 8.5 GB for a 600-frame scene. ``report`` (a dict) receives the pair and match counts and the peak
+        number of matches held at once. A full disk is an ``OSError`` (ENOSPC) naming database.db, not sqlite's own
+        ``OperationalError``.
         """
         import sqlite3
 
         path = Path(path)
         path.unlink(missing_ok=True)
-        S = len(self.image_names)
-        order, p2d = self._point2d_index()
-        counts = np.bincount(self.obs_image, minlength=S)
-        ends = np.cumsum(counts)
-        pairs = self._track_pairs(p2d)
-        with contextlib.closing(sqlite3.connect(path)) as db, db:
-            db.executescript(_DATABASE_SCHEMA)
-            db.executemany(
-                "INSERT INTO cameras VALUES (?, ?, ?, ?, ?, 1)",
-                [
-                    (c + 1, _PINHOLE, int(w), int(h), self.camera_params[c].astype("<f8").tobytes())
-                    for c, (w, h) in enumerate(self.camera_sizes)
-                ],
-            )
-            db.executemany(
-                "INSERT INTO images (image_id, name, camera_id) VALUES (?, ?, ?)",
-                [(i + 1, name, int(self.image_camera[i]) + 1) for i, name in enumerate(self.image_names)],
-            )
-            xy = self.obs_xy[order].astype("<f4")
-            db.executemany(
-                "INSERT INTO keypoints VALUES (?, ?, 2, ?)",
-                [(i + 1, int(counts[i]), xy[ends[i] - counts[i] : ends[i]].tobytes()) for i in range(S)],
-            )
-            db.executemany(
-                # config 2: CALIBRATED (the pose of the pair is known)
-                "INSERT INTO two_view_geometries VALUES (?, ?, 2, ?, 2, ?, ?, ?, ?, ?)",
-                [self._pair_row(i, j, m) for (i, j), m in pairs.items()],
-            )
+        budget = (memory_budget_mb or DATABASE_MEMORY_MB) * 2**20
+        try:
+            with contextlib.closing(sqlite3.connect(path)) as db, db:
+                self._fill_database(db, budget, report if report is not None else {})
+        except sqlite3.Error as e:
+            raise _database_error(path, e) from e
         return path
 
-    def _track_pairs(self, p2d: np.ndarray) -> dict[tuple[int, int], np.ndarray]:
-        """Matches ``[n, 2]`` (POINT2D_IDX in image i, in image j) per image pair i < j: all pairs within each track."""
+    def _fill_database(self, db: Any, budget: float, report: dict[str, Any]) -> None:
+        S = len(self.image_names)
+        order, _ = self._point2d_index()
+        counts = np.bincount(self.obs_image, minlength=S)
+        ends = np.cumsum(counts)
+        db.executescript(_DATABASE_SCHEMA)
+        db.executemany(
+            "INSERT INTO cameras VALUES (?, ?, ?, ?, ?, 1)",
+            [
+                (c + 1, _PINHOLE, int(w), int(h), self.camera_params[c].astype("<f8").tobytes())
+                for c, (w, h) in enumerate(self.camera_sizes)
+            ],
+        )
+        db.executemany(
+            "INSERT INTO images (image_id, name, camera_id) VALUES (?, ?, ?)",
+            [(i + 1, name, int(self.image_camera[i]) + 1) for i, name in enumerate(self.image_names)],
+        )
+        for i in range(S):  # one image's keypoints at a time: a [M, 2] float32 copy of every image is not needed
+            xy = self.obs_xy[order[ends[i] - counts[i] : ends[i]]].astype("<f4")
+            db.execute("INSERT INTO keypoints VALUES (?, ?, 2, ?)", (i + 1, int(counts[i]), xy.tobytes()))
+        pairs = matches = peak = 0
+        for i, group in self._track_pair_groups(order, counts, ends, budget):
+            rows = [self._pair_row(i, j, m) for j, m in group]
+            db.executemany("INSERT INTO two_view_geometries VALUES (?, ?, 2, ?, 2, ?, ?, ?, ?, ?)", rows)
+            held = sum(len(m) for _, m in group)
+            pairs, matches, peak = pairs + len(group), matches + held, max(peak, held)
+        report.update(pairs=pairs, matches=matches, peak_matches_in_memory=peak, budget_mb=round(budget / 2**20, 3))
+
+    def _track_pair_groups(
+        self, order: np.ndarray, counts: np.ndarray, ends: np.ndarray, budget: float
+    ) -> Iterator[tuple[int, list[tuple[int, np.ndarray]]]]:
+        """Yield ``(i, [(j, matches [n, 2] uint32), ...])``: image pairs i < j sharing tracks, in bounded groups.
+
+        Every two observations of a track are a match (POINT2D_IDX in image i, in image j). Within an image the
+        points2D are sorted by point id (:meth:`_point2d_index`), so a point's POINT2D_IDX is its rank there. For
+        image i the tracks through it are gathered in chunks of points and the partners j > i are split into groups
+        whose matches fit ``budget`` bytes; each group is yielded, written and dropped before the next one.
+        """
+        S = len(self.image_names)
         lengths = self.track_lengths()
         by_point = np.lexsort((self.obs_image, self.obs_point))  # a track's observations in image order
-        first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-        keys, idx1, idx2 = [], [], []
-        S = len(self.image_names)
-        for L in np.unique(lengths[lengths >= 2]):
-            obs = by_point[first[lengths == L, None] + np.arange(L)[None]]  # [P, L]
-            a, b = np.triu_indices(int(L), 1)
-            o1, o2 = obs[:, a].ravel(), obs[:, b].ravel()
-            keys.append(self.obs_image[o1] * S + self.obs_image[o2])
-            idx1.append(p2d[o1])
-            idx2.append(p2d[o2])
-        if not keys:
-            return {}
-        key, i1, i2 = np.concatenate(keys), np.concatenate(idx1), np.concatenate(idx2)
-        order = np.argsort(key, kind="stable")
-        key, i1, i2 = key[order], i1[order], i2[order]
-        uniq, start = np.unique(key, return_index=True)
-        stop = np.append(start[1:], len(key))
-        return {
-            (int(k // S), int(k % S)): np.stack([i1[s:e], i2[s:e]], 1).astype("<u4")
-            for k, s, e in zip(uniq, start, stop)
-        }
+        first = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        point_of = self.obs_point[order]  # points of image i, ascending: rank = POINT2D_IDX
+        p2d_of_obs = np.empty(len(order), np.int64)
+        p2d_of_obs[order] = np.arange(len(order)) - (ends - counts)[self.obs_image[order]]
+        max_matches = max(1, int(budget // _MATCH_BYTES))
+        max_gather = max(1, int(budget // (2 * _GATHER_BYTES)))
+
+        def gather(i: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+            """(partner image j, POINT2D_IDX in i, in j) of the observations after image i, chunk by chunk."""
+            pts = point_of[ends[i] - counts[i] : ends[i]]
+            if pts.size == 0:
+                return
+            lens = lengths[pts]
+            chunk = (np.cumsum(lens) - lens) // max_gather  # chunks of about max_gather observations
+            cuts = [0, *(np.flatnonzero(np.diff(chunk)) + 1).tolist(), pts.size]
+            for start, stop in itertools.pairwise(cuts):
+                n = lens[start:stop]
+                offsets = np.repeat(first[pts[start:stop]] - np.cumsum(n) + n, n) + np.arange(int(n.sum()))
+                obs = by_point[offsets]
+                j = self.obs_image[obs]
+                a = np.repeat(np.arange(start, stop), n)
+                keep = j > i
+                yield j[keep], a[keep], p2d_of_obs[obs[keep]]
+
+        for i in range(S - 1):
+            covis = np.zeros(S, np.int64)
+            for j, _, _ in gather(i):
+                covis += np.bincount(j, minlength=S)
+            partners = np.flatnonzero(covis)
+            if partners.size == 0:
+                continue
+            # contiguous groups of partners of about max_matches matches (a single pair may exceed it: one row)
+            n = covis[partners]
+            group_of = (np.cumsum(n) - n) // max_matches
+            for gi in np.unique(group_of):
+                members = partners[group_of == gi]
+                wanted = np.zeros(S, bool)
+                wanted[members] = True
+                js, as_, bs = [], [], []
+                for j, a, b in gather(i):
+                    sel = wanted[j]
+                    js.append(j[sel])
+                    as_.append(a[sel])
+                    bs.append(b[sel])
+                j, a, b = np.concatenate(js), np.concatenate(as_), np.concatenate(bs)
+                srt = np.argsort(j, kind="stable")  # by partner; within it by POINT2D_IDX in i (gathered in order)
+                j, a, b = j[srt], a[srt], b[srt]
+                cuts = np.flatnonzero(np.diff(j)) + 1
+                yield (
+                    i,
+                    [
+                        (int(jj[0]), np.stack([aa, bb], 1).astype("<u4"))
+                        for jj, aa, bb in zip(np.split(j, cuts), np.split(a, cuts), np.split(b, cuts))
+                    ],
+                )
+                del js, as_, bs, j, a, b, srt
 
     def _pair_row(self, i: int, j: int, matches: np.ndarray) -> tuple:
         """pair_id, rows, inlier matches, F, E, H, qvec, tvec of images i < j from the model's own poses."""
@@ -421,6 +508,16 @@ def _pixel_points(pred: ScenePrediction, options: ExportOptions) -> _PixelPoints
         usable = np.isfinite(depth) & (depth > 0)
     depth = depth.reshape(S, H, W)
     valid = np.stack([_valid_content_mask(tf, sz, H, W) for tf, sz in zip(pred.transforms, pred.original_sizes)])
+    finite = np.isfinite(conf) & np.isfinite(depth)  # a point map's NaN carries into its depth
+    broken = int((valid & ~finite).sum())
+    if valid.any() and broken == int(valid.sum()):
+        # NaN weights gave NaN maps, and those a model of 0 points with exit 0
+        raise SceneError(
+            f"{pred.scene}: the model predicted no finite depth or confidence (NaN or inf in all {broken} pixels);"
+            " its weights are broken: check the checkpoint"
+        )
+    if broken:
+        log.warning("%s: %d predicted pixels are NaN or inf; they give no points", pred.scene, broken)
     valid &= usable & np.isfinite(conf)
     vals = conf[valid]
     # one partial sort for the threshold percentile and the median
@@ -433,6 +530,7 @@ def _pixel_points(pred: ScenePrediction, options: ExportOptions) -> _PixelPoints
         "median": float(median) if vals.size else None,
         "max": float(vals.max()) if vals.size else None,
         "candidates": int(valid.sum()),
+        "non_finite": broken,
         "above_threshold": int(keep.sum()),
     }
     return _PixelPoints(
@@ -662,6 +760,41 @@ def _error_stats(res: np.ndarray) -> dict[str, float | None]:
     return {"mean": round(float(res.mean()), 6), "median": round(float(np.median(res)), 6)}
 
 
+def _name_is_safe(name: str) -> bool:
+    """Whether COLMAP's text files (space-separated, one record per line) and its binary files can hold ``name``."""
+    try:
+        name.encode("utf-8")  # a file name that is not UTF-8 (kept as surrogates) cannot be written at all
+    except UnicodeEncodeError:
+        return False
+    return not any(c.isspace() or unicodedata.category(c).startswith("C") for c in name)
+
+
+def colmap_image_names(names: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Names COLMAP can hold: spaces, newlines, other control characters and non-UTF-8 bytes become ``_``.
+
+    Returns the names and ``{new: original}`` for those renamed (reported, and ``images/`` links the new name to the
+    original file). A name with a space was cut there by COLMAP's text reader, one with a newline broke the file.
+    A renamed name that collides with another gets ``-2``, ``-3``, ... before its extension.
+    """
+    out: list[str] = []
+    renamed: dict[str, str] = {}
+    taken = {n for n in names if _name_is_safe(n)}
+    for name in names:
+        if _name_is_safe(name):
+            out.append(name)
+            continue
+        clean = "".join("_" if not _name_is_safe(c) else c for c in name)
+        stem, ext = os.path.splitext(clean)
+        new, k = clean, 1
+        while new in taken:
+            k += 1
+            new = f"{stem}-{k}{ext}"
+        taken.add(new)
+        out.append(new)
+        renamed[new] = name
+    return out, renamed
+
+
 def to_colmap(pred: ScenePrediction, options: Any = None) -> ColmapResult:
     """Build the COLMAP model (PINHOLE cameras at original resolution, posed images, points with tracks).
 
@@ -694,10 +827,13 @@ def to_colmap(pred: ScenePrediction, options: Any = None) -> ColmapResult:
     tf = np.array([[t.sx, t.sy, t.ox, t.oy] for t in pred.transforms])[tr.obs_frame]  # ImageTransform.to_original
     xy = np.stack([(tr.obs_pixel % W + 0.5 - tf[:, 2]) / tf[:, 0], (tr.obs_pixel // W + 0.5 - tf[:, 3]) / tf[:, 1]], -1)
     colors = pred.images.reshape(S, -1, 3)[tr.seed_frame, tr.seed_pixel]
+    names, renamed = colmap_image_names(list(pred.names))
+    if renamed:
+        log.warning("%s: %d image names COLMAP cannot hold were renamed: %s", pred.scene, len(renamed), renamed)
     model = ColmapModel(
         camera_sizes=sizes,
         camera_params=params,
-        image_names=list(pred.names),
+        image_names=names,
         image_camera=cam_of,
         cam_from_world=pred.extrinsics.astype(np.float64).copy(),
         xyz=tr.xyz.astype(np.float64),
@@ -711,6 +847,7 @@ def to_colmap(pred: ScenePrediction, options: Any = None) -> ColmapResult:
         "tracks": tr.report,
         "reprojection_error": _error_stats(model.residuals()),
         "cameras": C,
+        **({"renamed_images": renamed} if renamed else {}),
     }
     t1 = time.perf_counter()
     if opts.ba:

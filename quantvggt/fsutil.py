@@ -24,7 +24,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 log = logging.getLogger(__name__)
@@ -332,14 +332,53 @@ def _location(path_or_uri: str | os.PathLike[str]) -> tuple[str, PurePosixPath]:
     return "", PurePosixPath(Path(os.path.expanduser(text)).resolve().as_posix())
 
 
+def _identities(path: str | os.PathLike[str]) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
+    """(st_dev, st_ino) of ``path`` (None if it does not exist) and of each of its existing ancestors, nearest first.
+
+    One folder reached through two paths (a bind mount, a second mount of a share, a symlink) has one identity, so
+    overlaps are found whatever the path strings say.
+    """
+    ids: list[tuple[int, int] | None] = []
+    p = Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
+    for q in (p, *p.parents):
+        try:
+            st = os.stat(q)
+        except OSError:  # not there yet (an output to be made), or unreadable: its ancestors still count
+            ids.append(None)
+            continue
+        ids.append((st.st_dev, st.st_ino))
+    return ids[0], [i for i in ids[1:] if i is not None]
+
+
+def _overlap(o_path: PurePosixPath, i_path: PurePosixPath, o: str, i: str) -> str | None:
+    """How output ``o`` overlaps input ``i`` ("is", "lies inside", "contains"), by resolved path, then by inode."""
+    if o_path == i_path:
+        return "is the input folder"
+    if i_path in o_path.parents:
+        return "lies inside the input folder"
+    if o_path in i_path.parents:
+        return "contains the input folder"
+    if not o or not i or "://" in o or "://" in i:  # URIs have no inodes
+        return None
+    (o_self, o_up), (i_self, i_up) = _identities(o), _identities(i)
+    if o_self is not None and o_self == i_self:
+        return "is the input folder"
+    if i_self is not None and i_self in o_up:
+        return "lies inside the input folder"
+    if o_self is not None and o_self in i_up:
+        return "contains the input folder"
+    return None
+
+
 def check_outputs_outside_inputs(
     outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str]]
 ) -> None:
     """Refuse (``ValueError``) an output folder that is an input folder, contains one, or lies inside one.
 
     Writing ``OUT/<name>`` replaces that whole folder, so an output equal to or above a scene folder deletes its
-    images, and one inside it becomes part of the scene. Local paths are compared with symlinks resolved; URIs
-    (``s3://bucket/key``) by bucket and normalised key. Call it before any work.
+    images, and one inside it becomes part of the scene. Local paths are compared with symlinks resolved and by
+    device and inode of every ancestor (a bind mount or a second mount of one folder has another path but the same
+    inode); URIs (``s3://bucket/key``) by bucket and normalised key. Call it before any work.
     """
     ins = [(i, _location(i)) for i in inputs]
     for o in outputs:
@@ -347,15 +386,55 @@ def check_outputs_outside_inputs(
         for i, (i_root, i_path) in ins:
             if o_root != i_root:
                 continue
-            if o_path == i_path:
-                how = "is the input folder"
-            elif i_path in o_path.parents:
-                how = "lies inside the input folder"
-            elif o_path in i_path.parents:
-                how = "contains the input folder"
-            else:
+            how = _overlap(o_path, i_path, os.fspath(o), os.fspath(i))
+            if how is None:
                 continue
             raise ValueError(
                 f"output {o} {how} {i}: writing it would replace or mix with the scene's images; "
                 "choose an output folder outside the scene folders"
             )
+
+
+def _folder_is_empty(path: Path) -> bool:
+    try:
+        return next(os.scandir(path), None) is None
+    except OSError:
+        return False
+
+
+def check_output_folder(
+    out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]] = (), own_marker: str | None = None
+) -> None:
+    """Refuse a folder that :func:`atomic_dir` would replace when it is not ours, or overlaps an input.
+
+    ``out`` may be missing, an empty folder, or a folder holding ``own_marker`` (e.g. ``quant.json``: a result we
+    wrote before); anything else is someone's data and is never replaced (``ValueError``). ``out`` may not be an
+    input, lie inside one or contain one (compared by inode, see :func:`check_outputs_outside_inputs`); a file in
+    the way is an :class:`OutputError`. Call it before any work.
+    """
+    check_outputs_outside_inputs([out], inputs)
+    final = Path(out)
+    check_destination(final)
+    if own_marker and final.is_dir() and not _folder_is_empty(final) and not (final / own_marker).is_file():
+        raise ValueError(
+            f"{out}: is a folder that is not empty and has no {own_marker} (not one of our results); "
+            "refusing to replace it: choose a new or empty folder"
+        )
+
+
+def check_output_file(
+    out: str | os.PathLike[str],
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    is_own: Callable[[Path], bool] | None = None,
+) -> None:
+    """Refuse an output file that would land onto or inside an input, or replace a file that is not ours.
+
+    ``is_own(path)`` says whether an existing file is one we wrote (and may replace); without it any existing
+    file is refused. A folder where the file should be is refused too. Raises ``ValueError`` (one line).
+    """
+    path = Path(out)
+    check_outputs_outside_inputs([path], inputs)
+    if path.is_dir():
+        raise ValueError(f"{out}: is a folder; give a file name")
+    if os.path.lexists(path) and not (is_own is not None and path.is_file() and is_own(path)):
+        raise ValueError(f"{out}: exists and is not one of our results; refusing to replace it")

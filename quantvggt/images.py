@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,11 +15,20 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff")
+# every extension Pillow reads as a photograph, plus HEIC/HEIF (decoded when pillow-heif is installed, else skipped
+# with that reason): .bmp/.gif/.jfif/.heic frames used to be ignored without a word
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".heic", ".heif",
+)  # fmt: skip
+_HEIF_EXTENSIONS = (".heic", ".heif")
+_ANIMATED_FORMATS = ("GIF", "PNG", "WEBP")  # a sequence of pictures, not one frame (multi-page TIFFs keep page 1)
+# a JPEG's entropy-coded data ends at a marker: 0xFF then a byte that is not 0x00 (stuffing), 0xD0-0xD7 (restart
+# markers, inside the data) or 0xFF (fill)
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 TARGET_SIZE = 518
 PATCH = 14
 # Refused from the header, before any pixel is decoded. 80 Mpx is above common cameras (61 Mpx full frame) and
@@ -138,6 +149,49 @@ def _to_rgb(img: Image.Image, label: str) -> Image.Image:
     raise ImageLoadError(f"{label}: pixel mode {mode} is not supported (convert the image to RGB)")
 
 
+def jpeg_is_complete(data: bytes) -> bool:
+    """Whether JPEG ``data`` holds its whole image: markers well formed from SOI and an EOI after the last scan.
+
+    Pillow decodes a JPEG whose second half is zeros without a word (zeros are valid entropy-coded data, and
+    libjpeg's "premature end" is only a warning), so a camera file cut by a failed copy became a grey-smeared frame.
+    Bytes after EOI (padding some cameras add) are allowed.
+    """
+    if data[:2] != b"\xff\xd8":
+        return False
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            return True
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if length < 2 or pos + 2 + length > n:
+            return False
+        pos += 2 + length
+        if marker == 0xDA:  # SOS: entropy-coded data runs to the next marker
+            m = _JPEG_MARKER.search(data, pos)
+            if m is None:
+                return False
+            pos = m.start()
+    return pos + 2 <= n and data[pos : pos + 2] == b"\xff\xd9"
+
+
+def _heif_opener() -> None:
+    """Register pillow-heif's HEIC/HEIF opener, or refuse: Pillow alone cannot decode them."""
+    try:
+        import pillow_heif  # type: ignore[import-not-found]
+    except ImportError as e:
+        raise ImportError("decoding it needs the pillow-heif package (pip install pillow-heif)") from e
+    pillow_heif.register_heif_opener()
+
+
 def open_image(source: str | Path | bytes, name: str = "") -> Image.Image:
     """Decode an image (path or bytes), apply EXIF orientation and composite alpha on white; RGB out.
 
@@ -156,13 +210,36 @@ def open_image(source: str | Path | bytes, name: str = "") -> Image.Image:
                 raise ImageLoadError(f"{label}: no such file")
             if fp.stat().st_size == 0:
                 raise ImageLoadError(f"{label}: file is empty (0 bytes)")
-        with warnings.catch_warnings():
-            # MAX_PIXELS is stricter than Pillow's warning threshold, so its warning would only duplicate ours
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            if fp.suffix.lower() in _HEIF_EXTENSIONS:
+                try:
+                    _heif_opener()
+                except ImportError as e:
+                    raise ImageLoadError(f"{label}: HEIC/HEIF image: {e}") from None
+        truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have turned it on: a cut file must fail
+        try:
             with Image.open(fp) as raw:
                 check_image_header(raw.width, raw.height, label)
-                raw.load()
+                if raw.format in _ANIMATED_FORMATS and getattr(raw, "n_frames", 1) > 1:
+                    raise ImageLoadError(
+                        f"{label}: animated {raw.format} with {raw.n_frames} pictures; extract them as frames first"
+                    )
+                with warnings.catch_warnings():
+                    # a decoder's warning about the data (truncated, corrupt) refuses the file; MAX_PIXELS is
+                    # stricter than Pillow's bomb warning, and deprecations are about the API, not the file
+                    warnings.simplefilter("error")
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    raw.load()
+                if raw.format in ("JPEG", "MPO"):
+                    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+                    if not jpeg_is_complete(data):
+                        raise ImageLoadError(
+                            f"{label}: corrupt or truncated image (JPEG data ends without its end marker)"
+                        )
                 img = ImageOps.exif_transpose(raw)  # a new image: usable after the file is closed
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = truncated
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as e:
@@ -299,10 +376,32 @@ def pick_frames(n_images: int, k: int, seed: int | None = None) -> list[int]:
     return sorted(rng.choice(n_images, size=k, replace=False).tolist())
 
 
+def _broken_links(folder: Path) -> list[dict[str, str]]:
+    """Symbolic links with an image extension whose target is missing, as skipped entries with the reason."""
+    out = []
+    for p in sorted(folder.iterdir(), key=lambda p: p.name):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_symlink() and not p.exists():
+            out.append(
+                {"name": p.name, "reason": f"{p.name}: broken symbolic link (its target {os.readlink(p)} is missing)"}
+            )
+    return out
+
+
 def readable_images(folder: str | Path) -> tuple[list[Path], list[dict[str, str]]]:
-    """Image files of ``folder`` that decode, and the skipped ones as ``{"name", "reason"}`` (each logged)."""
+    """Image files of ``folder`` that decode, and the skipped ones as ``{"name", "reason"}`` (each logged).
+
+    Skipped and said: files with an image extension that do not decode (or need a missing decoder), and symbolic
+    links to missing files. Files without an image extension (notes, poses) are not frames and not listed.
+    """
     folder = Path(folder)
     good, skipped = [], []
+    try:
+        broken = _broken_links(folder)
+    except OSError:  # an unreadable folder: list_images below says so
+        broken = []
+    for entry in broken:
+        log.warning("%s: skipping %s", folder.name, entry["reason"])
+        skipped.append(entry)
     for p in list_images(folder):
         try:
             open_image(p, name=p.name)
@@ -311,4 +410,4 @@ def readable_images(folder: str | Path) -> tuple[list[Path], list[dict[str, str]
             reason = str(e) if isinstance(e, ImageLoadError) else f"{p.name}: cannot read ({type(e).__name__}: {e})"
             log.warning("%s: skipping %s", folder.name, reason)
             skipped.append({"name": p.name, "reason": reason})
-    return good, skipped
+    return good, sorted(skipped, key=lambda s: s["name"])

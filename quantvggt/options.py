@@ -90,12 +90,17 @@ class ExportOptions:
     ply: bool = opt(True, "sparse/0/points3D.ply for point-cloud viewers and Gaussian-splatting trainers")
     database: bool = opt(True, "database.db with the tracks as matches (colmap point_triangulator / mapper)")
     text: bool = opt(False, "also write COLMAP text files")
+    memory_budget_mb: float | None = opt(
+        None,
+        "memory one forward pass may use beyond the weights (lowers the single-pass limit and chunk size), and the "
+        "export's working memory (database.db's matches; default 256 MB)",
+    )
     formats: list[str] = opt(  # noqa: RUF009  (opt gives a default_factory for lists)
         [], "more export formats (quantvggt.export), e.g. nerfstudio", flag="--export"
     )
 
     def __post_init__(self) -> None:
-        _finite(self, "conf_percentile", "conf_threshold", "shared_camera_tol", "track_tolerance")
+        _finite(self, "conf_percentile", "conf_threshold", "shared_camera_tol", "track_tolerance", "memory_budget_mb")
         _whole(self, "max_points", "min_track_length", "ba_iterations", "seed")
         _choice(self, "camera", CAMERA_MODES)
         _choice(self, "points_from", ("depth", "point_map"))
@@ -112,6 +117,8 @@ class ExportOptions:
             raise ValueError(f"min_track_length must be >= 1, got {self.min_track_length}")
         if self.ba_iterations < 1:
             raise ValueError(f"ba_iterations must be >= 1, got {self.ba_iterations}")
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
         if isinstance(self.formats, str):
             self.formats = [self.formats]
         self.formats = list(dict.fromkeys(self.formats))
@@ -137,9 +144,6 @@ class ReconstructionOptions(ExportOptions):
         "chunk along file-name order, a chain of similar-looking frames (unordered collections), or auto: "
         "name order unless it jumps between unlike views",
     )
-    memory_budget_mb: float | None = opt(
-        None, "memory one forward pass may use beyond the weights; lowers the single-pass limit and chunk size"
-    )
     max_align_residual: float = opt(
         0.3,
         "a chunk aligning worse than this (relative to the scene extent) is reported, not merged "
@@ -149,7 +153,6 @@ class ReconstructionOptions(ExportOptions):
     image_size: int | None = opt(None, "preprocessing width; default the model's own (518 for VGGT-1B)", cli=False)
 
     def __post_init__(self) -> None:
-        _finite(self, "memory_budget_mb")
         _whole(self, "max_frames", "chunk_size", "overlap", "anchors", "image_size")
         super().__post_init__()
         _choice(self, "chunking", ("sequential", "anchors"))
@@ -168,8 +171,6 @@ class ReconstructionOptions(ExportOptions):
             raise ValueError(f"overlap must be >= 1, got {self.overlap}")
         if self.anchors is not None and self.anchors < 1:
             raise ValueError(f"anchors must be >= 1, got {self.anchors}")
-        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
-            raise ValueError(f"memory_budget_mb must be > 0, got {self.memory_budget_mb}")
         if self.chunking == "anchors" and self.overlap is not None:
             raise ValueError("overlap applies to sequential chunking; anchors chunks share --anchors frames instead")
         if self.chunking == "sequential" and self.anchors is not None:

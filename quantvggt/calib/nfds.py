@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quantvggt.fsutil import atomic_file
+from quantvggt.fsutil import atomic_file, check_output_file
 from quantvggt.images import ImageLoadError, list_images, load_and_preprocess, pick_frames, readable_images
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,13 @@ def _read_table(path: Path, required: Sequence[str], what: str) -> list[dict[str
     return table.to_pylist()
 
 
+def _check_counts(**counts: Any) -> None:
+    """Refuse counts that are not whole numbers >= their minimum (``frames=(value, 2)``), naming the option."""
+    for key, (value, least) in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{key} must be a whole number >= {least}, got {value!r}")
+
+
 def candidate_pool(
     pool: Sequence[str | Path], frames: int = 10, seed: int = 0, group_column: str = "group"
 ) -> list[Candidate]:
@@ -109,6 +116,7 @@ def candidate_pool(
 
     Scene paths are stored absolute; relative ``scene`` entries of a pool manifest are relative to its folder.
     """
+    _check_counts(frames=(frames, 2))  # one frame has no frame-similarity feature to cluster on
     scenes: list[tuple[Path, str]] = []
     seen: set[Path] = set()
     for item in pool:
@@ -206,6 +214,8 @@ def select(
     """Mark outliers (with reasons), cluster inliers, and mark the selected samples. Rows are copied, not mutated."""
     from sklearn.cluster import KMeans
 
+    # --clusters 0 selected nothing and wrote an empty selection with exit 0
+    _check_counts(n_clusters=(n_clusters, 1), per_cluster=(per_cluster, 1), n_init=(n_init, 1))
     rows = [dict(r, outlier=False, outlier_reason="", cluster=-1, selected=False) for r in rows]
     if filter_outliers:
         groups: dict[str, list[int]] = {}
@@ -280,6 +290,44 @@ def write_manifest(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 
 MANIFEST_COLUMNS = ("sample_id", "scene", "frames", "selected")  # what loading the selected samples needs
+PLOT_SOFTWARE = "quantvggt NFDS selection plot"
+
+
+def is_manifest(path: str | Path) -> bool:
+    """Whether ``path`` is a selection manifest (Parquet with the columns loading needs): ours to replace."""
+    import pyarrow.parquet as pq
+
+    try:
+        names = pq.read_schema(path).names
+    except Exception:  # not Parquet, unreadable: not ours
+        return False
+    return all(c in names for c in MANIFEST_COLUMNS)
+
+
+def _is_plot(path: Path) -> bool:
+    """Whether ``path`` is a plot we wrote (its PNG ``Software`` text, or an older plot beside our manifest)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            software = str(getattr(im, "text", {}).get("Software", ""))
+    except Exception:
+        return False
+    return software == PLOT_SOFTWARE or is_manifest(path.with_suffix(".parquet"))
+
+
+def check_selection_output(out: str | Path, inputs: Sequence[str | Path]) -> None:
+    """Refuse a manifest path (and the plot beside it) that would land in an input or replace a file not ours.
+
+    ``out`` must end in ``.parquet`` (``quantize --calibration`` recognises manifests by it; the plot is
+    ``out.with_suffix(".png")``), may replace only a selection manifest, and neither file may be or lie inside an
+    input (a pool folder or scene: a PNG there becomes a frame). ``ValueError`` naming the file.
+    """
+    out = Path(out)
+    if out.suffix != ".parquet":
+        raise ValueError(f"{out}: a selection manifest must end in .parquet (the plot goes beside it as .png)")
+    check_output_file(out, inputs, is_own=is_manifest)
+    check_output_file(out.with_suffix(".png"), inputs, is_own=_is_plot)
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
@@ -342,7 +390,7 @@ def plot_selection(rows: list[dict[str, Any]], png: str | Path) -> Path:
     ax.set_ylabel("PC 2")
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
+    fig.savefig(png, dpi=100, metadata={"Software": PLOT_SOFTWARE})  # marks the file as ours: may be replaced
     plt.close(fig)
     return Path(png)
 
@@ -359,13 +407,20 @@ def main(
     overwrite: bool = False,
     progress: Any | None = None,
 ) -> Path:
-    """Collect statistics over the pool, select, write the manifest (+ PNG beside it); returns the manifest path."""
+    """Collect statistics over the pool, select, write the manifest (+ PNG beside it); returns the manifest path.
+
+    Refused before any work: bad counts, and an ``out`` (or its plot) that is inside a pool folder or would replace
+    a file that is not a selection (:func:`check_selection_output`); checked again against the scenes found.
+    """
+    _check_counts(frames=(frames, 2), n_clusters=(n_clusters, 1), per_cluster=(per_cluster, 1), n_init=(n_init, 1))
     out = Path(out)
+    check_selection_output(out, pool)
     if out.is_file() and not overwrite:
         return out
     cands = candidate_pool(pool, frames, seed)
     if not cands:
         raise ValueError(f"NFDS: no candidate scenes found in {list(map(str, pool))}")
+    check_selection_output(out, sorted({c.scene for c in cands}))  # scenes listed by a pool manifest, too
     size = model.image_size
     rows = []
     it: Iterable[Candidate] = progress(cands) if progress else cands

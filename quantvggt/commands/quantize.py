@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     """Calibrate and quantize a model, then write a quantized checkpoint folder."""
     from quantvggt.calib import folder_samples
     from quantvggt.calib.nfds import load_selected
+    from quantvggt.fsutil import check_output_folder
     from quantvggt.quant import get_recipe, quantize_, save_quantized
     from quantvggt.quant.load import load_model
     from quantvggt.quant.sensitivity import mixed_precision, read_layer_bits
@@ -91,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.layer_bits:
         overrides["layer_bits"] = read_layer_bits(args.layer_bits)
     config = get_recipe(args.recipe, **overrides)
+    inputs = _inputs(args)
+    check_output_folder(args.out, inputs=inputs, own_marker="quant.json")  # never over data or an input
     model = load_model(args.model)
     calib = []
     for path in args.calibration:
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {part:24s} " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     with _ProgressBar() as bar:
         report = quantize_(model, config, calib, on_progress=bar)
-    out = save_quantized(model, args.out, extra={"report": report.to_dict(), **extra})
+    out = save_quantized(model, args.out, extra={"report": report.to_dict(), **extra}, inputs=inputs)
     print(f"recipe {report.recipe}: {len(report.layers)} layers quantized in {report.seconds:.1f}s")
     print(
         f"bytes: {report.quantized_bytes:,} ({report.bytes_16bit:,} with floats at 16 bit); "
@@ -118,3 +121,21 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}")
     return 0
+
+
+def _inputs(args: argparse.Namespace) -> list[str]:
+    """What ``--out`` may not overlap: calibration folders, the scenes a manifest names, a local model."""
+    from pathlib import Path
+
+    from quantvggt.calib.nfds import read_manifest
+    from quantvggt.storage import local_path
+
+    inputs: list[str] = []
+    for item in args.calibration:
+        inputs.append(item)
+        if str(item).endswith(".parquet") and Path(item).is_file():
+            inputs += sorted({str(row["scene"]) for row in read_manifest(item)})
+    model = local_path(args.model)
+    if model is not None and model.exists():
+        inputs.append(str(model))
+    return inputs

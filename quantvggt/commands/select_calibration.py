@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from quantvggt.calib.nfds import main, read_manifest
+from quantvggt.calib.nfds import check_selection_output, main, read_manifest
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
     from quantvggt.quant.load import load_model
 
+    check_selection_output(args.out, args.pool)  # before the model: never onto or inside an input
     model = load_model(args.model)
     out = main(
         model,

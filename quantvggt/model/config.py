@@ -9,6 +9,40 @@ from typing import Any
 from quantvggt.lowbit.attention import check_attention_kind
 from quantvggt.model.dinov2 import VIT_SIZES
 
+# Every size in a config is a whole number in 1..MAX_SIZE unless listed in _SIZE_RANGE: a config.json or quant.json
+# with 0, -1, "1024" or 1e9 there ended in a traceback (or a multi-GB allocation) inside the model's constructor
+MAX_SIZE = 65536
+_SIZE_RANGE = {"num_register_tokens": (0, 64), "rope_freq": (0, 1_000_000), "corr_radius": (0, 64)}
+_NUMBER_RANGE = {"mlp_ratio": (1e-3, 64.0), "init_values": (0.0, 10.0)}
+MAX_PARAMETERS = 2e10  # ~80 GB of float32 aggregator weights: no config of ours comes near (VGGT-1B: 1.2e9)
+
+
+def _check_types(obj: Any) -> None:
+    """Refuse a field of the wrong type or outside its range (``ValueError`` naming the field and the value)."""
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), str(f.type)
+        if kind == "int":
+            lo, hi = _SIZE_RANGE.get(f.name, (1, MAX_SIZE))
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{f.name} must be a whole number in {lo}..{hi}, got {value!r}")
+        elif kind == "float":
+            lo, hi = _NUMBER_RANGE.get(f.name, (0.0, 1e6))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"{f.name} must be a number in {lo:g}..{hi:g}, got {value!r}")
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be true or false, got {value!r}")
+        elif kind == "str" and not isinstance(value, str):
+            raise ValueError(f"{f.name} must be a string, got {value!r}")
+        elif kind.startswith("list[") and not isinstance(value, list):
+            raise ValueError(f"{f.name} must be a list, got {value!r}")
+        elif kind == "list[int]":
+            signed = f.name == "intermediate_layer_idx"  # negative indices count from the last block
+            lo, hi = (-MAX_SIZE, MAX_SIZE) if signed else (1, MAX_SIZE)
+            if any(isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi for v in value):
+                raise ValueError(f"{f.name} must be whole numbers in {lo}..{hi}, got {value!r}")
+        elif kind == "list[str]" and any(not isinstance(v, str) for v in value):
+            raise ValueError(f"{f.name} must be strings, got {value!r}")
+
 
 def _check_keys(cls: type, d: dict, where: str) -> None:
     known = {f.name for f in dataclasses.fields(cls)}
@@ -40,6 +74,7 @@ class AggregatorConfig:
     attention: str = "sdpa"  # frame/global attention: exact "sdpa" or "int8" Q·K^T (quantvggt.lowbit.attention)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         check_attention_kind(self.attention)
         if self.depth % self.aa_block_size:
             raise ValueError(f"depth {self.depth} must be divisible by aa_block_size {self.aa_block_size}")
@@ -71,6 +106,7 @@ class CameraHeadConfig:
     fl_act: str = "relu"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.pose_encoding_type != "absT_quaR_FoV":
             raise ValueError(f"unsupported pose_encoding_type {self.pose_encoding_type!r}")
 
@@ -92,6 +128,7 @@ class DPTHeadConfig:
     down_ratio: int = 1
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if len(self.out_channels) != 4 or len(self.intermediate_layer_idx) != 4:
             raise ValueError("DPT head needs exactly 4 out_channels and 4 intermediate_layer_idx")
 
@@ -114,6 +151,9 @@ class TrackHeadConfig:
     corr_radius: int = 4
     hidden_size: int = 384
     pos_embed: bool = True  # upstream's current default; releases before its track-head fix hard-coded False
+
+    def __post_init__(self) -> None:
+        _check_types(self)
 
 
 _PARTS: dict[str, type] = {
@@ -139,8 +179,15 @@ class VGGTConfig:
     def __post_init__(self) -> None:
         if self.aggregator is None:
             raise ValueError("the aggregator is required")
-        if not isinstance(self.image_size, int) or self.image_size < 14 or self.image_size % 14:
-            raise ValueError(f"image_size must be a positive multiple of 14, got {self.image_size!r}")
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 14 <= size <= MAX_SIZE or size % 14:
+            raise ValueError(f"image_size must be a positive multiple of 14 up to {MAX_SIZE}, got {size!r}")
+        params = 24 * self.aggregator.depth * self.aggregator.embed_dim**2  # frame + global blocks, 12 d^2 each
+        if params > MAX_PARAMETERS:
+            raise ValueError(
+                f"aggregator: depth {self.aggregator.depth} x embed_dim {self.aggregator.embed_dim} is ~{params:.1e}"
+                f" parameters, over the {MAX_PARAMETERS:.0e} limit"
+            )
         width = 2 * self.aggregator.embed_dim
         depth = self.aggregator.depth
         for name in ("camera_head", "depth_head", "point_head", "track_head"):
@@ -170,7 +217,7 @@ class VGGTConfig:
         unknown = set(d) - set(_PARTS) - {"image_size"}
         if unknown:
             raise ValueError(f"unknown model parts {sorted(unknown)}; expected {sorted(_PARTS)} and image_size")
-        kwargs: dict[str, Any] = {"image_size": int(d.get("image_size", 518))}
+        kwargs: dict[str, Any] = {"image_size": d.get("image_size", 518)}
         for name, part_cls in _PARTS.items():
             sub = d.get(name)
             if sub is None:
@@ -178,9 +225,14 @@ class VGGTConfig:
                     raise ValueError("config has no 'aggregator' part")
                 kwargs[name] = None
                 continue
+            if not isinstance(sub, dict):
+                raise ValueError(f"{name} must be an object of options or null, got {sub!r}")
             _check_keys(part_cls, sub, name)
             base = _depth_head_default() if name == "depth_head" else part_cls()
-            kwargs[name] = dataclasses.replace(base, **sub)
+            try:
+                kwargs[name] = dataclasses.replace(base, **sub)
+            except ValueError as e:  # the part's own check: say which part
+                raise ValueError(f"{name}: {e}") from None
         return cls(**kwargs)
 
     @classmethod

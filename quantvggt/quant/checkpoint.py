@@ -10,6 +10,7 @@ at the top level) still loads; files without ``attention`` (v1, early v2) load w
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import quantvggt
-from quantvggt.fsutil import atomic_dir
+from quantvggt.fsutil import atomic_dir, check_output_folder
 from quantvggt.lowbit.attention import ATTENTION_KINDS
 from quantvggt.model.config import VGGTConfig
 from quantvggt.model.loading import CheckpointError, _strict_load, read_state_dict
@@ -32,12 +33,20 @@ FORMAT_VERSION = 2
 REQUIRED_KEYS = ("format", "format_version", "model_config", "config", "layers")
 
 
-def save_quantized(model: VGGT, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write a quantized model to folder ``path`` atomically (temporary folder renamed into place)."""
+def save_quantized(
+    model: VGGT, path: str | Path, extra: dict[str, Any] | None = None, inputs: Iterable[str | Path] = ()
+) -> Path:
+    """Write a quantized model to folder ``path`` atomically (temporary folder renamed into place).
+
+    ``path`` may be new, empty or an earlier checkpoint (it has ``quant.json``); a folder of anything else, or one
+    that is, contains or lies inside one of ``inputs`` (calibration scenes, the source model), is refused with a
+    ``ValueError`` before anything is written: ``quantize --out photos`` used to replace the photos.
+    """
     meta = getattr(model, "quant_meta", None)
     if not meta:
         raise ValueError("model is not quantized (run quantize_ first)")
     path = Path(path)
+    check_output_folder(path, inputs, own_marker="quant.json")
     with atomic_dir(path) as tmp:
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(sd, str(tmp / "model.safetensors"))

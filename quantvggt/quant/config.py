@@ -18,6 +18,25 @@ SCOPES = ("aggregator", "patch_embed", "camera_head", "dpt_heads")
 VALID_BITS = (4, 6, 8, 16)
 BIT_SETTINGS = {"w4a4": (4, 4), "w4a8": (4, 8), "w6a6": (6, 6), "w8a8": (8, 8), "w4a16": (4, 16), "w8a16": (8, 16)}
 METHODS: dict[str, type[QuantConfig]] = {}
+# ranges of the numeric options (a quant.json or an override with "x", -1 or 1e9 there failed deep inside, or never)
+_INT_RANGE = {"seed": (0, 2**63 - 1), "epochs": (0, 10_000)}
+_FLOAT_RANGE = (0.0, 1e6)
+
+
+def _check_numbers(config: QuantConfig) -> None:
+    """Refuse numeric and boolean options of the wrong type or out of range, naming the option."""
+    for f in dataclasses.fields(config):
+        value, kind = getattr(config, f.name), str(f.type)
+        if kind == "int" and f.name not in ("w_bits", "a_bits"):  # bits have their own check and message
+            lo, hi = _INT_RANGE.get(f.name, (0, 2**31))
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ValueError(f"{f.name} must be a whole number in {lo}..{hi}, got {value!r}")
+        elif kind == "float":
+            lo, hi = _FLOAT_RANGE
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ValueError(f"{f.name} must be a number in {lo:g}..{hi:g}, got {value!r}")
+        elif kind == "bool" and not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -43,6 +62,11 @@ class QuantConfig:
             METHODS[cls.method] = cls
 
     def __post_init__(self) -> None:
+        _check_numbers(self)
+        if isinstance(self.scope, str) or not isinstance(self.scope, (list, tuple)):
+            raise ValueError(f"scope must be a list of parts, got {self.scope!r}")
+        if not isinstance(self.layer_bits, dict):
+            raise ValueError(f"layer_bits must be an object of pattern: [w_bits, a_bits], got {self.layer_bits!r}")
         self.scope = tuple(self.scope)
         for s in self.scope:
             if s not in SCOPES:
@@ -52,7 +76,7 @@ class QuantConfig:
         pairs = [("w_bits/a_bits", (self.w_bits, self.a_bits))]
         pairs += [(k, tuple(v)) for k, v in self.layer_bits.items()]
         for where, bits in pairs:
-            if len(bits) != 2:
+            if isinstance(bits, str) or len(bits) != 2:
                 raise ValueError(f"{where}: expected (w_bits, a_bits), got {bits}")
             w, a = bits
             if w not in VALID_BITS or a not in VALID_BITS:

@@ -87,8 +87,55 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.frames = tuple(self.frames)  # type: ignore[assignment]
+        self.check()
+
+    def check(self) -> None:
+        """Refuse values that cannot train (``ValueError`` naming the option); also run on fields set afterwards.
+
+        ``steps -1`` trained nothing and said it wrote a checkpoint; ``batch_size 0`` was a traceback.
+        """
+        for key, least in _WHOLE_AT_LEAST.items():
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{key} must be a whole number >= {least}, got {value!r}")
+        for key in ("grad_clip",):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+        for key in ("lr", "weight_decay", "camera_weight", "dense_weight"):  # lr 0: weights stay as they start
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{key} must be a finite number >= 0, got {value!r}")
         if self.frames[0] < 2 or self.frames[1] < self.frames[0] or self.frames[1] > self.pool_frames:
             raise ValueError(f"frames range {self.frames} must be within [2, pool_frames={self.pool_frames}]")
+
+
+# whole-number options and their least value (14 px: one patch)
+_WHOLE_AT_LEAST = {
+    "steps": 1, "batch_size": 1, "width": 14, "height": 14, "pool_scenes": 1, "pool_frames": 2, "warmup": 0,
+    "threads": 1, "save_every": 1, "log_every": 1, "pool_refresh_every": 0, "val_every": 0, "val_samples": 1,
+}  # fmt: skip
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a ``torch.device``, or a one-line ``ValueError``: unknown names, and GPUs that are not there.
+
+    ``--device cuda`` on a machine without one used to end in a traceback from inside the model's ``.to()``.
+    """
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...): {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: no CUDA GPU is available here (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r}: no Apple GPU (MPS) is available here (use --device cpu)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: training runs on cpu, cuda or mps")
+    return dev
 
 
 def _lr_at(step: int, cfg: TrainConfig, progress: float | None = None) -> float:
@@ -250,8 +297,12 @@ def plot_losses(log_path: Path, png: Path) -> None:
 
 def _run_config(out: Path, cfg: TrainConfig | None) -> TrainConfig:
     """The run's config: the one saved in ``out`` when resuming (it wins over ``cfg``), else ``cfg`` or the default."""
-    if (out / "train_config.json").is_file():
-        saved = TrainConfig(**json.loads((out / "train_config.json").read_text()))
+    path = out / "train_config.json"
+    if path.is_file():
+        try:
+            saved = TrainConfig(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError; unknown keys a TypeError
+            raise ValueError(f"{path}: {e}") from None
         if cfg is not None and asdict(cfg) != asdict(saved):
             log.warning("resuming with the saved train_config.json (the one passed differs)")
         return saved
@@ -397,8 +448,14 @@ def main(
     """
     if schedule_by_time and max_minutes is None:
         raise ValueError("schedule_by_time needs max_minutes")
+    if max_minutes is not None and not 0 < max_minutes < math.inf:
+        raise ValueError(f"max_minutes must be a finite number > 0, got {max_minutes}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be a whole number >= 0, got {workers!r}")
+    check_device(device)  # before any file is written or any scene rendered
     out = Path(out)
     cfg = _run_config(out, cfg)
+    cfg.check()  # fields may have been set after construction (the train command does)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
