@@ -123,7 +123,8 @@ def test_reconstruct_into_a_bind_mount_of_the_scenes_parent_keeps_the_frames(dat
         """,
     )
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "quantvggt reconstruct: error: output mnt/scene_000 is the input folder data/scene_000" in r.stderr
+    refused = r"quantvggt reconstruct: error: output \S*mnt/scene_000 is the input folder \S*data/scene_000"
+    assert re.search(refused, r.stderr)
     assert frames(data / "scene_000") == ["frame_000.png", "frame_001.png", "frame_002.png"]
 
 
@@ -197,7 +198,7 @@ def test_save_quantized_never_replaces_data_or_writes_into_an_input(tmp_path: Pa
 
 QUANTIZE_OUTS = [
     # `quantize --out data` replaced the calibration scene's parent folder; `--out photos` deleted the photos
-    ("out-is-the-calibration-scenes-parent", lambda d: d, "is a folder that is not empty and has no quant.json"),
+    ("out-is-the-calibration-scenes-parent", lambda d: d, "contains the input folder .*scene_000"),
     ("out-is-a-photo-folder", lambda d: d.parent / "photos", "is a folder that is not empty and has no quant.json"),
 ]
 
