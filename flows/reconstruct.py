@@ -197,6 +197,8 @@ def run_batch(
             cpus_per_worker=batch.cpus_per_worker,
             force=batch.force,
             max_attempts=batch.max_attempts,
+            capacity_timeout_s=batch.capacity_timeout_s,
+            item_timeout_s=batch.scene_timeout_s,
             names=names,
             on_result=on_result,
         )

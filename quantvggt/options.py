@@ -195,9 +195,18 @@ class BatchOptions:
     allowed_failures: int = opt(0, "failed scenes that still let the run pass")
     force: bool = opt(False, "reconstruct scenes that are complete already")
     max_attempts: int = opt(3, "dispatches of a scene whose worker died", cli=False)
+    capacity_timeout_s: float = opt(
+        300.0, "scenes waiting while no Ray worker is alive or placeable (a lost node) fail after this many seconds"
+    )
+    scene_timeout_s: float | None = opt(
+        None, "a scene (or chunk) running longer on one worker is retried elsewhere; default no limit"
+    )
 
     def __post_init__(self) -> None:
         _whole(self, "num_workers", "cpus_per_worker", "allowed_failures", "max_attempts")
+        _finite(self, "capacity_timeout_s", "scene_timeout_s")
+        if not self.capacity_timeout_s > 0 or (self.scene_timeout_s is not None and not self.scene_timeout_s > 0):
+            raise ValueError("capacity_timeout_s and scene_timeout_s must be > 0")
         _choice(self, "on_collision", ("error", "suffix"))
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -42,6 +43,8 @@ R = TypeVar("R")
 
 ACTOR_MAX_RESTARTS = 2  # Ray restarts a crashed worker this often and re-runs its in-flight call
 READY_TIMEOUT_S = 600.0  # a worker not set up by then (no free CPU/GPU in the cluster?) is given up
+CAPACITY_TIMEOUT_S = 300.0  # items waiting with no worker alive or placeable this long fail with the reason
+POLL_S = 2.0  # how often lost nodes and timeouts are checked while calls run
 
 
 class WorkerSetupError(RuntimeError):
@@ -69,7 +72,9 @@ class ReconstructionWorker:
 
     def __init__(self, model_uri: str, cpus: int = 1) -> None:
         _log_to_stderr()
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.node_id = ray.get_runtime_context().get_node_id()
+        # host:pid names the process; the node id tells two Ray nodes on one host apart
+        self.name = f"{socket.gethostname()}:{os.getpid()}@{self.node_id[:8]}"
         self.model_uri = model_uri
         self.setup_error = ""
         try:
@@ -87,6 +92,10 @@ class ReconstructionWorker:
     def ready(self) -> str:
         """'' once the model is loaded, else why it could not be."""
         return self.setup_error
+
+    def node(self) -> str:
+        """The Ray node id this worker runs on (the dispatcher notices when that node leaves the cluster)."""
+        return self.node_id
 
     def _setup_failed(self, job: SceneJob, attempt: int) -> SceneResult:
         error = f"worker setup failed: {self.setup_error}"
@@ -153,13 +162,20 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> str:
 
 
 class ActorDispatcher:
-    """ActorPool-style fan-out over ``size`` actors, replacing actors that die for good.
+    """ActorPool-style fan-out over ``size`` actors that never waits forever on a lost node.
 
     Like :class:`ray.util.ActorPool`, ``map_unordered(fn, values)`` calls ``fn(actor, value, attempt)`` (which
-    returns an ``ObjectRef``) on idle actors and yields ``(value, result)`` as results arrive. Unlike it, an actor
-    that is gone is replaced and its value re-queued (``max_attempts`` dispatches in all), and a value that cannot be
-    done becomes a result through ``on_error(value, attempt, error_text)``, so every value yields exactly once.
-    Actors must have a ``ready() -> str`` method returning '' once set up (else why not); :meth:`start` waits for it.
+    returns an ``ObjectRef``) on idle actors and yields ``(value, result)`` as results arrive. Unlike it:
+
+    - an actor that dies, or whose node is gone from the cluster (checked every ``poll_s``: Ray would keep its call
+      pending while it waits to restart the actor somewhere, for ever if there is no room), is killed, replaced when
+      the cluster has room, and its value re-queued (``max_attempts`` dispatches in all);
+    - a call running longer than ``item_timeout_s`` (None: no limit) is treated the same way;
+    - when values wait and no actor is alive or placeable for ``capacity_timeout_s``, they fail with the reason;
+    - a value that cannot be done becomes a result through ``on_error(value, attempt, error_text)``, so every value
+      yields exactly once.
+
+    Actors must have ``ready() -> str`` ('' once set up, else why not) and ``node() -> str`` (their Ray node id).
     """
 
     def __init__(
@@ -168,12 +184,20 @@ class ActorDispatcher:
         size: int,
         max_attempts: int = 3,
         ready_timeout_s: float | None = READY_TIMEOUT_S,
+        capacity_timeout_s: float = CAPACITY_TIMEOUT_S,
+        item_timeout_s: float | None = None,
+        poll_s: float = POLL_S,
     ) -> None:
         self.make_actor = make_actor
         self.size = max(1, size)
         self.max_attempts = max_attempts
         self.ready_timeout_s = ready_timeout_s
+        self.capacity_timeout_s = capacity_timeout_s
+        self.item_timeout_s = item_timeout_s
+        self.poll_s = poll_s
         self.idle: list[Any] = []
+        self.node_of: dict[Any, str] = {}  # actor id -> Ray node id
+        self.starting: dict[Any, Any] = {}  # ready() ref -> replacement actor not set up yet
         self.queue: list[tuple[Any, int]] = []
 
     def add(self, value: Any) -> None:
@@ -194,16 +218,9 @@ class ActorDispatcher:
         ready, late = ray.wait(list(pending), num_returns=len(pending), timeout=self.ready_timeout_s)
         errors = []
         for ref in ready:
-            actor = pending[ref]
-            try:
-                error = ray.get(ref)
-            except RayError as e:  # the actor died while setting up (e.g. an import failed)
-                error = _first_line(e)
+            error = self._setup(pending[ref], ref)
             if error:
                 errors.append(error)
-                ray.kill(actor)
-            else:
-                self.idle.append(actor)
         for ref in late:
             ray.kill(pending[ref])
         if late:
@@ -221,6 +238,33 @@ class ActorDispatcher:
                 f"one worker asks for? cluster resources: {ray.cluster_resources()}"
             )
 
+    def _setup(self, actor: Any, ready_ref: Any) -> str:
+        """'' and ``actor`` idle once its ready() answered ''; else the error (the actor is killed)."""
+        try:
+            error = ray.get(ready_ref)
+            if not error:
+                self.node_of[_aid(actor)] = ray.get(actor.node.remote())
+        except RayError as e:  # the actor died while setting up (e.g. an import failed, its node went away)
+            error = _first_line(e)
+        if error:
+            ray.kill(actor)
+            return error
+        self.idle.append(actor)
+        return ""
+
+    def _replace(self) -> None:
+        """Start a replacement actor (placed whenever the cluster has room; until then it only waits)."""
+        actor = self.make_actor()
+        self.starting[actor.ready.remote()] = actor
+
+    def _alive(self) -> int:
+        return len(self.idle) + len(self.starting)
+
+    def _lost(self, actor: Any) -> None:
+        ray.kill(actor, no_restart=True)
+        self.node_of.pop(_aid(actor), None)
+        self._replace()
+
     def map_unordered(
         self,
         fn: Callable[[Any, V, int], Any],
@@ -229,39 +273,92 @@ class ActorDispatcher:
     ) -> Iterator[tuple[V, R]]:
         """Yield ``(value, result)`` for every value, and every value :meth:`add`-ed meanwhile, as results arrive."""
         self.queue = queue = [(v, 1) for v in values]
-        inflight: dict[Any, tuple[V, int, Any]] = {}
+        inflight: dict[Any, tuple[V, int, Any, float]] = {}
+        starved_since: float | None = None
+
+        def retry_or_fail(value: V, attempt: int, why: str) -> Iterator[tuple[V, R]]:
+            log.warning("worker lost on %s (attempt %d of %d): %s", value, attempt, self.max_attempts, why)
+            if attempt < self.max_attempts:
+                queue.append((value, attempt + 1))
+            else:
+                yield value, on_error(value, attempt, f"worker lost {attempt} times: {why}")
+
         while queue or inflight:
             while queue and self.idle:
                 value, attempt = queue.pop(0)
                 actor = self.idle.pop()
-                inflight[fn(actor, value, attempt)] = (value, attempt, actor)
-            done, _ = ray.wait(list(inflight), num_returns=1)
-            value, attempt, actor = inflight.pop(done[0])
+                inflight[fn(actor, value, attempt)] = (value, attempt, actor, time.monotonic())
+            if queue and not self.idle and not inflight:  # nothing runs and nothing can start yet
+                starved_since = starved_since or time.monotonic()
+                if time.monotonic() - starved_since > self.capacity_timeout_s:
+                    why = (
+                        f"no Ray worker could be placed for {self.capacity_timeout_s:.0f} s (a lost node and no "
+                        f"room left?); cluster resources now: {ray.cluster_resources()}"
+                    )
+                    log.error("%s; failing the %d items that wait", why, len(queue))
+                    while queue:
+                        value, attempt = queue.pop(0)
+                        yield value, on_error(value, attempt, why)
+                    break
+            else:
+                starved_since = None
+            refs = list(inflight) + list(self.starting)
+            done, _ = ray.wait(refs, num_returns=1, timeout=self.poll_s) if refs else ([], [])
+            if not refs:
+                time.sleep(self.poll_s)
+            if not done:
+                yield from self._check(inflight, retry_or_fail)
+                continue
+            ref = done[0]
+            if ref in self.starting:
+                actor = self.starting.pop(ref)
+                if error := self._setup(actor, ref):
+                    log.warning("a replacement worker could not be set up: %s", error)
+                continue
+            value, attempt, actor, _ = inflight.pop(ref)
             try:
-                result = ray.get(done[0])
+                result = ray.get(ref)
             except RayTaskError as e:  # the call raised: a bug or bad input, which a retry would repeat
                 self.idle.append(actor)
                 yield value, on_error(value, attempt, _first_line(e))
                 continue
             except (RayActorError, RayError) as e:  # the process is gone (Ray's own restarts used up): retry
-                log.warning(
-                    "worker lost on %s (attempt %d of %d): %s", value, attempt, self.max_attempts, _first_line(e)
-                )
-                ray.kill(actor, no_restart=True)
-                self.idle.append(self.make_actor())
-                if attempt < self.max_attempts:
-                    queue.append((value, attempt + 1))
-                else:
-                    yield value, on_error(value, attempt, f"worker lost {attempt} times: {_first_line(e)}")
+                self._lost(actor)
+                yield from retry_or_fail(value, attempt, _first_line(e))
                 continue
             self.idle.append(actor)
             yield value, result
 
+    def _check(
+        self, inflight: dict[Any, tuple[V, int, Any, float]], retry_or_fail: Callable[[V, int, str], Iterator[Any]]
+    ) -> Iterator[tuple[V, R]]:
+        """Calls on actors whose node is gone, or over ``item_timeout_s``: their actors lost, values re-queued."""
+        alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+        now = time.monotonic()
+        for ref, (value, attempt, actor, started) in list(inflight.items()):
+            node = self.node_of.get(_aid(actor))
+            why = ""
+            if node is not None and node not in alive:
+                why = f"its Ray node {node[:12]} left the cluster"
+            elif self.item_timeout_s is not None and now - started > self.item_timeout_s:
+                why = f"no answer within {self.item_timeout_s:.0f} s"
+            if why:
+                del inflight[ref]  # its actor is killed below: the call ends with it
+                self._lost(actor)
+                yield from retry_or_fail(value, attempt, why)
+        for ref, actor in list(self.starting.items()):  # a replacement placed on a node that then left
+            if self.node_of.get(_aid(actor)) not in (None, *alive):
+                del self.starting[ref]
+
     def shutdown(self) -> None:
-        """Kill the idle actors (busy ones are not left: map_unordered returns when all values are done)."""
-        for actor in self.idle:
+        """Kill the idle and still-starting actors (busy ones are not left: map_unordered returns when all is done)."""
+        for actor in [*self.idle, *self.starting.values()]:
             ray.kill(actor)
-        self.idle = []
+        self.idle, self.starting = [], {}
+
+
+def _aid(actor: Any) -> str:
+    return actor._actor_id.hex()
 
 
 def run_scenes(
@@ -278,6 +375,8 @@ def run_scenes(
     ready_timeout_s: float | None = READY_TIMEOUT_S,
     cpus_per_worker: int = 1,
     on_plan: Callable[[ScenePlan], None] | None = None,
+    capacity_timeout_s: float = CAPACITY_TIMEOUT_S,
+    item_timeout_s: float | None = None,
 ) -> list[SceneResult]:
     """Reconstruct scenes on ``num_workers`` actors; one :class:`SceneResult` per scene, in input order, always.
 
@@ -353,7 +452,12 @@ def run_scenes(
     if jobs:
         # all num_workers actors even for fewer scenes: one large scene's chunks can keep every one of them busy
         pool = ActorDispatcher(
-            lambda: actor_cls.remote(model_uri, cpus_per_worker), num_workers, max_attempts, ready_timeout_s
+            lambda: actor_cls.remote(model_uri, cpus_per_worker),
+            num_workers,
+            max_attempts,
+            ready_timeout_s,
+            capacity_timeout_s,
+            item_timeout_s,
         )
         try:
             with pool:
