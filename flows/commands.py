@@ -89,6 +89,9 @@ def _submit_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="checkpoint URI, or STORE/quantized/latest")
     parser.add_argument("--out", required=True, help="output root (s3://bucket/reconstructions)")
     parser.add_argument("--deployment", default="reconstruct/reconstruct")
+    parser.add_argument(
+        "--wait", action="store_true", help="follow the run to its end; exit 1 (with the reason) if it fails"
+    )
     # only what is given is sent: the rest keeps the deployment's own values (prefect.yaml), else the defaults
     add_arguments(parser, BatchOptions, "the run (Ray workers, collisions, failures)", defaults=False)
     add_arguments(parser, ReconstructionOptions, "each scene (large scenes go in chunks on Ray)", defaults=False)
@@ -100,15 +103,24 @@ def _submit(args: argparse.Namespace) -> int:
     from prefect.exceptions import ObjectNotFound
 
     from flows.params import check_scene_inputs, check_storage_root, resolve_checkpoint
+    from quantvggt.batch import name_outputs
     from quantvggt.options import BatchOptions, ReconstructionOptions, given
+    from quantvggt.storage import expand_scene_uris
 
     _quiet()
     options, batch = given(ReconstructionOptions, args), given(BatchOptions, args)
-    ReconstructionOptions(**options), BatchOptions(**batch)  # a bad value fails here in one line, not in a worker later
+    ReconstructionOptions(**options)  # a bad value fails here in one line, not in a worker later
+    run_opts = BatchOptions(**batch)
     url = _api_url()
     check_scene_inputs(args.scenes)  # wrong bucket or prefix: fail here, not in a worker an hour later
     check_storage_root(args.out)
     resolve_checkpoint(args.checkpoint)
+    # name collisions (two inputs, or another source's result under the name): refused before anything is queued
+    _, decided = name_outputs(expand_scene_uris(args.scenes), args.out, run_opts.on_collision, run_opts.force)
+    refused = [r for r in decided if not r.ok]
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise ValueError(f"{refused[0].scene}: {refused[0].error.removeprefix('ValueError: ')}{more}")
     params: dict[str, Any] = {"scenes": args.scenes, "checkpoint": args.checkpoint, "out": args.out}
     if options:
         params["options"] = options
@@ -117,13 +129,34 @@ def _submit(args: argparse.Namespace) -> int:
     try:
         with _server(url):
             run = run_deployment(name=args.deployment, parameters=params, timeout=0)
+            print(f"queued flow run {run.name} of {args.deployment}: {_ui_link(run.id)}", flush=True)
+            if args.wait:
+                return _follow(run.id)
     except ObjectNotFound as e:
         raise PrefectUnavailableError(
             f"deployment {args.deployment} not found at {url}: register it with `prefect deploy --all` "
             "(infra/README.md) or run `quantvggt serve`"
         ) from e
-    print(f"queued flow run {run.name} of {args.deployment}: {_ui_link(run.id)}")
     return 0
+
+
+def _follow(run_id: Any, poll_s: float = 5.0) -> int:
+    """Wait for a flow run to end; print its final state in one line; 0 if it completed, else 1."""
+    import time
+
+    from prefect.client.orchestration import get_client
+
+    from flows.report import one_line
+
+    with get_client(sync_client=True) as client:
+        while True:
+            run = client.read_flow_run(run_id)
+            if run.state is not None and run.state.is_final():
+                break
+            time.sleep(poll_s)
+    message = (run.state.message or "").removeprefix("Flow run encountered an exception: ")
+    print(f"flow run {run.name}: {run.state_name}" + (f": {one_line(message, 400)}" if message else ""))
+    return 0 if run.state.is_completed() else 1
 
 
 def _serve_options(parser: argparse.ArgumentParser) -> None:

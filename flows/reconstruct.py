@@ -26,11 +26,11 @@ from prefect.runtime import flow_run
 from flows import route_library_logs
 from flows.params import ParameterError, check_inbox, check_storage_root, require, resolve_checkpoint
 from flows.report import browse_url, read_previews, scene_rows, summary_markdown
+from quantvggt.batch import name_outputs
 from quantvggt.manifest import write_manifest
 from quantvggt.options import BatchOptions, ReconstructionOptions, coerce
-from quantvggt.scene import SceneResult, Status, output_names, scene_name
+from quantvggt.scene import SceneResult, scene_name
 from quantvggt.storage import (
-    Storage,
     StorageError,
     StorageUnavailableError,
     cache_dir,
@@ -92,70 +92,11 @@ def discover(
             raise  # the task is retried for an outage
         except (StorageError, OSError, ValueError) as e:  # this input only: the others go on
             decided.append(SceneResult(_label(item), error=f"cannot list scenes: {e}", source=item))
-    uris = list(dict.fromkeys(uris))
-    names, collided = _names(uris, on_collision)
-    decided += collided
-    store = open_storage(out)
-    todo: list[tuple[str, str]] = []
-    for uri, name in names.items():
-        if not force and store.is_complete(name, source=uri):
-            decided.append(_skipped(store, name, uri))
-            continue
-        record = None if force else store.completion_record(name)
-        if record is not None:  # complete, but for another source with the same folder name
-            if on_collision == "error":
-                error = (
-                    f"{store.uri(name)} holds the result of another scene folder with the same name "
-                    f"({record.get('source')}); rename one, or run with on_collision='suffix' to write "
-                    "<name>-<hash of its parent>"
-                )
-                decided.append(_result(store, name, uri, "failed", error))
-                continue
-            suffixed = output_names([record["source"], uri], on_collision="suffix")[uri]
-            logger.info("%s holds %s; %s goes to %s", store.uri(name), record.get("source"), uri, suffixed)
-            name = suffixed
-            if store.is_complete(name, source=uri):
-                decided.append(_skipped(store, name, uri))
-                continue
-        todo.append((uri, name))
-    return todo, decided
-
-
-def _result(store: Storage, name: str, uri: str, status: Status, error: str = "") -> SceneResult:
-    return SceneResult(
-        name, status, error=error, output=store.uri(name), report=store.uri(f"{name}/report.json"), source=uri
-    )
-
-
-def _skipped(store: Storage, name: str, uri: str) -> SceneResult:
-    """A 'skipped' result with the counts its completion record kept."""
-    result = _result(store, name, uri, "skipped")
-    record = store.completion_record(name) or {}
-    result.images, result.points = int(record.get("images", 0)), int(record.get("points", 0))
-    return result
-
-
-def _names(uris: list[str], on_collision: Collision) -> tuple[dict[str, str], list[SceneResult]]:
-    """Output names (:func:`output_names`); with "error", only the colliding scenes fail, each naming the others."""
-    named: dict[str, str] = {}
-    failed: list[SceneResult] = []
-    nameable = []
-    for uri in uris:
-        try:
-            scene_name(uri)
-            nameable.append(uri)
-        except ValueError as e:
-            failed.append(SceneResult(uri, error=f"ValueError: {e}", source=uri))
-    try:
-        return output_names(nameable, on_collision=on_collision), failed
-    except ValueError as e:  # on_collision="error": fail the colliding scenes, keep the rest
-        suffixed = output_names(nameable, on_collision="suffix")
-        for uri in nameable:
-            if suffixed[uri] == scene_name(uri):
-                named[uri] = suffixed[uri]
-            else:
-                failed.append(SceneResult(scene_name(uri), error=f"ValueError: {e}", source=uri))
-        return named, failed
+    todo, named = name_outputs(list(dict.fromkeys(uris)), out, on_collision, force)
+    for uri, name in todo:
+        if name != _label(uri):
+            logger.info("%s goes to %s (another source holds %s)", uri, name, _label(uri))
+    return todo, decided + named
 
 
 @task(name="ray-batch", cache_policy=NO_CACHE)
@@ -177,6 +118,8 @@ def run_batch(
 
     def on_result(r: SceneResult) -> None:  # each scene's line is logged by the workers' logger (routed here)
         results[r.source] = r
+        if not r.ok:  # the full reason in the run's own log, whatever the workers' log routing
+            logger.warning("scene %s failed: %s", r.scene, r.error)
         update_progress_artifact(progress, 100.0 * len(results) / len(todo), f"{len(results)} of {len(todo)} scenes")
 
     try:

@@ -56,7 +56,7 @@ def scene_rows(results: list[SceneResult]) -> list[dict[str, object]]:
             "points": r.points,
             "seconds": round(r.seconds, 1),
             "error": plain(r.error),
-            "output": r.output,
+            "output": r.output if r.ok else "",  # a failed scene has no result to point at
             "preview": f"{r.output}/preview.png" if r.ok and r.output else "",
             "source": r.source,
             "attempt": r.attempt,
@@ -86,7 +86,7 @@ def summary_markdown(
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        link = f"[{_cell(r.output)}]({browse_url(r.output)})" if r.output else ""
+        link = f"[{_cell(r.output)}]({browse_url(r.output)})" if r.output and r.ok else ""
         lines.append(
             f"| {_cell(r.scene)} | {r.status} | {r.images} | {r.points} | {r.seconds:.1f} | {link} | {_cell(r.error)} |"
         )

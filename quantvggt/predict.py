@@ -27,9 +27,13 @@ def scan_scene(scene: str | Path) -> tuple[list[Path], list[dict]]:
         raise SceneError(f"{scene}: not a folder")
     good, skipped = readable_images(scene)
     if len(good) < 2:
+        # which files could not be read, and why, in the error itself: it is what reaches the manifest, the flow's
+        # logs and artifacts (the per-file warnings stay in the log of whichever worker read them)
+        shown = "; ".join(f"{s['name']}: {s['reason']}" for s in skipped[:5])
+        more = f"; {len(skipped) - 5} more" if len(skipped) > 5 else ""
         raise SceneError(
             f"{scene}: needs at least 2 usable images, found {len(good)}"
-            + (f" ({len(skipped)} unreadable)" if skipped else "")
+            + (f" ({len(skipped)} unreadable: {shown}{more})" if skipped else "")
         )
     try:
         paths = reference_first(good)  # VGGT's world frame is frame 0: never a blank one

@@ -42,7 +42,7 @@ from quantvggt.images import IMAGE_EXTENSIONS, ImageLoadError, reference_first
 from quantvggt.options import ReconstructionOptions
 from quantvggt.predict import align_options, chunk_plan, frame_limits, predict_frames, scan_scene
 from quantvggt.prediction import SceneError, ScenePrediction  # noqa: F401  (SceneError re-exported)
-from quantvggt.scene import SceneResult, scene_name, scene_source_key
+from quantvggt.scene import SceneResult, collision_error, scene_name, scene_source_key
 from quantvggt.storage import COMPLETE, fetch_scene, local_path, open_storage, sha256_file, split_uri
 from quantvggt.verify import verify_model
 
@@ -168,10 +168,7 @@ def check_output(job: SceneJob) -> SceneResult | None:
             report=open_storage(job.out).uri(f"{job.name}/report.json"),
             source=job.source,
         )
-    raise ValueError(
-        f"{job.output} holds the result of another scene folder with the same name ({record['source']}); "
-        "rename one, reconstruct with on_collision='suffix', or force to replace it"
-    )
+    raise ValueError(collision_error(job.output, record["source"]) + ", or force to replace it")
 
 
 def _legacy_record(final: Path) -> dict[str, Any]:

@@ -124,6 +124,17 @@ def scene_source_key(uri_or_path: str | os.PathLike[str]) -> str:
     return os.path.abspath(s)
 
 
+# one wording for a name collision, wherever it is found (CLI, flows, the scene path)
+COLLISION_HINT = (
+    "rename one, or set on_collision to suffix (--on-collision suffix) to write <name>-<hash of its parent>"
+)
+
+
+def collision_error(output: str, other_source: str | None) -> str:
+    """The message for ``output`` holding another scene folder's result under the same name."""
+    return f"{output} holds the result of another scene folder with the same name ({other_source}); {COLLISION_HINT}"
+
+
 def output_names(scenes: list[str], on_collision: Literal["error", "suffix"] = "error") -> dict[str, str]:
     """Map each scene source to a unique output name (:func:`scene_name`), refusing or resolving collisions.
 
@@ -144,8 +155,7 @@ def output_names(scenes: list[str], on_collision: Literal["error", "suffix"] = "
             continue
         if on_collision == "error":
             raise ValueError(
-                f"scenes {', '.join(sorted(keys))} would all write the output folder {name!r}; "
-                "rename one, or pass --on-collision suffix to name each <name>-<hash of its parent>"
+                f"scenes {', '.join(sorted(keys))} would all write the output folder {name!r}; {COLLISION_HINT}"
             )
         for s in sources:
             parent = scene_source_key(s).rpartition("/")[0]

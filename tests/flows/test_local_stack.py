@@ -192,16 +192,18 @@ def test_documented_stack_end_to_end(
     logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_a])))
     assert any(log.name == "workers.reconstruct" and "scene_000 done" in log.message for log in logs)
 
-    # runs B, C: y/scene_000 has the same folder name as x/scene_000: never skipped
-    assert _submit(f"{store}/y/scene_000") == 0
-    run_b = _last_run_id(capsys)
+    # y/scene_000 has the same folder name as x/scene_000: refused before queueing (never skipped), or run C suffixed
+    assert _submit(f"{store}/y/scene_000") == 2
+    refused = capsys.readouterr().err
+    assert (
+        "holds the result of another scene folder with the same name" in refused and "--on-collision suffix" in refused
+    )
     assert _submit(f"{store}/y/scene_000", "--on-collision", "suffix") == 0
     run_c = _last_run_id(capsys)
     # run D: the nightly deployment (scheduled at 02:00; started now): a new scene in the inbox and the broken one
     run_d = run_deployment("reconstruct-nightly/reconstruct-nightly", timeout=0).id
     _worker_once(env)
-    b, c = _run(client, run_b), _run(client, run_c)
-    assert b.state.is_failed() and "holds the result of another scene folder" in b.state.message
+    c = _run(client, run_c)
     assert c.state.is_completed(), c.state.message
     [suffixed] = _table(_artifacts(client, run_c)["reconstruct-scenes"])
     assert suffixed["status"] == "done" and suffixed["scene"].startswith("scene_000-")
@@ -219,7 +221,7 @@ def test_documented_stack_end_to_end(
     assert main(["status", "--out", OUT, "--limit", "8"]) == 0
     out = capsys.readouterr().out
     starts = [line.split()[0] + " " + line.split()[1] for line in out.splitlines() if line.startswith("  20")]
-    assert len(starts) == 5 and starts == sorted(starts, reverse=True), out  # A, B, C, D and D's subflow
+    assert len(starts) == 4 and starts == sorted(starts, reverse=True), out  # A, C, D and D's subflow
     assert "None" not in out and "reconstruct-nightly" in out and "ScenesFailedError: 1 of 2" in out, out
     assert all(len(line) < 400 for line in out.splitlines()), out
     client.__exit__(None, None, None)
