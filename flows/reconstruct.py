@@ -27,6 +27,7 @@ from flows import route_library_logs
 from flows.params import ParameterError, check_inbox, check_storage_root, require, resolve_checkpoint
 from flows.report import browse_url, read_previews, scene_rows, summary_markdown
 from quantvggt.batch import name_outputs
+from quantvggt.fsutil import is_within
 from quantvggt.manifest import write_manifest
 from quantvggt.options import BatchOptions, ReconstructionOptions, coerce
 from quantvggt.scene import SceneResult, scene_name
@@ -92,6 +93,11 @@ def discover(
             raise  # the task is retried for an outage
         except (StorageError, OSError, ValueError) as e:  # this input only: the others go on
             decided.append(SceneResult(_label(item), error=f"cannot list scenes: {e}", source=item))
+    # an output root inside an inbox holds result folders with images/: they are our outputs, never new scenes
+    ours = [u for u in uris if is_within(u, out)]
+    if ours:
+        logger.info("%d folders under the output %s left out (our results, not scenes)", len(ours), out)
+    uris = [u for u in uris if u not in ours]
     todo, named = name_outputs(list(dict.fromkeys(uris)), out, on_collision, force)
     for uri, name in todo:
         if name != _label(uri):

@@ -332,6 +332,12 @@ def _location(path_or_uri: str | os.PathLike[str]) -> tuple[str, PurePosixPath]:
     return "", PurePosixPath(Path(os.path.expanduser(text)).resolve().as_posix())
 
 
+def is_within(path_or_uri: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """Whether ``path_or_uri`` is ``root`` or lies inside it (local paths resolved, URIs by bucket and key)."""
+    (host, p), (root_host, r) = _location(path_or_uri), _location(root)
+    return host == root_host and (p == r or r in p.parents)
+
+
 def _identities(path: str | os.PathLike[str]) -> tuple[tuple[int, int] | None, list[tuple[int, int]]]:
     """(st_dev, st_ino) of ``path`` (None if it does not exist) and of each of its existing ancestors, nearest first.
 

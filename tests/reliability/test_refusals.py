@@ -99,3 +99,20 @@ def test_the_offline_error_names_the_offline_model() -> None:
     from quantvggt.model import loading
 
     assert "--model vggt-tiny-synthetic" in inspect.getsource(loading._download_hub)
+
+
+def test_a_nightly_run_whose_out_is_inside_its_inbox_never_takes_its_outputs_for_scenes(
+    scene: Path, tmp_path: Path
+) -> None:
+    from flows.reconstruct import ScenesFailedError, reconstruct_nightly
+    from quantvggt.manifest import read_manifest
+    from quantvggt.storage import open_storage
+
+    inbox = tmp_path / "inbox"
+    shutil.copytree(scene, inbox / "scene_a")
+    shutil.copytree(scene, inbox / "results" / "scene_a" / "images")  # last night's result, its images/ beside it
+    with pytest.raises(ScenesFailedError) as err:  # a checkpoint that is not there: every scene fails, none runs
+        reconstruct_nightly(str(inbox), str(tmp_path / "no-such-checkpoint"), str(inbox / "results"))
+    manifest = Path(err.value.manifest)
+    rows = read_manifest(open_storage(manifest.parent), manifest.name)
+    assert [r.source for r in rows] == [str(inbox / "scene_a")], [r.source for r in rows]
