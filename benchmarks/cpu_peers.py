@@ -362,6 +362,14 @@ def _arch(arch: str) -> tuple[VGGTConfig, tuple[str, ...]]:
     if arch == "tiny":
         cfg_path = Path(__file__).resolve().parent.parent / "quantvggt" / "assets" / "vggt-tiny-config.json"
         return VGGTConfig.from_dict(json.loads(cfg_path.read_text())), ("aggregator",)
+    if arch.startswith("1b-d"):  # VGGT-1B widths and heads, aggregator cut to N blocks per kind (fits a time box)
+        from quantvggt.model.config import AggregatorConfig
+
+        return VGGTConfig(aggregator=AggregatorConfig(depth=int(arch[4:])), track_head=None), (
+            "aggregator",
+            "patch_embed",
+            "camera_head",
+        )
     return VGGTConfig(track_head=None), ("aggregator", "patch_embed", "camera_head")
 
 
@@ -476,7 +484,7 @@ def main() -> None:
     ap.add_argument("--split", action="store_true", help="per-stage breakdown of one W4A4 call")
     ap.add_argument("--tokens", type=int, default=1044, help="M: 4 frames x 261 tokens at 224 px")
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="aggregator", help="layer shapes for --layers/--split")
-    ap.add_argument("--model", choices=["tiny", "1b"])
+    ap.add_argument("--model", help="tiny, 1b, or 1b-dN (1B widths, N aggregator blocks of each kind)")
     ap.add_argument("--frames", default="4")
     ap.add_argument("--side", type=int, default=224)
     ap.add_argument("--repeat", type=int, default=5)
