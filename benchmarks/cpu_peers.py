@@ -363,9 +363,15 @@ def _arch(arch: str) -> tuple[VGGTConfig, tuple[str, ...]]:
         cfg_path = Path(__file__).resolve().parent.parent / "quantvggt" / "assets" / "vggt-tiny-config.json"
         return VGGTConfig.from_dict(json.loads(cfg_path.read_text())), ("aggregator",)
     if arch.startswith("1b-d"):  # VGGT-1B widths and heads, aggregator cut to N blocks per kind (fits a time box)
+        from dataclasses import replace
+
         from quantvggt.model.config import AggregatorConfig
 
-        return VGGTConfig(aggregator=AggregatorConfig(depth=int(arch[4:])), track_head=None), (
+        d = int(arch[4:])
+        full = VGGTConfig(track_head=None)
+        idx = [d // 4 - 1, d // 2 - 1, 3 * d // 4 - 1, d - 1]  # the heads read the same relative depths
+        heads = {k: replace(getattr(full, k), intermediate_layer_idx=idx) for k in ("depth_head", "point_head")}
+        return VGGTConfig(aggregator=AggregatorConfig(depth=d), track_head=None, **heads), (
             "aggregator",
             "patch_embed",
             "camera_head",
