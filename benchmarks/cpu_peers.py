@@ -52,10 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import state_bytes
-
-from quantvggt.kernels import cpu, cpu_native
+from quantvggt.kernels import cpu, cpu_info, cpu_native
 from quantvggt.lowbit.hadamard import random_signs
 from quantvggt.model import VGGT, VGGTConfig
 from quantvggt.quant import get_recipe, quantize_
@@ -70,9 +67,9 @@ SHAPES = {  # qkv, proj, fc1, fc2
 CLOCK = time.perf_counter  # --clock cpu: time.process_time, for 1-thread runs on a machine shared with other jobs
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+def interleaved(fns: dict[str, Callable[[], object]], repeat: int, warmup: bool = True) -> dict[str, float]:
     """Median seconds per contender over ``repeat`` rounds that each run every contender once (after one warmup)."""
-    for fn in fns.values():
+    for fn in fns.values() if warmup else ():
         fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
@@ -102,7 +99,8 @@ def header() -> str:
     clock = "process CPU time" if CLOCK is time.process_time else "wall time"
     return (
         f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-        f"threads={torch.get_num_threads()}, {native}, {clock}, load average {os.getloadavg()[0]:.1f}"
+        f"threads={torch.get_num_threads()}, {native}, {clock}, load average {os.getloadavg()[0]:.1f}\n"
+        f"CPU: {cpu_info.flags_line()}; oneDNN: {cpu_info.onednn_isa()}"
     )
 
 
@@ -186,78 +184,154 @@ def bf16_autocast(model: nn.Module, x: torch.Tensor) -> object:
         return model(x)
 
 
+# whole-model contenders (--contenders): what each is, in the table's order
+MODEL_CONTENDERS = {
+    "fp32": "the float model",
+    "int8dyn": "torch.ao quantize_dynamic, default engine (x86)",
+    "int8dyn_onednn": "torch.ao quantize_dynamic, engine onednn",
+    "bf16": "bf16 autocast over the fp32 model",
+    "bf16model": "model.to(torch.bfloat16)",
+    "bf16compile": "model.to(torch.bfloat16) + torch.compile (inductor, freezing)",
+    "speed": "W4A4 aggregator scope, speed mode, portable GEMM, fp32",
+    "memory": "W4A4 aggregator scope, memory mode, fp32",
+    "w8a8": "W8A8 aggregator scope, speed mode, portable GEMM, fp32",
+    "shipped_legacy": "shipped 4-bit model, pre-issue-25 path (_int_mm/fbgemm, fp32 float ops)",
+    "shipped_fp32": "shipped 4-bit model, oneDNN prepacked GEMM, fp32 float ops",
+    "shipped": "shipped 4-bit model, default KernelOptions (auto: oneDNN on VNNI/AMX, bf16 on AMX/AVX512-BF16)",
+    "shipped_compile": "shipped 4-bit model, default KernelOptions + compile",
+}
+
+
+def _with_kernels(gemm: str | None, mode: str | None, fn: Callable[..., object]) -> Callable[..., object]:
+    """``fn`` run with the CPU GEMM / weight mode overridden (each contender holds its own prepacked weights)."""
+
+    def run(*args: object) -> object:
+        prev = cpu.gemm, cpu.mode
+        cpu.gemm, cpu.mode = gemm, mode
+        try:
+            return fn(*args)
+        finally:
+            cpu.gemm, cpu.mode = prev
+
+    return run
+
+
+def _int8dyn(base: nn.Module, engine: str | None) -> tuple[nn.Module, Callable[[torch.Tensor], object]]:
+    prev = torch.backends.quantized.engine
+    if engine:
+        torch.backends.quantized.engine = engine
+    try:
+        m = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8)
+    finally:
+        torch.backends.quantized.engine = prev
+
+    def run(x: torch.Tensor) -> object:
+        old = torch.backends.quantized.engine
+        if engine:
+            torch.backends.quantized.engine = engine
+        try:
+            return m(x)
+        finally:
+            torch.backends.quantized.engine = old
+
+    return m, run
+
+
 def whole_model(arch: str, frames_list: list[int], side: int, repeat: int, contenders: list[str]) -> dict[str, object]:
-    """Whole-model latency: fp32, int8 dynamic, bf16 autocast (opt-in) and our W4A4 in both modes, in one process."""
+    """Whole-model latency of ``contenders`` (see :data:`MODEL_CONTENDERS`), all in this process, interleaved."""
+    from quantvggt.kernels.options import apply_kernel_options
+    from quantvggt.lowbit.registry import KernelOptions
+
+    unknown = sorted(set(contenders) - set(MODEL_CONTENDERS))
+    if unknown:
+        raise SystemExit(f"unknown contenders {unknown}; choose from {sorted(MODEL_CONTENDERS)}")
+    cols = [c for c in MODEL_CONTENDERS if c in contenders]
     torch.manual_seed(0)
     cfg, scope = _arch(arch)  # 1b: no track head (reconstruction never runs it)
     base = VGGT(cfg).eval()
-    models: dict[str, nn.Module] = {"fp32": base}
-    q = copy.deepcopy(base)
-    report = quantize_(q, get_recipe("quarot-w4a4", scope=scope))
-    q_mem = copy.deepcopy(q)  # speed mode replaces q's int4 buffers by its GEMM format: memory mode needs its own
-    n_layers = getattr(report, "n_layers", None) or sum(1 for m in q.modules() if hasattr(m, "qweight"))
-    if "int8dyn" in contenders:
-        models["int8dyn"] = torch.ao.quantization.quantize_dynamic(copy.deepcopy(base), {nn.Linear}, dtype=torch.qint8)
-    if "w8a8" in contenders:
-        models["w8a8"] = copy.deepcopy(base)
-        quantize_(models["w8a8"], get_recipe("quarot-w8a8", scope=scope))
-    if "shipped" in contenders:
-        models["shipped"] = copy.deepcopy(base)
-        quantize_(models["shipped"], get_recipe("quarot-w4a4", scope=_shipped_scope(scope)))
-    lin_bytes = sum(m.weight.numel() for m in base.modules() if isinstance(m, nn.Linear))
+    models: dict[str, nn.Module] = {"fp32": base, "bf16": base}
+    runs: dict[str, Callable[[torch.Tensor], object]] = {
+        "fp32": lambda x: base(x),
+        "bf16": lambda x: bf16_autocast(base, x),
+    }
+    build_s: dict[str, float] = {}
+    for engine, name in ((None, "int8dyn"), ("onednn", "int8dyn_onednn")):
+        if name in cols:
+            models[name], runs[name] = _int8dyn(base, engine)
+    for name in ("bf16model", "bf16compile"):
+        if name in cols:
+            m = copy.deepcopy(base).to(torch.bfloat16)
+            if name == "bf16compile":
+                from quantvggt.kernels.options import compile_model
+
+                compile_model(m)
+            models[name] = m
+            runs[name] = m
+    agg = {"speed": ("quarot-w4a4", "speed"), "memory": ("quarot-w4a4", "memory"), "w8a8": ("quarot-w8a8", "speed")}
+    for name, (recipe, mode) in agg.items():
+        if name in cols:
+            m = copy.deepcopy(base)
+            quantize_(m, get_recipe(recipe, scope=scope))
+            models[name] = m
+            runs[name] = _with_kernels("int_mm", mode, m)
+    shipped_names = [c for c in cols if c.startswith("shipped")]
+    if shipped_names:
+        q = copy.deepcopy(base)
+        t0 = time.perf_counter()
+        quantize_(q, get_recipe("quarot-w4a4", scope=_shipped_scope(scope)))
+        build_s["quantize"] = time.perf_counter() - t0
+        for i, name in enumerate(shipped_names):
+            m = q if i == len(shipped_names) - 1 else copy.deepcopy(q)
+            gemm = {"shipped_legacy": "int_mm", "shipped_fp32": "onednn"}.get(name)
+            opts = KernelOptions(float_dtype="fp32" if name in ("shipped_legacy", "shipped_fp32") else "auto")
+            t0 = time.perf_counter()
+            _with_kernels(gemm, "speed", lambda m=m, opts=opts: apply_kernel_options(m, opts))()
+            if name == "shipped_compile":
+                from quantvggt.kernels.options import compile_model
+
+                compile_model(m)
+            build_s[name] = time.perf_counter() - t0
+            models[name] = m
+            runs[name] = _with_kernels(gemm, "speed", m)
+        del q
     print(
-        f"whole model {arch}, {side}x{side} px, quarot-w4a4 over {'+'.join(scope)} ({n_layers} layers); {header()}; "
-        f"median of {repeat} interleaved rounds"
+        f"whole model {arch}, {side}x{side} px; {header()}; median of {repeat} interleaved rounds "
+        f"(after one warm-up round, which includes compilation)"
     )
-    print(
-        f"state MB: fp32 {state_bytes(base) / 1e6:.0f}, W4A4 {state_bytes(q) / 1e6:.0f} (int4 at rest)"
-        + (f", int8 dyn {state_bytes(models['int8dyn']) / 1e6:.0f} (float part only)" if "int8dyn" in models else "")
-    )
-    cols = ["fp32", *[c for c in ("int8dyn", "bf16") if c in models or c in contenders], "speed", "memory"]
-    cols += [c for c in ("w8a8", "shipped") if c in models]
+    for c in cols:
+        print(f"  {c}: {MODEL_CONTENDERS[c]}")
+    ref = next((c for c in ("fp32", "bf16model", "bf16") if c in cols), cols[0])
+    peers = [c for c in ("bf16model", "bf16compile", "int8dyn", "int8dyn_onednn", "bf16") if c in cols]
+    print(f"| frames | {' | '.join(f'{c} s' for c in cols)} | " + " | ".join(f"shipped vs {p}" for p in peers) + " |")
+    print("|---" * (1 + len(cols) + len(peers)) + "|")
     rows: list[dict[str, object]] = []
-    head = " | ".join(f"{c} s" for c in cols) + " | " + " | ".join(f"{c} vs fp32" for c in cols[1:])
-    print(f"| frames | {head} |")
-    print("|---" * (2 * len(cols)) + "|")
     for S in frames_list:
         x = torch.rand(S, 3, side, side)
-        fns: dict[str, Callable[[], object]] = {"fp32": lambda: base(x)}
-        if "int8dyn" in models:
-            fns["int8dyn"] = lambda: models["int8dyn"](x)
-        if "bf16" in contenders:
-            fns["bf16"] = lambda: bf16_autocast(base, x)
-        fns["speed"] = with_mode("speed", lambda: q(x))
-        fns["memory"] = with_mode("memory", lambda: q_mem(x))
-        if "w8a8" in models:
-            fns["w8a8"] = with_mode("speed", lambda: models["w8a8"](x))
-        if "shipped" in models:
-            fns["shipped"] = with_mode("speed", lambda: models["shipped"](x))
+        fns = {c: (lambda c=c: runs[c](x)) for c in cols}
+        first: dict[str, float] = {}
         with torch.no_grad():
-            t = interleaved(fns, repeat)
+            for c, fn in fns.items():  # the warm-up round, timed: compile time = first call - steady call
+                t0 = time.perf_counter()
+                fn()
+                first[c] = time.perf_counter() - t0
+            t = interleaved(fns, repeat, warmup=False)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        resident = {
-            "fp32": state_bytes(base),
-            "bf16": state_bytes(base),  # autocast: fp32 weights at rest, bf16 copies made per call
-            "speed": state_bytes(q) + cpu.cached_bytes(q),
-            "memory": state_bytes(q_mem),
-        }
-        if "int8dyn" in models:
-            resident["int8dyn"] = state_bytes(models["int8dyn"]) + lin_bytes
-        for c in ("w8a8", "shipped"):
-            if c in models:
-                resident[c] = state_bytes(models[c]) + cpu.cached_bytes(models[c])
-        resident = {k: v for k, v in resident.items() if k in cols}
-        rows.append({"frames": S, "seconds": t, "resident_weight_mb": {k: v / 1e6 for k, v in resident.items()}})
-        print("resident weight MB: " + ", ".join(f"{k} {v / 1e6:.0f}" for k, v in resident.items()))
+        ratios = [t[p] / t["shipped"] for p in peers] if "shipped" in t else []
         print(
             f"| {S} | "
-            + " | ".join(f"{t[c]:.3f}" for c in cols)
+            + " | ".join(f"{t[c]:.2f}" for c in cols)
             + " | "
-            + " | ".join(f"{t['fp32'] / t[c]:.2f}x" for c in cols[1:])
-            + f" |  (speed-mode weight caches {cpu.cached_bytes(q) / 1e6:.0f} MB; peak RSS so far {rss:.0f} MB)"
+            + " | ".join(f"**{r:.2f}x**" for r in ratios)
+            + f" |  (peak RSS so far {rss:.0f} MB)"
         )
-        rows[-1]["peak_rss_mb"] = rss
-    return {"arch": arch, "side": side, "repeat": repeat, "header": header(), "rows": rows}
+        compiled = {c: first[c] - t[c] for c in cols if "compile" in c}
+        if compiled:
+            print(
+                "  first call minus steady call (compilation, this frame count): "
+                + ", ".join(f"{c} {v:.0f} s" for c, v in compiled.items())
+            )
+        rows.append({"frames": S, "seconds": t, "first_call_s": first, "peak_rss_mb": rss, "ref": ref})
+    return {"arch": arch, "side": side, "repeat": repeat, "header": header(), "rows": rows, "build_s": build_s}
 
 
 RSS_CONTENDERS = ("fp32", "fp16", "fp16->fp32", "int8dyn", "speed", "memory", "shipped")
@@ -288,6 +362,20 @@ def _arch(arch: str) -> tuple[VGGTConfig, tuple[str, ...]]:
     if arch == "tiny":
         cfg_path = Path(__file__).resolve().parent.parent / "quantvggt" / "assets" / "vggt-tiny-config.json"
         return VGGTConfig.from_dict(json.loads(cfg_path.read_text())), ("aggregator",)
+    if arch.startswith("1b-d"):  # VGGT-1B widths and heads, aggregator cut to N blocks per kind (fits a time box)
+        from dataclasses import replace
+
+        from quantvggt.model.config import AggregatorConfig
+
+        d = int(arch[4:])
+        full = VGGTConfig(track_head=None)
+        idx = [d // 4 - 1, d // 2 - 1, 3 * d // 4 - 1, d - 1]  # the heads read the same relative depths
+        heads = {k: replace(getattr(full, k), intermediate_layer_idx=idx) for k in ("depth_head", "point_head")}
+        return VGGTConfig(aggregator=AggregatorConfig(depth=d), track_head=None, **heads), (
+            "aggregator",
+            "patch_embed",
+            "camera_head",
+        )
     return VGGTConfig(track_head=None), ("aggregator", "patch_embed", "camera_head")
 
 
@@ -402,7 +490,7 @@ def main() -> None:
     ap.add_argument("--split", action="store_true", help="per-stage breakdown of one W4A4 call")
     ap.add_argument("--tokens", type=int, default=1044, help="M: 4 frames x 261 tokens at 224 px")
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="aggregator", help="layer shapes for --layers/--split")
-    ap.add_argument("--model", choices=["tiny", "1b"])
+    ap.add_argument("--model", help="tiny, 1b, or 1b-dN (1B widths, N aggregator blocks of each kind)")
     ap.add_argument("--frames", default="4")
     ap.add_argument("--side", type=int, default=224)
     ap.add_argument("--repeat", type=int, default=5)
@@ -415,8 +503,8 @@ def main() -> None:
     )
     ap.add_argument(
         "--contenders",
-        default="int8dyn,bf16,w8a8",
-        help="for --model, besides fp32 and W4A4: int8dyn,bf16,w8a8,shipped",
+        default="fp32,int8dyn,int8dyn_onednn,bf16,bf16model,bf16compile,shipped_legacy,shipped",
+        help="for --model, any of: " + ",".join(MODEL_CONTENDERS),
     )
     ap.add_argument("--out", type=Path, help="write the whole-model results as JSON here")
     ap.add_argument("--rss", type=Path, help="with --model: per-contender RSS, one process each; checkpoints in RSS")
@@ -456,11 +544,12 @@ def main() -> None:
         if args.out:  # JSON, and the same rows as a markdown table beside it (.md)
             args.out.write_text(json.dumps(res, indent=2))
             lines = [f"{res['arch']}, {res['side']} px; {res['header']}; median of {res['repeat']} rounds", ""]
-            lines += ["| frames | model | seconds | vs fp32 | resident weight MB |", "|---|---|---|---|---|"]
+            lines += ["| frames | model | seconds | first call s | model s / shipped s |", "|---|---|---|---|---|"]
             for row in res["rows"]:  # type: ignore[union-attr]
-                t, mb = row["seconds"], row["resident_weight_mb"]
+                t, first = row["seconds"], row["first_call_s"]
                 lines += [
-                    f"| {row['frames']} | {k} | {v:.3f} | {t['fp32'] / v:.2f}x | {mb.get(k, float('nan')):.0f} |"
+                    f"| {row['frames']} | {k} | {v:.3f} | {first[k]:.1f} | "
+                    + (f"{v / t['shipped']:.2f}x |" if "shipped" in t else "- |")
                     for k, v in t.items()
                 ]
             args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

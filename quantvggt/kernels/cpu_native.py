@@ -1,6 +1,7 @@
 """Small native CPU kernels for the QuantLinear CPU path, compiled from C on first use and called through ctypes.
 
-Three kernels, each a single pass over its data with rows split across ``torch.get_num_threads()`` pthreads:
+Three kernels, each a single pass over its data with rows split across ``torch.get_num_threads()`` threads (torch's
+OpenMP pool when torch uses OpenMP, else pthreads):
 
 * ``act_quant``: per token, sign flip + in-register fast Walsh-Hadamard transform + pre-scale + absmax + round +
   clamp -> int8 levels and the fp32 per-token scale (the rotation and quantization without any [M, K] temporary);
@@ -51,6 +52,8 @@ CFLAGS = [
 # adds a thread start and a join, which on an oversubscribed machine waits out a descheduled thread (measured:
 # act_quant at 1044 x 1024 took 0.9 ms on one thread and 10 ms split over two while other jobs shared the cores)
 MIN_ELEMENTS_PER_THREAD = 1 << 21
+# ... unless a caller passes ``min_per_thread``: next to the prepacked oneDNN GEMM (multi-threaded, 2-3x faster than
+# ``_int_mm``) these passes were the one-thread part of a 2-thread layer (issue 25); kernels.cpu lowers the bar there
 
 
 SOURCE = r"""
@@ -114,9 +117,30 @@ static void fwht_rest(float *restrict v, int64_t K) {
     }
 }
 
+/* bf16 <-> fp32: the top 16 bits of an fp32; rounding to nearest even, NaN kept quiet (as torch converts) */
+static inline float bf2f(uint16_t b) { uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16u16 __attribute__((vector_size(32)));
+static inline v16u16 f2bf16(v16 f) {  /* f2bf on 16 lanes */
+    v16u u;
+    memcpy(&u, &f, sizeof u);
+    v16u r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    v16u nan = (v16u)((u & 0x7fffffffu) > 0x7f800000u);  /* all-ones lanes where NaN */
+    r = (r & ~nan) | (((u >> 16) | 0x40u) & nan);
+    return __builtin_convertvector(r, v16u16);
+}
+
 typedef struct {
     const float *x; int64_t ldx, K; const float *signs, *prescale; float clip, qmax;
-    int8_t *out; float *scale; int fwht;
+    int8_t *out; float *scale; int fwht; const uint16_t *xb;
     int64_t r0, r1;
 } act_job;
 
@@ -128,10 +152,16 @@ static void *act_rows(void *arg) {
     const float clip = j->clip, qmax = j->qmax, lo = -qmax - 1.f;
     int8_t *restrict out = j->out;
     float *restrict buf = (float *)aligned_alloc(64, (size_t)((K * 4 + 63) / 64 * 64));
+    float *restrict row = j->xb ? (float *)aligned_alloc(64, (size_t)((K * 4 + 63) / 64 * 64)) : NULL;
     for (int64_t m = r0; m < r1; m++) {
         const float *restrict xr = j->x + m * ldx;
+        if (row) {  /* bf16 input: widened into a row buffer (exact), then the fp32 path */
+            const uint16_t *restrict xbr = j->xb + m * ldx;
+            for (int64_t k = 0; k < K; k++) row[k] = bf2f(xbr[k]);
+            xr = row;
+        }
         if (j->fwht) {
-            signs_fwht16(buf, xr, sg, K, m + 1 < r1 ? xr + ldx : NULL);
+            signs_fwht16(buf, xr, sg, K, (m + 1 < r1 && !row) ? xr + ldx : NULL);
             fwht_rest(buf, K);
         } else if (sg) {
             for (int64_t k = 0; k < K; k++) buf[k] = xr[k] * sg[k];
@@ -163,6 +193,7 @@ static void *act_rows(void *arg) {
         }
     }
     free(buf);
+    free(row);
     return NULL;
 }
 
@@ -184,7 +215,7 @@ static void *unpack_rows(void *arg) {
 }
 
 typedef struct {
-    int32_t *acc; int64_t N; const float *s, *ws, *bias; int is_float; int64_t r0, r1;
+    int32_t *acc; int64_t N; const float *s, *ws, *bias; int is_float; uint16_t *out_bf16; int64_t r0, r1;
 } epi_job;
 
 static void *epi_rows(void *arg) {
@@ -195,7 +226,24 @@ static void *epi_rows(void *arg) {
         const int32_t *a = j->acc + m * N;
         float *y = (float *)(j->acc + m * N);  /* fp32 written over the int32 it came from (-fno-strict-aliasing) */
         const float sm = j->s[m];
-        if (j->is_float) {  /* the accumulators already are exact fp32 integers (fbgemm's output at unit scales) */
+        if (j->out_bf16) {  /* fp32 math as below, rounded once to bf16 into a separate [M, N] output */
+            uint16_t *restrict o = j->out_bf16 + m * N;
+            const float *restrict af = (const float *)a;
+            int64_t n = 0;
+            for (; n + 16 <= N; n += 16) {  /* 16 at a time, branch-free rounding: vectorises */
+                v16 acc16;
+                if (j->is_float) acc16 = load16(af + n);
+                else { v16i ai; memcpy(&ai, a + n, sizeof ai); acc16 = __builtin_convertvector(ai, v16); }
+                v16 y0 = (acc16 * sm) * load16(ws + n);
+                if (bias) y0 = y0 + load16(bias + n);
+                v16u16 r = f2bf16(y0);
+                memcpy(o + n, &r, sizeof r);
+            }
+            for (; n < N; n++) {
+                const float y0 = ((j->is_float ? af[n] : (float)a[n]) * sm) * ws[n];
+                o[n] = f2bf(bias ? y0 + bias[n] : y0);
+            }
+        } else if (j->is_float) {  /* the accumulators are exact fp32 integers (fbgemm's output at unit scales) */
             if (bias) for (int64_t n = 0; n < N; n++) y[n] = (y[n] * sm) * ws[n] + bias[n];
             else for (int64_t n = 0; n < N; n++) y[n] = (y[n] * sm) * ws[n];
         } else if (bias) {
@@ -212,17 +260,31 @@ static void *epi_rows(void *arg) {
     if (nt < 1) nt = 1;                                                               \
     if (nt > 64) nt = 64;                                                             \
     if (nt > M) nt = (int)(M > 0 ? M : 1);                                            \
-    JOB_T jobs[64]; pthread_t th[64]; int started[64] = {0};                          \
+    JOB_T jobs[64];                                                                   \
     for (int t = 0; t < nt; t++) {                                                    \
         jobs[t] = INIT; jobs[t].r0 = M * t / nt; jobs[t].r1 = M * (t + 1) / nt;  \
     }                                                                                 \
+    RUN_JOBS(JOB_T, FN)
+
+/* With OpenMP the ranges run on the process's OpenMP pool, the one torch's own ops use (libgomp.so.1 is already
+   loaded by torch when this library is), so its workers are not left spinning beside threads of ours. */
+#ifdef _OPENMP
+#define RUN_JOBS(JOB_T, FN)                                                           \
+    if (nt == 1) { FN(&jobs[0]); } else {                                             \
+        _Pragma("omp parallel for num_threads(nt) schedule(static, 1)")              \
+        for (int t = 0; t < nt; t++) FN(&jobs[t]);                                    \
+    }
+#else
+#define RUN_JOBS(JOB_T, FN)                                                           \
+    pthread_t th[64]; int started[64] = {0};                                          \
     for (int t = 1; t < nt; t++) started[t] = pthread_create(&th[t], NULL, FN, &jobs[t]) == 0; \
     FN(&jobs[0]);                                                                     \
     for (int t = 1; t < nt; t++) { if (started[t]) pthread_join(th[t], NULL); else FN(&jobs[t]); }
+#endif
 
 void qv_act_quant(const float *x, int64_t M, int64_t K, int64_t ldx, const float *signs, const float *prescale,
-                  float clip, int qmax, int fwht, int8_t *out, float *scale, int nt) {
-    SPLIT(act_job, act_rows, ((act_job){x, ldx, K, signs, prescale, clip, (float)qmax, out, scale, fwht, 0, 0}))
+                  float clip, int qmax, int fwht, int8_t *out, float *scale, int nt, const uint16_t *xb) {
+    SPLIT(act_job, act_rows, ((act_job){x, ldx, K, signs, prescale, clip, (float)qmax, out, scale, fwht, xb, 0, 0}))
 }
 
 void qv_unpack_int4(const uint8_t *p, int64_t M, int64_t n, int8_t *out, int nt) {
@@ -230,8 +292,8 @@ void qv_unpack_int4(const uint8_t *p, int64_t M, int64_t n, int8_t *out, int nt)
 }
 
 void qv_epilogue(int32_t *acc, int64_t M, int64_t N, const float *s, const float *ws, const float *bias, int is_float,
-                 int nt) {
-    SPLIT(epi_job, epi_rows, ((epi_job){acc, N, s, ws, bias, is_float, 0, 0}))
+                 int nt, uint16_t *out_bf16) {
+    SPLIT(epi_job, epi_rows, ((epi_job){acc, N, s, ws, bias, is_float, out_bf16, 0, 0}))
 }
 """
 
@@ -259,9 +321,23 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantvggt" / "cpu-kernels"
 
 
+def _openmp() -> bool:
+    """torch runs its ops on OpenMP here: our kernels then share that pool (``-fopenmp``), else use pthreads."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
 def _build(cc: str, cache_dir: Path | None = None) -> Path:
+    if _openmp():
+        try:
+            return _build_with(cc, [*CFLAGS, "-fopenmp"], cache_dir)
+        except RuntimeError as e:  # no OpenMP in this compiler: the pthread build
+            log.info("native CPU kernels without OpenMP (%s)", str(e)[:200])
+    return _build_with(cc, CFLAGS, cache_dir)
+
+
+def _build_with(cc: str, cflags: list[str], cache_dir: Path | None) -> Path:
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE, " ".join(CFLAGS), version, _cpu_id()]).encode()).hexdigest()[:20]
+    key = hashlib.sha256("\0".join([SOURCE, " ".join(cflags), version, _cpu_id()]).encode()).hexdigest()[:20]
     out = (cache_dir or _cache_dir()) / f"qv_cpu_{key}.so"
     if out.exists():
         return out
@@ -270,7 +346,7 @@ def _build(cc: str, cache_dir: Path | None = None) -> Path:
         src, so = Path(tmp) / "qv_cpu.c", Path(tmp) / "qv_cpu.so"
         src.write_text(SOURCE)
         proc = subprocess.run(
-            [cc, *CFLAGS, str(src), "-o", str(so), "-lm"], capture_output=True, text=True, timeout=300
+            [cc, *cflags, str(src), "-o", str(so), "-lm"], capture_output=True, text=True, timeout=300
         )
         if proc.returncode:
             raise RuntimeError(f"{cc} failed: {proc.stderr[-2000:]}")
@@ -299,16 +375,16 @@ def lib() -> ctypes.CDLL | None:
         log.warning("native CPU kernels unavailable (%s): using the plain-torch path", e)
         return None
     i64, f32, i32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-    so.qv_act_quant.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, i32, i32, ptr, ptr, i32]
+    so.qv_act_quant.argtypes = [ptr, i64, i64, i64, ptr, ptr, f32, i32, i32, ptr, ptr, i32, ptr]
     so.qv_unpack_int4.argtypes = [ptr, i64, i64, ptr, i32]
-    so.qv_epilogue.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32, i32]
+    so.qv_epilogue.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i32, i32, ptr]
     for fn in (so.qv_act_quant, so.qv_unpack_int4, so.qv_epilogue):
         fn.restype = None
     return so
 
 
-def _threads(rows: int, cols: int) -> int:
-    return max(1, min(torch.get_num_threads(), rows * cols // MIN_ELEMENTS_PER_THREAD))
+def _threads(rows: int, cols: int, min_per_thread: int | None = None) -> int:
+    return max(1, min(torch.get_num_threads(), rows * cols // (min_per_thread or MIN_ELEMENTS_PER_THREAD)))
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -316,15 +392,22 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def act_quant(
-    x: Tensor, signs: Tensor | None, prescale: Tensor, clip: float, bits: int, fwht: bool
+    x: Tensor,
+    signs: Tensor | None,
+    prescale: Tensor,
+    clip: float,
+    bits: int,
+    fwht: bool,
+    min_per_thread: int | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """``x [M, K]`` fp32 (unit stride in K) -> (int8 levels ``[M, K]``, fp32 scale ``[M, 1]``).
+    """``x [M, K]`` fp32 or bf16 (unit stride in K) -> (int8 levels ``[M, K]``, fp32 scale ``[M, 1]``).
 
     Per token: ``h = FWHT(x * signs) * prescale`` (the FWHT unnormalised; fold ``1/sqrt(K)`` into ``prescale``),
     ``s = max(absmax(h) * clip, 1e-8) / qmax``, levels ``clamp(round_half_even(h / s), -qmax - 1, qmax)``.
     """
     so = lib()
-    assert so is not None and x.dtype == torch.float32 and x.dim() == 2 and x.stride(1) == 1
+    assert so is not None and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 2 and x.stride(1) == 1
+    xb = x if x.dtype == torch.bfloat16 else None
     M, K = x.shape
     if fwht and (K < 16 or K & (K - 1)):
         raise ValueError(f"the native FWHT needs a power-of-two width >= 16, got {K}")
@@ -334,8 +417,8 @@ def act_quant(
     ps = prescale.to(torch.float32).contiguous()
     qmax = 2 ** (bits - 1) - 1
     so.qv_act_quant(
-        x.data_ptr(), M, K, x.stride(0), _ptr(sg), ps.data_ptr(), float(clip), qmax, int(fwht),
-        out.data_ptr(), scale.data_ptr(), _threads(M, K),
+        None if xb is not None else x.data_ptr(), M, K, x.stride(0), _ptr(sg), ps.data_ptr(), float(clip), qmax,
+        int(fwht), out.data_ptr(), scale.data_ptr(), _threads(M, K, min_per_thread), _ptr(xb),
     )  # fmt: skip
     return out, scale
 
@@ -350,10 +433,17 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return out
 
 
-def dequant_epilogue(acc: Tensor, s: Tensor, w_scale: Tensor, bias: Tensor | None) -> Tensor:
-    """``acc [M, N]`` (int32, or fp32 holding exact integers) -> fp32 ``(acc * s) * w_scale + bias``, in place.
+def dequant_epilogue(
+    acc: Tensor,
+    s: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype = torch.float32,
+    min_per_thread: int | None = None,
+) -> Tensor:
+    """``acc [M, N]`` (int32, or fp32 holding exact integers) -> ``(acc * s) * w_scale + bias`` computed in fp32.
 
-    Returns a float32 view of ``acc``'s memory.
+    fp32: in place, a float32 view of ``acc``'s memory; bf16: a new tensor, each value rounded once.
     """
     so = lib()
     assert so is not None and acc.dtype in (torch.int32, torch.float32) and acc.is_contiguous()
@@ -361,5 +451,8 @@ def dequant_epilogue(acc: Tensor, s: Tensor, w_scale: Tensor, bias: Tensor | Non
     s, ws = s.contiguous(), w_scale.to(torch.float32).contiguous()
     b = None if bias is None else bias.to(torch.float32).contiguous()
     is_float = int(acc.dtype == torch.float32)
-    so.qv_epilogue(acc.data_ptr(), M, N, s.data_ptr(), ws.data_ptr(), _ptr(b), is_float, _threads(M, N))
-    return acc.view(torch.float32)
+    out = torch.empty(M, N, dtype=torch.bfloat16) if out_dtype == torch.bfloat16 else None
+    so.qv_epilogue(
+        acc.data_ptr(), M, N, s.data_ptr(), ws.data_ptr(), _ptr(b), is_float, _threads(M, N, min_per_thread), _ptr(out)
+    )
+    return out if out is not None else acc.view(torch.float32)

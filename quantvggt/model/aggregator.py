@@ -78,7 +78,8 @@ class Aggregator(nn.Module):
         B, S, C_in, H, W = images.shape
         if C_in != 3:
             raise ValueError(f"expected 3 input channels, got {C_in}")
-        x = ((images - self._resnet_mean) / self._resnet_std).reshape(B * S, C_in, H, W)
+        x = ((images.float() - self._resnet_mean.float()) / self._resnet_std.float()).reshape(B * S, C_in, H, W)
+        x = x.to(self.camera_token.dtype)  # normalised in fp32, then the model's float dtype (a bf16 model: bf16)
         patch_tokens = self.patch_embed(x)
         camera = slice_expand_and_flatten(self.camera_token, B, S).to(patch_tokens.dtype)
         register = slice_expand_and_flatten(self.register_token, B, S).to(patch_tokens.dtype)

@@ -241,7 +241,7 @@ class DPTHead(nn.Module):
     def _pos_embed(self, x: Tensor, W: int, H: int, ratio: float = 0.1) -> Tensor:
         ph, pw = x.shape[-2:]
         grid = create_uv_grid(pw, ph, aspect_ratio=W / H, dtype=x.dtype, device=x.device)
-        emb = position_grid_to_embed(grid, x.shape[1]) * ratio
+        emb = (position_grid_to_embed(grid, x.shape[1]) * ratio).to(x.dtype)  # fp32 math, added in x's dtype (bf16)
         return x + emb.permute(2, 0, 1)[None].expand(x.shape[0], -1, -1, -1)
 
     def _forward_impl(

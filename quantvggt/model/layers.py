@@ -73,6 +73,9 @@ class PositionGetter:
     def __call__(self, batch_size: int, height: int, width: int, device: torch.device) -> Tensor:
         """Return ``[batch_size, height*width, 2]`` integer (y, x) positions."""
         key = (height, width, torch.device(device))
+        if torch.compiler.is_compiling():  # traced into the graph: a cache insertion would fail a guard next call
+            grid = torch.cartesian_prod(torch.arange(height, device=device), torch.arange(width, device=device))
+            return grid.view(1, height * width, 2).expand(batch_size, -1, -1).clone()
         if key not in self._cache:
             ys = torch.arange(height, device=device)
             xs = torch.arange(width, device=device)
@@ -102,10 +105,15 @@ class RotaryPositionEmbedding2D(nn.Module):
             exponents = torch.arange(0, dim, 2, device=device).float() / dim
             inv_freq = 1.0 / (self.base_frequency**exponents)
             positions = torch.arange(seq_len, device=device, dtype=inv_freq.dtype)
-            angles = torch.einsum("i,j->ij", positions, inv_freq).to(dtype)
+            # angles stay fp32 (a bf16 angle of 17 rad is off by up to 0.03): only cos/sin take ``dtype``
+            angles = torch.einsum("i,j->ij", positions, inv_freq)
             angles = torch.cat((angles, angles), dim=-1)
             self._cache[key] = (angles.cos().to(dtype), angles.sin().to(dtype))
         return self._cache[key]
+
+    def prefill(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Build the cos/sin table for ``(dim, device, dtype)`` now (a compiled graph then never sees it missing)."""
+        self._components(dim, self.MAX_POSITIONS, device, dtype)
 
     @staticmethod
     def _rotate_half(x: Tensor) -> Tensor:

@@ -46,6 +46,13 @@ class VGGT(nn.Module):
         silently fell back to eager). Per region, a second frame count (or chunk position) marks that axis dynamic
         and later scenes reuse the graph.
         """
+        # RoPE tables are built on first use; inside a compiled region that insertion fails a guard and recompiles
+        # the whole aggregator on the second call, so build them for this model's dtype and device first
+        ref = self.aggregator.camera_token
+        for m in self.modules():
+            rope = getattr(m, "rope", None)
+            if rope is not None and hasattr(rope, "prefill") and hasattr(m, "head_dim"):
+                rope.prefill(m.head_dim // 2, ref.device, ref.dtype)
         for part in (self.aggregator, self.camera_head):
             if part is not None:
                 part.compile(backend=backend, dynamic=dynamic)

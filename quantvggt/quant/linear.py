@@ -255,6 +255,7 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        fn = _keep_fp32(fn)  # scales, signs and bias stay fp32 under model.to(bfloat16): they are the format
         if self.qweight is not None:
             return super()._apply(fn, recurse)
         probe = torch.empty(0, dtype=torch.uint8)
@@ -281,6 +282,18 @@ class QuantLinear(nn.Module):
         rest = sum(b.numel() * b.element_size() for n, b in self.named_buffers() if n != "qweight")
         (rows, cols), _ = self._packed_layout()
         return rest + rows * cols  # one byte per element in either layout
+
+
+def _keep_fp32(fn: Any) -> Any:
+    """``fn`` for ``Module._apply`` that moves fp32 tensors but never changes their dtype (``.to(bfloat16)``)."""
+
+    def apply(t: Tensor) -> Tensor:
+        out = fn(t)
+        if t.dtype == torch.float32 and out.dtype != torch.float32:  # the move without the cast (no round trip)
+            return t.to(out.device)
+        return out
+
+    return apply
 
 
 # Compiled graphs call quantized layers through one custom op, so the kernels (fbgemm prepacks, Triton launches,
@@ -470,6 +483,9 @@ class QuantConv2d(nn.Module):
         if conv.bias is not None:
             q.bias = conv.bias.detach().float().clone()
         return q.to(conv.weight.device)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantConv2d:
+        return super()._apply(_keep_fp32(fn), recurse)  # per-channel scales and bias stay fp32 (a bf16 model)
 
     def weight(self) -> Tensor:
         """Dequantized weight in the float module's layout."""

@@ -25,6 +25,12 @@ def _ql(K: int, N: int, bits: tuple[int, int] = (4, 4), rotate: bool = True, see
     return FakeQuantLinear(nn.Linear(K, N), *bits, signs, torch.rand(K) + 0.5).to_quant_linear()
 
 
+@pytest.fixture(autouse=True)
+def portable_gemm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests pin the portable GEMM path (_int_mm / fbgemm); test_cpu_onednn.py covers the oneDNN backend."""
+    monkeypatch.setattr(cpu, "gemm", "int_mm")
+
+
 @pytest.fixture(params=["speed", "memory"])
 def cpu_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Run a test in each weight mode."""
