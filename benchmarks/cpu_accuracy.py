@@ -43,7 +43,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from quantvggt.pipeline import load_model
+    from quantvggt.quant.load import load_model
 
     scenes = eval_scenes(args.scenes)
     base = load_model(args.model)

@@ -148,6 +148,7 @@ def run_batch(
             max_attempts=batch.max_attempts,
             capacity_timeout_s=batch.capacity_timeout_s,
             item_timeout_s=batch.scene_timeout_s,
+            kernels=batch.kernels,
             names=names,
             on_result=on_result,
         )

@@ -195,6 +195,9 @@ class BatchOptions:
     allowed_failures: int = opt(0, "failed scenes that still let the run pass")
     force: bool = opt(False, "reconstruct scenes that are complete already")
     max_attempts: int = opt(3, "dispatches of a scene whose worker died", cli=False)
+    kernels: dict[str, Any] | None = opt(  # noqa: RUF009  (None: no factory needed)
+        None, "kernel options of the workers' model (quantvggt.lowbit.registry.KernelOptions fields)", cli=False
+    )
     capacity_timeout_s: float = opt(
         300.0, "scenes waiting while no Ray worker is alive or placeable (a lost node) fail after this many seconds"
     )
@@ -205,6 +208,10 @@ class BatchOptions:
     def __post_init__(self) -> None:
         _whole(self, "num_workers", "cpus_per_worker", "allowed_failures", "max_attempts")
         _finite(self, "capacity_timeout_s", "scene_timeout_s")
+        if self.kernels is not None:  # checked here (one line), applied in each worker
+            from quantvggt.lowbit.registry import KernelOptions
+
+            self.kernels = KernelOptions.from_dict(self.kernels).to_dict()
         if not self.capacity_timeout_s > 0 or (self.scene_timeout_s is not None and not self.scene_timeout_s > 0):
             raise ValueError("capacity_timeout_s and scene_timeout_s must be > 0")
         _choice(self, "on_collision", ("error", "suffix"))

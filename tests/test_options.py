@@ -104,3 +104,20 @@ def test_submit_refuses_bad_options_before_anything_is_queued(capsys) -> None:
     assert "overlap must be smaller than the chunk size (8), got 8" in err and len(err.strip().splitlines()) == 1
     assert cli.main([*argv, "--cpus-per-worker", "0"]) == 2
     assert "cpus_per_worker must be a whole number >= 1, got 0" in capsys.readouterr().err
+
+
+def test_kernel_options_travel_as_one_checked_field_and_the_loader_applies_them() -> None:
+    import torch
+
+    from quantvggt.quant.load import load_model
+
+    with pytest.raises(ValueError, match="KernelOptions.cpu_gemm must be one of"):
+        BatchOptions(kernels={"cpu_gemm": "bogus"})
+    assert BatchOptions(kernels={"float_dtype": "bf16"}).kernels["float_dtype"] == "bf16"  # all fields, JSON-safe
+    assert next(load_model("demo-random", device="cpu").parameters()).dtype == torch.float32  # None: as loaded
+    model = load_model("demo-random", device="cpu", kernels={"float_dtype": "bf16"})
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model(torch.rand(1, 2, 3, 56, 56))
+    assert torch.isfinite(out["depth"].float()).all()
+    load_model("demo-random", device="cpu", kernels={"float_dtype": "fp32"})  # the process options back to fp32

@@ -70,7 +70,7 @@ class ReconstructionWorker:
     A setup failure is kept, not raised, so that the driver can tell it (deterministic) from a dead process.
     """
 
-    def __init__(self, model_uri: str, cpus: int = 1) -> None:
+    def __init__(self, model_uri: str, cpus: int = 1, kernels: dict[str, Any] | None = None) -> None:
         _log_to_stderr()
         self.node_id = ray.get_runtime_context().get_node_id()
         # host:pid names the process; the node id tells two Ray nodes on one host apart
@@ -84,7 +84,7 @@ class ReconstructionWorker:
 
             # as many threads as the CPUs Ray gave this actor (num_cpus): more would oversubscribe the node's cores
             torch.set_num_threads(max(1, cpus) if not torch.cuda.is_available() else torch.get_num_threads())
-            self.model = load_model(model_uri)
+            self.model = load_model(model_uri, kernels=kernels)  # the driver's KernelOptions, as a dict
         except Exception as e:
             self.setup_error = f"{type(e).__name__}: {e}"
             log.error("worker %s cannot load %s: %s", self.name, model_uri, self.setup_error)
@@ -377,6 +377,7 @@ def run_scenes(
     on_plan: Callable[[ScenePlan], None] | None = None,
     capacity_timeout_s: float = CAPACITY_TIMEOUT_S,
     item_timeout_s: float | None = None,
+    kernels: dict[str, Any] | None = None,
 ) -> list[SceneResult]:
     """Reconstruct scenes on ``num_workers`` actors; one :class:`SceneResult` per scene, in input order, always.
 
@@ -452,7 +453,7 @@ def run_scenes(
     if jobs:
         # all num_workers actors even for fewer scenes: one large scene's chunks can keep every one of them busy
         pool = ActorDispatcher(
-            lambda: actor_cls.remote(model_uri, cpus_per_worker),
+            lambda: actor_cls.remote(model_uri, cpus_per_worker, kernels),
             num_workers,
             max_attempts,
             ready_timeout_s,

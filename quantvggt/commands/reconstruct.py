@@ -31,6 +31,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="torch.compile the model (zero graph breaks; pays off over many scenes of a few frame counts)",
     )
+    kernels = parser.add_argument_group("CPU kernels (default: the model as loaded, fp32)")
+    kernels.add_argument(
+        "--float-dtype",
+        choices=["auto", "fp32", "bf16"],
+        help="dtype of every op that is not a quantized GEMM; auto: bf16 on CPUs with AMX-BF16/AVX512-BF16",
+    )
+    kernels.add_argument(
+        "--cpu-gemm", choices=["auto", "onednn", "int_mm"], help="quantized GEMM; auto: oneDNN prepacked on VNNI/AMX"
+    )
     add_arguments(parser, ReconstructionOptions, "reconstruction (scenes over --max-frames images go in chunks)")
 
 
@@ -59,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     out = open_storage(args.out)
     check_outputs_outside_inputs([out.uri(names[s]) for s in scenes], scenes)
     jobs = {s: SceneJob(s, args.out, names[s], opts, force=True) for s in scenes}
-    model = set_attention(load_model(args.quantized or args.model), args.attention)
+    chosen = {k: v for k, v in (("float_dtype", args.float_dtype), ("cpu_gemm", args.cpu_gemm)) if v is not None}
+    model = set_attention(load_model(args.quantized or args.model, kernels=chosen or None), args.attention)
     if args.compile:  # after set_attention, so the compiled graph traces the attention actually used
         model = model.compile_()
     failed = 0

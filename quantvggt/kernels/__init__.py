@@ -14,7 +14,7 @@ so both devices quantize alike. ``None`` from a kernel means "not supported here
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from quantvggt.lowbit.registry import register_kernel
 
@@ -63,3 +63,12 @@ def _attention_cpu(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 register_kernel("attention_int8", "cuda", _attention_cuda)
 register_kernel("attention_int8", "cpu", _attention_cpu)
+
+
+def _apply_options(model: Any, options: Any) -> Any:
+    from quantvggt.kernels.options import apply_kernel_options
+
+    return apply_kernel_options(model, options)
+
+
+register_kernel("apply_options", "any", _apply_options)  # loaders (quant/) apply KernelOptions through the registry

@@ -8,6 +8,7 @@ import logging
 
 import torch
 
+from quantvggt.lowbit.registry import KernelOptions, get_kernel
 from quantvggt.model import VGGT, VGGTConfig, load_vggt
 from quantvggt.model.loading import ASSETS_DIR
 from quantvggt.quant.checkpoint import load_quantized
@@ -19,12 +20,22 @@ QUANT_META = "quant.json"  # the file that makes a folder a quantized checkpoint
 DEMO_RANDOM = "demo-random"  # the tiny architecture with seeded random (untrained) weights: tries commands offline
 
 
-def load_model(source: str, device: str | None = None, compile: bool = False) -> torch.nn.Module:
+def load_model(
+    source: str, device: str | None = None, compile: bool = False, kernels: KernelOptions | dict | None = None
+) -> torch.nn.Module:
     """A float model source (hub id, file, folder, s3://, shipped name), a quantized checkpoint, or ``demo-random``.
 
+    ``kernels`` (:class:`~quantvggt.lowbit.registry.KernelOptions`) chooses the kernels and prepares the model for
+    them: oneDNN's prepacked int8 GEMM and bf16 for the rest on CPUs that have them (``float_dtype="auto"``), fp32
+    and the portable path otherwise; None keeps the model as loaded (fp32, kernels chosen on first use).
     ``compile=True`` returns it ``torch.compile``-d (zero graph breaks; quantized layers run as custom ops).
     """
     model = _load_model(source, device)
+    if kernels is not None:
+        apply = get_kernel("apply_options", "any")
+        if apply is None:  # pragma: no cover - quantvggt/__init__ imports the kernels
+            raise RuntimeError("no kernels registered: import quantvggt first")
+        model = apply(model, KernelOptions.from_dict(kernels))
     return model.compile_() if compile else model
 
 

@@ -40,7 +40,7 @@ def test_large_scene_is_mapped_over_workers_and_fully_registered(scenes: Path, t
     results = run_scenes([big, small], MODEL, str(tmp_path), OPTIONS, num_workers=2, on_plan=plans.append)
     assert [r.status for r in results] == ["done", "done"], [r.error for r in results]
     assert [r.images for r in results] == [12, 4]
-    assert [p.name for p in plans] == ["big"]  # the small scene ran whole, without a plan
+    assert [p.job.name for p in plans] == ["big"]  # the small scene ran whole, without a plan
     rec = pycolmap.Reconstruction(str(tmp_path / "big" / "sparse" / "0"))
     assert rec.num_reg_images() == 12  # every image with a pose in images.bin
     report = _report(tmp_path, "big")
