@@ -92,10 +92,12 @@ def reduce_scene(
     """
 
     def reduce() -> SceneResult:
+        t0 = time.perf_counter()
         outcomes = (
             (meta, None if meta.get("error") else prediction_from_arrays(get_chunk(k))) for k, meta in enumerate(metas)
         )
         merged = merge(plan, outcomes, model)
+        merged.report["timings_s"]["reduce"] = round(time.perf_counter() - t0, 4)  # fetch + align + merge here
         images = None if plan.job.options.images == "none" else list(merged.names)
         with scene_folder(plan.job.source, images) if images else contextlib.nullcontext(None) as folder:
             return export_and_commit(plan, merged, folder)
