@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from quantvggt import cli, synth
+from quantvggt import synth
 from quantvggt.calib import nfds
 from quantvggt.reconstruct import ReconstructionOptions
 from tests.reliability.test_images import png
@@ -31,20 +31,6 @@ from tests.reliability.test_images import png
 def scenes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three synthetic scenes of 3 frames to copy from."""
     return synth.main(tmp_path_factory.mktemp("src"), scenes=3, frames=3, seed=1, size=(56, 42))
-
-
-@pytest.fixture
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """``quantvggt ARGS`` in this process (library commands only) -> (exit code, stdout, stderr)."""
-    monkeypatch.setattr(cli, "plugin_commands", lambda taken=(): [])
-
-    def run(*argv: str | Path) -> tuple[int, str, str]:
-        capsys.readouterr()
-        rc = cli.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 @pytest.fixture

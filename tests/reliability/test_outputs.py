@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from quantvggt import cli, synth
+from quantvggt import synth
 from quantvggt.fsutil import check_outputs_outside_inputs
 from quantvggt.quant.load import load_model
 from quantvggt.reconstruct import ReconstructionOptions, SceneJob, main, process_scene
@@ -51,20 +51,6 @@ def root(tmp_path: Path, scenes: Path) -> Path:
     for s in ("scene_000", "scene_001"):
         shutil.copytree(scenes / s, tmp_path / "data" / s)
     return tmp_path
-
-
-@pytest.fixture
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """``quantvggt ARGS`` in this process (library commands only) -> (exit code, stdout, stderr)."""
-    monkeypatch.setattr(cli, "plugin_commands", lambda taken=(): [])
-
-    def run(*argv: str | Path) -> tuple[int, str, str]:
-        capsys.readouterr()
-        rc = cli.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
 
 
 def frames(folder: Path) -> list[str]:

@@ -137,22 +137,6 @@ def test_different_folders_with_one_name_are_not_an_overlap(tmp_path: Path) -> N
 
 
 # -- 2. `quantize --out` and `select-calibration --out`: never over someone's data or an input ----------------------
-@pytest.fixture
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """``quantvggt ARGS`` in this process (library commands only) -> (exit code, stdout, stderr)."""
-    from quantvggt import cli
-
-    monkeypatch.setattr(cli, "plugin_commands", lambda taken=(): [])
-
-    def run(*argv: str | Path) -> tuple[int, str, str]:
-        capsys.readouterr()
-        rc = cli.main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        return rc, out, err
-
-    return run
-
-
 def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
