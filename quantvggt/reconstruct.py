@@ -41,7 +41,7 @@ from quantvggt.fsutil import atomic_dir, check_destination, check_outputs_outsid
 from quantvggt.images import IMAGE_EXTENSIONS, ImageLoadError, reference_first
 from quantvggt.options import ReconstructionOptions
 from quantvggt.predict import align_options, chunk_plan, frame_limits, predict_frames, scan_scene
-from quantvggt.prediction import SceneError, ScenePrediction  # noqa: F401  (SceneError re-exported)
+from quantvggt.prediction import SceneError, ScenePrediction
 from quantvggt.scene import SceneResult, collision_error, scene_name, scene_source_key
 from quantvggt.storage import COMPLETE, fetch_scene, local_path, open_storage, sha256_file, split_uri
 from quantvggt.verify import verify_model
@@ -295,6 +295,8 @@ def write_result(pred: ScenePrediction, folder: Path, options: ReconstructionOpt
                  shown_as: Path | str | None = None, colmap: ColmapResult | None = None) -> dict[str, Any]:  # fmt: skip
     """COLMAP model (exported here unless given), workspace and report.json of ``pred`` into ``folder``."""
     colmap = colmap if colmap is not None else to_colmap(pred, options)
+    if colmap.report["points"]["kept"] == 0:
+        raise SceneError(f"{pred.scene}: no 3D point is left: {_emptied_by(colmap.report, options)}")
     workspace = write_workspace(colmap, folder, options, sources)
     kept = colmap.report["points"]["kept"]
     verify_model(folder / "sparse/0", len(pred.names), kept, shown_as=Path(shown_as or folder) / "sparse/0")
@@ -303,6 +305,22 @@ def write_result(pred: ScenePrediction, folder: Path, options: ReconstructionOpt
     report["images"] = len(pred.names)
     (folder / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
+
+
+def _emptied_by(report: dict[str, Any], options: ReconstructionOptions) -> str:
+    """Which option left a model without points, in words a user can act on."""
+    conf = report["points"].get("confidence", {})
+    if conf.get("above_threshold", 1) == 0:
+        which = f"conf_threshold {options.conf_threshold}" if options.conf_threshold is not None else (
+            f"conf_percentile {options.conf_percentile}")  # fmt: skip
+        return f"{which} is above every confidence (max {conf.get('max', float('nan')):.3g}); lower it"
+    tracks = report.get("tracks", {})
+    if tracks.get("enabled") and tracks.get("seeds", 0) and tracks.get("dropped_short", 0):
+        return (
+            f"min_track_length {options.min_track_length} drops every track of the {conf.get('above_threshold', '?')} "
+            "pixels above the confidence threshold; lower it (COLMAP needs 2), or the confidence threshold"
+        )
+    return "no pixel had a finite depth and confidence"
 
 
 def write_preview(result_folder: Path) -> Path | None:

@@ -151,3 +151,18 @@ def test_schemes_pick_the_backend() -> None:
     assert local_path("file:///tmp/a") == Path("/tmp/a") and local_path("s3://b/k") is None
     with pytest.raises(ValueError, match=r"no storage backend for gs://"):
         open_storage("gs://bucket/x")
+
+
+def test_empty_key_parts_and_hidden_folders_are_handled_and_said(root: str, tmp_path: Path, caplog) -> None:
+    import logging
+
+    st = open_storage(root)
+    if not is_remote(root):
+        return  # a local path has no empty parts
+    for key in ("inbox/s1//a.png", "inbox/s1/b.png", "inbox/s1//b.png", "inbox/_out/s1/images/c.png"):
+        st.write_bytes(key, b"img")
+    with caplog.at_level(logging.INFO, logger="quantvggt.storage.base"):
+        assert find_scenes(st, "inbox/") == ["inbox/s1"]
+    assert "left out 1 image folders" in caplog.text and "inbox/_out/s1/images" in caplog.text
+    local = fetch_scene(st, "inbox/s1", tmp_path / "s1")
+    assert sorted(p.name for p in local.iterdir()) == ["a.png", "b.png"]

@@ -232,11 +232,22 @@ def split_uri(uri: str) -> tuple[Storage, str]:
 
 def find_scenes(storage: Storage, prefix: str = "") -> list[str]:
     """Scene prefixes under ``prefix``: folders that directly hold image files (case-insensitive extensions)."""
-    scenes = set()
+    scenes, hidden = set(), set()
     for key in storage.list(prefix):
-        p = PurePosixPath(key)
-        if p.suffix.lower() in IMAGE_EXTENSIONS and not any(part.startswith((".", "_")) for part in p.parts[:-1]):
+        p = PurePosixPath(key)  # "scene//a.png" (an empty S3 key part) is the scene "scene", as fetch_scene reads it
+        if p.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if any(part.startswith((".", "_")) for part in p.parts[:-1]):
+            hidden.add(str(p.parent))
+        else:
             scenes.add(str(p.parent))
+    if hidden:  # said, not silently dropped: _manifests/, .cache/ and the like are never scenes
+        log.info(
+            "left out %d image folders under %s whose path has a part starting with '_' or '.': %s",
+            len(hidden),
+            storage.uri(prefix),
+            ", ".join(sorted(hidden)[:5]) + (" ..." if len(hidden) > 5 else ""),
+        )
     return sorted(scenes)
 
 
@@ -244,11 +255,16 @@ def fetch_scene(storage: Storage, scene: str, local: str | Path) -> Path:
     """Download the files directly inside ``scene`` (not its subfolders) into folder ``local``."""
     local = Path(local)
     local.mkdir(parents=True, exist_ok=True)
-    dests = {}
+    dests: dict[str, Path] = {}
     for key in storage.list(scene.rstrip("/") + "/"):
-        rel = key[len(scene.rstrip("/")) + 1 :]
-        if "/" not in rel:
-            dests[key] = safe_join(local, rel)  # every name checked before anything is written
+        rel = key[len(scene.rstrip("/")) + 1 :].lstrip("/")  # "scene//a.png": S3 allows empty key parts
+        if "/" in rel or not rel:
+            continue
+        dest = safe_join(local, rel)  # every name checked before anything is written
+        if dest in dests.values():  # "scene/a.png" and "scene//a.png": one file name, the first key wins
+            log.warning("%s: same file name as another object of the scene; left out", storage.uri(key))
+            continue
+        dests[key] = dest
     for key, dest in dests.items():
         storage.download(key, dest)
     return local

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -116,3 +117,19 @@ def test_a_nightly_run_whose_out_is_inside_its_inbox_never_takes_its_outputs_for
     manifest = Path(err.value.manifest)
     rows = read_manifest(open_storage(manifest.parent), manifest.name)
     assert [r.source for r in rows] == [str(inbox / "scene_a")], [r.source for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--conf-threshold", "1e9"], r"no 3D point is left: conf_threshold 1000000000.0 is above every confidence"),
+        (["--min-track-length", "50"], r"no 3D point is left: min_track_length 50 drops every track"),
+    ],
+)
+def test_options_that_empty_the_model_fail_the_scene_naming_the_option(
+    option: list[str], message: str, scene: Path, tmp_path: Path, capsys
+) -> None:
+    argv = ["reconstruct", str(scene), "--out", str(tmp_path / "o"), "--model", "vggt-tiny-synthetic", *option]
+    assert cli.main(argv) == 1
+    assert re.search(message, capsys.readouterr().out)
+    assert not (tmp_path / "o" / scene.name).exists()  # no 0-point model written as if it were a result
