@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     """Reconstruct scene folders and write COLMAP models; one bad scene does not stop the others (exit 1)."""
     from tqdm import tqdm
 
+    from quantvggt.export import check_formats
     from quantvggt.fsutil import check_outputs_outside_inputs
     from quantvggt.model.aggregator import set_attention
     from quantvggt.quant.load import is_quantized_source, load_model
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from quantvggt.storage import open_storage
 
     opts = from_args(ReconstructionOptions, args)
+    check_formats(opts.formats)  # an unknown --export fails before the model is loaded
     for uri in (*args.scenes, args.out):
         if not str(uri).strip():
             raise ValueError("an empty path was given (--out '' or a scene ''): name a folder")

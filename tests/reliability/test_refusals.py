@@ -133,3 +133,9 @@ def test_options_that_empty_the_model_fail_the_scene_naming_the_option(
     assert cli.main(argv) == 1
     assert re.search(message, capsys.readouterr().out)
     assert not (tmp_path / "o" / scene.name).exists()  # no 0-point model written as if it were a result
+
+
+def test_an_unknown_export_format_is_refused_before_the_model_loads(scene: Path, tmp_path: Path, capsys) -> None:
+    argv = ["reconstruct", str(scene), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no-model")]
+    err = _one_line(capsys, [*argv, "--export", "mesh"])
+    assert "unknown export format(s) mesh (known: colmap" in err and "no-model" not in err
