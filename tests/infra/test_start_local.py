@@ -7,6 +7,7 @@ interpreter running the tests. Every process a test starts is stopped by stop-lo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -54,10 +55,8 @@ def _wait_gone(pids: dict[str, int], timeout: float = 90) -> None:
         time.sleep(1)
     left = {n: p for n, p in pids.items() if _group_alive(p)}
     for pgid in left.values():  # do not leave them behind, even when the test fails
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, 9)
-        except ProcessLookupError:
-            pass
     assert not left, f"processes left behind by stop-local.sh: {left}"
 
 
