@@ -21,7 +21,7 @@ Settings (environment variable, or the option):
   RAY_DASHBOARD=1                0: no dashboard (then ray.util.state and `ray list ...` do not work)
   RAY_DASHBOARD_PORT=8265        --dashboard-port: Ray dashboard (and the state API)
   RAY_DASHBOARD_AGENT_PORT=52365 the dashboard agent's HTTP port (per-node logs and state)
-  RAY_TEMP_DIR=/tmp/ray-$USER    --temp-dir: Ray's session files, logs and spilled objects
+  RAY_TEMP_DIR=/tmp/ray-$USER-$RAY_PORT  --temp-dir: Ray's session files, logs and spilled objects
   RAY_CPUS=2                     CPUs the Ray head offers
   STARTUP_TIMEOUT=120            seconds to wait for all three to answer
 EOT
@@ -42,7 +42,7 @@ VENV=${VENV:-.venv}
 S3_PORT=${S3_PORT:-5000} PREFECT_PORT=${PREFECT_PORT:-4200} RAY_PORT=${RAY_PORT:-6379}
 RAY_CLIENT_SERVER_PORT=${RAY_CLIENT_SERVER_PORT:-10001} RAY_DASHBOARD=${RAY_DASHBOARD:-1}
 RAY_DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265} RAY_DASHBOARD_AGENT_PORT=${RAY_DASHBOARD_AGENT_PORT:-52365}
-RAY_TEMP_DIR=${RAY_TEMP_DIR:-${TMPDIR:-/tmp}/ray-$(id -un)} LOCAL_PREFECT_HOME=${LOCAL_PREFECT_HOME:-infra/.prefect}
+RAY_TEMP_DIR=${RAY_TEMP_DIR:-${TMPDIR:-/tmp}/ray-$(id -un)-$RAY_PORT} LOCAL_PREFECT_HOME=${LOCAL_PREFECT_HOME:-infra/.prefect}
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-120}
 
 refuse() { echo "start-local.sh: $*" >&2; exit 2; }
@@ -73,6 +73,20 @@ for pair in $MOTO_PORTS $PREFECT_PORTS $RAY_PORTS; do
 done
 
 running() { [ -f "infra/.pids/$1" ] && kill -0 "$(cat "infra/.pids/$1")" 2>/dev/null; }
+holder() {  # port: "program, pid N" of a process listening on it, where ss can tell
+  ss -ltnpH "sport = :$1" 2>/dev/null | grep -o 'users:(("[^"]*",pid=[0-9]*' | head -1 |
+    sed 's/users:(("//; s/",pid=/, pid /' || true
+}
+owned() {  # port, name: 0 if name's process group listens on the port, 2 if nobody does yet, 1 if someone else does
+  command -v ss >/dev/null || return 0  # cannot tell: the health checks alone decide
+  local lines pid
+  lines=$(ss -ltnpH "sport = :$1" 2>/dev/null) || return 0
+  [ -n "$lines" ] || return 2
+  for pid in $(grep -o 'pid=[0-9]*' <<<"$lines" | cut -d= -f2 | sort -u); do
+    [ "$(ps -o pgid= -p "$pid" 2>/dev/null | tr -d ' ')" = "$(cat "infra/.pids/$2")" ] && return 0
+  done
+  return 1  # another user's listener shows without a pid: not ours either
+}
 port_in_use() {  # a listening socket on the port, on any address (what the server's own bind would refuse)
   "$VENV/bin/python" - "$1" <<'EOP'
 import socket, sys
@@ -92,9 +106,8 @@ for component in moto prefect ray; do
   for pair in $pairs; do
     name=${pair%%=*} port=${pair#*=}
     if port_in_use "$port"; then
-      holder=$(ss -ltnpH "sport = :$port" 2>/dev/null | grep -o 'users:(("[^"]*",pid=[0-9]*' | head -1 |
-        sed 's/users:(("//; s/",pid=/, pid /') || true
-      echo "start-local.sh: port $port ($name) is held by another process${holder:+ ($holder)}: set $name to a free port" >&2
+      who=$(holder "$port")
+      echo "start-local.sh: port $port ($name) is held by another process${who:+ ($who)}: set $name to a free port" >&2
       busy=1
     fi
   done
@@ -143,13 +156,25 @@ start ray "$VENV/bin/ray" start --head --block --port "$RAY_PORT" --num-cpus "${
   --disable-usage-stats
 
 # -- health: each one answers, or the script says which did not and exits non-zero ----------------------------------
-healthy() {  # name: answers now
+ray_node_active() {  # the head's raylet has registered: `ray status` lists an active node (GCS health alone is not it)
+  timeout 30 "$VENV/bin/ray" status --address "$RAY_ADDRESS" 2>/dev/null |
+    awk '/^Active:/ {a = 1; next} /^[A-Z]/ {a = 0} a && /node_/ {found = 1} END {exit !found}'
+}
+healthy() {  # name: answers now (on ports that its own processes hold: checked before, by owned)
   case $1 in
     moto) curl -sf -m 5 "http://127.0.0.1:${S3_PORT}/" >/dev/null 2>&1 ;;
     prefect) curl -sf -m 5 "$PREFECT_API_URL/health" >/dev/null 2>&1 ;;
     ray)
-      timeout 30 "$VENV/bin/ray" health-check --address "$RAY_ADDRESS" >/dev/null 2>&1 &&
+      timeout 30 "$VENV/bin/ray" health-check --address "$RAY_ADDRESS" >/dev/null 2>&1 && ray_node_active &&
         { [ "$RAY_DASHBOARD" = 0 ] || curl -sf -m 5 "http://127.0.0.1:${RAY_DASHBOARD_PORT}/api/gcs_healthz" >/dev/null 2>&1; } ;;
+  esac
+}
+ports_of() {  # name: the ports its own processes must hold once it answers (not Ray's client server: optional)
+  case $1 in
+    moto) echo "S3_PORT=$S3_PORT" ;;
+    prefect) echo "PREFECT_PORT=$PREFECT_PORT" ;;
+    ray) echo "RAY_PORT=$RAY_PORT"
+      [ "$RAY_DASHBOARD" = 0 ] || echo "RAY_DASHBOARD_PORT=$RAY_DASHBOARD_PORT RAY_DASHBOARD_AGENT_PORT=$RAY_DASHBOARD_AGENT_PORT" ;;
   esac
 }
 failed() {  # name, why
@@ -160,8 +185,18 @@ pending="moto prefect ray" deadline=$((SECONDS + STARTUP_TIMEOUT)) status=0
 while [ -n "$pending" ]; do
   left=""
   for name in $pending; do
-    if ! running "$name"; then failed "$name" "exited at start"; status=1
-    elif ! healthy "$name"; then left="$left $name"; fi
+    if ! running "$name"; then failed "$name" "exited at start"; status=1; continue; fi
+    wait_for="" stolen=""
+    for pair in $(ports_of "$name"); do
+      owned "${pair#*=}" "$name" && continue
+      case $? in
+        2) wait_for=1 ;;  # not listening yet
+        *) who=$(holder "${pair#*=}"); stolen="$stolen ${pair%%=*}=${pair#*=} (${who:-pid not visible})" ;;
+      esac
+    done
+    if [ -n "$stolen" ]; then  # another process bound the port after the check above (or answers in our place)
+      failed "$name" "lost its port to another process:$stolen"; status=1
+    elif [ -n "$wait_for" ] || ! healthy "$name"; then left="$left $name"; fi
   done
   pending=$left
   [ -n "$pending" ] || break

@@ -157,12 +157,7 @@ esac
 def test_a_dead_ray_head_fails_the_start_naming_its_log(
     stack_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    venv = tmp_path_factory.mktemp("fake-venv")
-    (venv / "bin").mkdir()
-    (venv / "bin" / "python").symlink_to(sys.executable)
-    for name, text in (("moto_server", FAKE_SERVER), ("prefect", FAKE_SERVER), ("ray", DEAD_RAY)):
-        (venv / "bin" / name).write_text(textwrap.dedent(text).replace("{python}", sys.executable))
-        (venv / "bin" / name).chmod(0o755)
+    venv = _fake_venv(tmp_path_factory.mktemp("fake-venv"), moto_server=FAKE_SERVER, prefect=FAKE_SERVER, ray=DEAD_RAY)
     ports = {k: str(_free_port()) for k in ("S3_PORT", "PREFECT_PORT", "RAY_PORT")}
     done = _start(stack_dir, timeout=120, VENV=str(venv), STARTUP_TIMEOUT="30", RAY_DASHBOARD="0", **ports)
     assert done.returncode == 1, done.stdout + done.stderr
@@ -170,6 +165,61 @@ def test_a_dead_ray_head_fails_the_start_naming_its_log(
     assert "simulated: the Ray head died at start" in done.stderr  # the log's last lines
     assert "FAILED: moto" not in done.stderr and "FAILED: prefect" not in done.stderr
     assert "healthy:" not in done.stdout
+
+
+STRANGER_SERVER = """\
+#!{python}
+# binds nothing itself: a process of another session answers on the port (as another user's server that took the
+# port between start-local.sh's check and this server's bind); its pid goes to the file named by STRANGER_PID
+import os, subprocess, sys, time
+args = sys.argv[1:]
+port = args[args.index("-p") + 1]
+fake = os.path.join(os.path.dirname(sys.argv[0]), "prefect")
+stranger = subprocess.Popen([sys.executable, fake, "--port", port], start_new_session=True)
+open(os.environ["STRANGER_PID"], "w").write(str(stranger.pid))
+time.sleep(3600)
+"""
+
+
+def _fake_venv(root: Path, **scripts: str) -> Path:
+    (root / "bin").mkdir()
+    (root / "bin" / "python").symlink_to(sys.executable)
+    for name, text in scripts.items():
+        (root / "bin" / name).write_text(textwrap.dedent(text).replace("{python}", sys.executable))
+        (root / "bin" / name).chmod(0o755)
+    return root
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="ss (iproute2) tells who holds a port")
+def test_a_port_answered_by_another_process_is_not_healthy(
+    stack_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    venv = _fake_venv(
+        tmp_path_factory.mktemp("fake-venv"), moto_server=STRANGER_SERVER, prefect=FAKE_SERVER, ray=DEAD_RAY
+    )
+    pid_file = tmp_path_factory.mktemp("stranger") / "pid"
+    ports = {k: str(_free_port()) for k in ("S3_PORT", "PREFECT_PORT", "RAY_PORT")}
+    try:
+        done = _start(
+            stack_dir,
+            timeout=120,
+            VENV=str(venv),
+            STARTUP_TIMEOUT="30",
+            RAY_DASHBOARD="0",
+            STRANGER_PID=str(pid_file),
+            **ports,
+        )
+    finally:
+        for _ in range(50):
+            if pid_file.exists() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        stranger = int(pid_file.read_text())
+        os.kill(stranger, 9)
+    assert done.returncode == 1, done.stdout + done.stderr
+    port = ports["S3_PORT"]
+    assert f"FAILED: moto lost its port to another process: S3_PORT={port} (python" in done.stderr
+    assert f"pid {stranger})" in done.stderr and "FAILED: prefect" not in done.stderr
 
 
 def test_stack_starts_healthy_with_its_own_prefect_home(stack_dir: Path) -> None:
