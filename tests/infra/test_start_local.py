@@ -71,7 +71,8 @@ def _free_port() -> int:
 
 
 def _start(root: Path, *args: str, timeout: float = 180, **env: str) -> subprocess.CompletedProcess:
-    full = {**os.environ, "VENV": str(VENV), "RAY_CPUS": "1", **env}
+    # RAY_TEMP_DIR: the script creates it even when the head dies; the stack's folder holds it then
+    full = {**os.environ, "VENV": str(VENV), "RAY_CPUS": "1", "RAY_TEMP_DIR": str(root / "ray"), **env}
     for var in ("PREFECT_HOME", "PREFECT_API_URL", "RAY_ADDRESS", "LOCAL_PREFECT_HOME"):
         if var not in env:
             full.pop(var, None)
