@@ -33,8 +33,25 @@ def require(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> object:
-    """A real S3 HTTP endpoint: moto in server mode on 127.0.0.1, for the whole session."""
+    """An S3 HTTP endpoint for the whole session: moto in server mode on 127.0.0.1 by default.
+
+    ``QUANTVGGT_TEST_S3_ENDPOINT=http://host:port`` runs the S3 tests against that server instead (a real
+    S3-compatible server, e.g. SeaweedFS: infra/README.md), with the AWS_* credentials of the environment.
+    """
     import os
+
+    if real := os.environ.get("QUANTVGGT_TEST_S3_ENDPOINT"):
+        if not (os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")):
+            pytest.fail("QUANTVGGT_TEST_S3_ENDPOINT is set: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for it too")
+        old_endpoint = os.environ.get("QUANTVGGT_S3_ENDPOINT")
+        os.environ["QUANTVGGT_S3_ENDPOINT"] = real
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        yield real
+        if old_endpoint is None:
+            os.environ.pop("QUANTVGGT_S3_ENDPOINT", None)
+        else:
+            os.environ["QUANTVGGT_S3_ENDPOINT"] = old_endpoint
+        return
 
     from moto.server import ThreadedMotoServer
 

@@ -139,9 +139,14 @@ def test_keys_that_leave_the_folder_are_refused(root: str, tmp_path: Path) -> No
             st.write_bytes(evil, b"1")  # a local key is a path: it must stay in the folder
         return
     st.write_bytes("s/ok.png", b"1")
-    st.write_bytes(evil, b"1")  # remote stores hold any key; mapping it to a local path must refuse
-    with pytest.raises(StorageError, match="'..' component"):
+    try:
+        st.write_bytes(evil, b"1")  # AWS S3 and moto hold any key; mapping it to a local path must refuse
+    except StorageError as e:  # some S3-compatible servers (SeaweedFS) refuse such a key: nothing to map then
+        assert "InvalidRequest" in str(e), e
         st.download_dir("s", tmp_path / "a" / "b" / "c")
+    else:
+        with pytest.raises(StorageError, match="'..' component"):
+            st.download_dir("s", tmp_path / "a" / "b" / "c")
     assert not list(tmp_path.rglob("escape.png"))
 
 
