@@ -171,3 +171,14 @@ def test_empty_key_parts_and_hidden_folders_are_handled_and_said(root: str, tmp_
     assert "left out 1 image folders" in caplog.text and "inbox/_out/s1/images" in caplog.text
     local = fetch_scene(st, "inbox/s1", tmp_path / "s1")
     assert sorted(p.name for p in local.iterdir()) == ["a.png", "b.png"]
+
+
+def test_keys_stay_out_of_ray_metadata_when_nodes_have_their_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantvggt.storage import storage_env
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.local:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    assert storage_env()["AWS_SECRET_ACCESS_KEY"] == "s3cr3t"  # default: forwarded (a Ray head started before them)
+    monkeypatch.setenv("QUANTVGGT_RAY_CREDENTIALS", "node")
+    env = storage_env()
+    assert env["AWS_ENDPOINT_URL"] == "http://s3.local:9000" and "AWS_SECRET_ACCESS_KEY" not in env

@@ -65,9 +65,25 @@ def s3_client() -> Any:
     return boto3.client("s3", endpoint_url=s3_endpoint(), config=Config(retries=retries))
 
 
+SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+CREDENTIALS_ENV = "QUANTVGGT_RAY_CREDENTIALS"  # "forward" (default) or "node": workers use their nodes' own chain
+
+
 def s3_env() -> dict[str, str]:
-    """``AWS_*`` and the endpoint alias, as set in this process."""
-    return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES) or k in STORAGE_ENV_NAMES}
+    """``AWS_*`` and the endpoint alias, as set in this process, for workers in other processes.
+
+    With ``QUANTVGGT_RAY_CREDENTIALS=node`` the keys themselves stay here (a Ray ``runtime_env`` is visible in the
+    cluster's job metadata): endpoint, region and profile travel, and each node's own credential chain (instance role,
+    IRSA, its ~/.aws files) supplies the keys.
+    """
+    mode = os.environ.get(CREDENTIALS_ENV, "forward")
+    if mode not in ("forward", "node"):
+        raise ValueError(f"{CREDENTIALS_ENV} must be 'forward' or 'node', got {mode!r}")
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if (k.startswith(STORAGE_ENV_PREFIXES) or k in STORAGE_ENV_NAMES) and not (mode == "node" and k in SECRET_NAMES)
+    }
 
 
 _DENIED_CODES = (
