@@ -189,6 +189,15 @@ def _stream(ds: Any, capacity_timeout_s: float, what: str) -> Iterator[dict[str,
     """The dataset's rows as they come; raises :class:`TimeoutError` when none came for ``capacity_timeout_s``
     while an actor waits for room it cannot get (a lost node), instead of waiting for ever."""
     q: queue.Queue[Any] = queue.Queue(maxsize=64)
+    executors: list[Any] = []
+    create = getattr(ds, "_create_executor", None)
+    if create is not None:  # private: kept to stop the execution after a timeout (else its thread waits on)
+
+        def creating() -> Any:
+            executors.append(create())
+            return executors[-1]
+
+        ds._create_executor = creating
 
     def read() -> None:
         try:
@@ -209,6 +218,11 @@ def _stream(ds: Any, capacity_timeout_s: float, what: str) -> Iterator[dict[str,
                 continue
             waited_since = waited_since or time.monotonic()
             if time.monotonic() - waited_since > capacity_timeout_s:
+                for ex in executors:
+                    try:
+                        ex.shutdown(force=True)
+                    except Exception as e:  # best effort: the rows are failed by the caller either way
+                        log.warning("could not stop the Ray Data execution: %s", e)
                 raise TimeoutError(
                     f"no Ray worker could be placed for {capacity_timeout_s:.0f} s (a lost node and no room left?); "
                     f"cluster resources now: {ray.cluster_resources()}"
