@@ -1,0 +1,182 @@
+"""End-to-end batch throughput: S3 (moto server) -> download -> decode -> model -> COLMAP -> upload, in images/s.
+
+    python benchmarks/throughput.py --out runs/throughput                       # the issue's sizes (200 scenes, 1000)
+    python benchmarks/throughput.py --out runs/throughput --scenes 40 --large-frames 240 --workers 1,2
+
+Both engines in the same run, on the same local Ray (``num_cpus`` = the largest worker count: 4 workers on a 2-core
+machine are oversubscribed, and the table says so): the actor dispatcher (``workers.reconstruct.run_scenes``) and Ray
+Data (``workers.data.run_scenes_data``). Workloads (synthetic 112x84 scenes, the shipped ``vggt-tiny-synthetic``):
+
+- ``small``: ``--scenes`` scenes of ``--frames`` frames, each one forward pass;
+- ``large``: one scene of ``--large-frames`` frames, chunked (``--chunk`` frames a pass) and merged.
+
+Each run writes to its own prefix with ``force``; images/s counts the images of done scenes over the driver's wall
+time (actors started and the model loaded included). The split sums each scene's report.json ``timings_s`` (decode =
+``load``, ``model``, ``scan``; chunked: ``fetch``, ``align``, ``merge``) and export+upload (the result's seconds minus
+the report's ``total``, which is stamped before the export), and sets the sum over workers against the wall time:
+``busy`` near 1 means stage time is hidden behind other workers' compute, not added to the wall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+MODEL = "vggt-tiny-synthetic"
+BUCKET = "bench"
+
+
+def start_s3() -> Any:
+    """A moto S3 server on 127.0.0.1 and the environment pointing at it (the workers inherit it)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(QUANTVGGT_S3_ENDPOINT=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="test",
+                      AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")  # fmt: skip
+    import boto3
+
+    boto3.client("s3", endpoint_url=os.environ["QUANTVGGT_S3_ENDPOINT"]).create_bucket(Bucket=BUCKET)
+    return server
+
+
+def upload(folder: Path, prefix: str) -> str:
+    """Every file of ``folder`` under ``s3://bench/<prefix>/<folder name>/``; returns the scene URI."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=os.environ["QUANTVGGT_S3_ENDPOINT"])
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            s3.upload_file(str(p), BUCKET, f"{prefix}/{folder.name}/{p.name}")
+    return f"s3://{BUCKET}/{prefix}/{folder.name}"
+
+
+def workloads(root: Path, scenes: int, frames: int, large: int) -> dict[str, list[str]]:
+    """Render the scenes once locally and upload them: workload name -> scene URIs."""
+    from quantvggt import synth
+
+    small = synth.main(root / "small", scenes=scenes, frames=frames, seed=11, size=(112, 84))
+    big = root / "large" / f"orbit_{large}"
+    if not big.exists():
+        synth.make_scene(big, 12, large, 112, 84, "orbit")
+    return {
+        "small": [upload(p, "small") for p in sorted(small.iterdir()) if p.is_dir()],
+        "large": [upload(big, "large")],
+    }
+
+
+def split(results: list[Any], out: str) -> dict[str, float]:
+    """Seconds summed over scenes, per stage (report.json timings_s, and export+upload)."""
+    from quantvggt.storage import open_storage
+
+    storage, sums = open_storage(out), {}
+    for r in results:
+        if r.status != "done":
+            continue
+        t = json.loads(storage.read_bytes(f"{r.scene}/report.json"))["timings_s"]
+        for k, v in t.items():
+            if k != "total":
+                sums[k] = sums.get(k, 0.0) + v
+        sums["export+upload"] = sums.get("export+upload", 0.0) + max(0.0, r.seconds - t.get("total", r.seconds))
+    return sums
+
+
+def run_one(engine: str, uris: list[str], workers: int, opts: Any, out: str) -> dict[str, Any]:
+    """One batch on one engine; images/s and the split."""
+    from workers.data import run_scenes_data
+    from workers.reconstruct import run_scenes
+
+    fn = run_scenes if engine == "dispatcher" else run_scenes_data
+    t0 = time.perf_counter()
+    results = fn(uris, MODEL, out, opts, num_workers=workers, force=True)
+    wall = time.perf_counter() - t0
+    done = [r for r in results if r.status == "done"]
+    images = sum(r.images for r in done)
+    failed = [r.error for r in results if r.status != "done"]
+    if failed:
+        print(f"  {engine} x{workers}: {len(failed)} failed, e.g. {failed[0]}", file=sys.stderr)
+    return {"wall": wall, "images": images, "ips": images / wall, "done": len(done), "n": len(results),
+            "split": split(results, out)}  # fmt: skip
+
+
+def cpu() -> str:
+    """The CPU model and the flags that matter here."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return platform.processor()
+    name = next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in out.splitlines() if line.startswith("Flags")), [])
+    wanted = sorted(f for f in flags if f.startswith(("amx", "avx512f", "avx512_bf16", "avx512_vnni")))
+    return f"{name}, {os.cpu_count()} CPUs, flags: {' '.join(wanted) or 'none of amx/avx512'}"
+
+
+def main() -> None:
+    """Run every engine x worker count x workload; print markdown tables."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("runs/throughput"))
+    ap.add_argument("--scenes", type=int, default=200, help="small workload: scenes")
+    ap.add_argument("--frames", type=int, default=4, help="small workload: frames per scene")
+    ap.add_argument("--large-frames", type=int, default=1000, help="large workload: frames of the one scene")
+    ap.add_argument("--chunk", type=int, default=48, help="large workload: frames per forward pass (max_frames)")
+    ap.add_argument("--workers", default="1,2,4", help="worker counts (1 CPU each)")
+    ap.add_argument("--engines", default="dispatcher,data")
+    ap.add_argument("--workloads", default="small,large")
+    args = ap.parse_args()
+
+    import logging
+
+    import ray
+
+    from quantvggt.options import ReconstructionOptions
+
+    logging.basicConfig(level=logging.WARNING)
+    workers = [int(w) for w in args.workers.split(",")]
+    server = start_s3()
+    uris = workloads(args.out, args.scenes, args.frames, args.large_frames)
+    opts = {
+        "small": ReconstructionOptions(max_points=2000, database=False),
+        "large": ReconstructionOptions(max_frames=args.chunk, overlap=4, max_points=2000, database=False),
+    }
+    ray.init(address="local", num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
+    rows: list[dict[str, Any]] = []
+    try:
+        for wl in args.workloads.split(","):
+            for w in workers:
+                for engine in args.engines.split(","):
+                    r = run_one(engine, uris[wl], w, opts[wl], f"s3://{BUCKET}/out/{wl}-{engine}-{w}")
+                    rows.append({"workload": wl, "engine": engine, "workers": w, **r})
+                    print(f"  {wl} {engine} x{w}: {r['images']} images in {r['wall']:.1f} s = {r['ips']:.1f} img/s",
+                          file=sys.stderr, flush=True)  # fmt: skip
+    finally:
+        ray.shutdown()
+        server.stop()
+    print(f"CPU: {cpu()}; Ray num_cpus={max(workers)} (worker counts over {os.cpu_count()} are oversubscribed)\n")
+    print(f"small = {args.scenes} scenes x {args.frames} frames; large = 1 scene x {args.large_frames} frames, "
+          f"chunks of {args.chunk}\n")  # fmt: skip
+    print(
+        "| workload | engine | workers | scenes done | images | wall s | images/s | vs 1 worker | stage split "
+        "(s summed over scenes) | busy = stage sum / (workers x wall) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        base = next(b for b in rows if b["workload"] == r["workload"] and b["engine"] == r["engine"])
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["split"].items(), key=lambda kv: -kv[1]))
+        busy = sum(r["split"].values()) / (r["workers"] * r["wall"])
+        over = " (oversubscribed)" if r["workers"] > (os.cpu_count() or 1) else ""
+        ratio = r["ips"] / base["ips"]
+        print(f"| {r['workload']} | {r['engine']} | {r['workers']}{over} | {r['done']}/{r['n']} | {r['images']} | "
+              f"{r['wall']:.1f} | {r['ips']:.2f} | {ratio:.2f}x | {stages} | {busy:.2f} |")  # fmt: skip
+    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
