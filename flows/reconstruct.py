@@ -30,7 +30,7 @@ from quantvggt.batch import name_outputs
 from quantvggt.fsutil import is_within
 from quantvggt.manifest import write_manifest
 from quantvggt.options import BatchOptions, ReconstructionOptions, coerce
-from quantvggt.scene import SceneResult, scene_name
+from quantvggt.scene import SceneResult, scene_label
 from quantvggt.storage import (
     StorageError,
     StorageUnavailableError,
@@ -66,13 +66,6 @@ def storage_outage(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _label(uri: str) -> str:
-    try:
-        return scene_name(uri)
-    except ValueError:
-        return uri
-
-
 @task(name="discover-scenes", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=RETRY_DELAYS_S,
       retry_condition_fn=storage_outage)  # fmt: skip
 def discover(
@@ -92,7 +85,7 @@ def discover(
         except StorageUnavailableError:
             raise  # the task is retried for an outage
         except (StorageError, OSError, ValueError) as e:  # this input only: the others go on
-            decided.append(SceneResult(_label(item), error=f"cannot list scenes: {e}", source=item))
+            decided.append(SceneResult(scene_label(item), error=f"cannot list scenes: {e}", source=item))
     # an output root inside an inbox holds result folders with images/: they are our outputs, never new scenes
     ours = [u for u in uris if is_within(u, out)]
     if ours:
@@ -100,8 +93,8 @@ def discover(
     uris = [u for u in uris if u not in ours]
     todo, named = name_outputs(list(dict.fromkeys(uris)), out, on_collision, force)
     for uri, name in todo:
-        if name != _label(uri):
-            logger.info("%s goes to %s (another source holds %s)", uri, name, _label(uri))
+        if name != scene_label(uri):
+            logger.info("%s goes to %s (another source holds %s)", uri, name, scene_label(uri))
     return todo, decided + named
 
 
@@ -219,7 +212,7 @@ def reconstruct(
     try:
         todo, decided = discover(scenes, out, batch.force, batch.on_collision)
     except Exception as e:  # nothing could be listed, even after retries: one row per input says why
-        todo, decided = [], [SceneResult(_label(s), error=f"cannot list scenes: {e}", source=s) for s in scenes]
+        todo, decided = [], [SceneResult(scene_label(s), error=f"cannot list scenes: {e}", source=s) for s in scenes]
     logger.info("%d scenes to reconstruct, %d decided without a worker", len(todo), len(decided))
     if model_error:
         logger.error("checkpoint unusable: %s", model_error)

@@ -42,7 +42,7 @@ from quantvggt.images import IMAGE_EXTENSIONS, ImageLoadError, reference_first
 from quantvggt.options import ReconstructionOptions
 from quantvggt.predict import align_options, chunk_plan, frame_limits, predict_frames, scan_scene
 from quantvggt.prediction import SceneError, ScenePrediction
-from quantvggt.scene import SceneResult, collision_error, scene_name, scene_source_key
+from quantvggt.scene import SceneResult, collision_error, scene_label, scene_name, scene_source_key
 from quantvggt.storage import COMPLETE, fetch_scene, local_path, open_storage, sha256_file, split_uri
 from quantvggt.verify import verify_model
 
@@ -220,7 +220,8 @@ def predict_chunks(model: torch.nn.Module, plan: ScenePlan, folder: Path) -> Ite
         except (ImageLoadError, OSError) as e:
             if plan.plan is None:
                 raise
-            meta["error"] = f"cannot read its images: {e}"
+            meta["error"] = str(e)
+            meta["reason"] = f"cannot read its images: {e}"  # what the merge reports for its frames
             pred = None
         meta["seconds"] = round(time.perf_counter() - t0, 4)
         yield meta, pred
@@ -245,8 +246,7 @@ def merge(plan: ScenePlan, outcomes: Iterable[ChunkOutcome], model: torch.nn.Mod
         for meta, pred in outcomes:
             entry = {"worker": meta.get("worker", ""), "attempt": meta.get("attempt", 1)}
             if meta.get("error") or pred is None:
-                merger.fail(meta.get("error") if str(meta.get("error", "")).startswith("cannot read") else
-                            f"prediction failed: {meta.get('error')}")  # fmt: skip
+                merger.fail(meta.get("reason") or f"prediction failed: {meta.get('error')}")
                 per_chunk.append(entry)
                 continue
             chunk_times = pred.report.get("timings_s", {})
@@ -418,20 +418,13 @@ def guarded(
         log.warning("scene %s failed: %s", source, e)
         # a remote scene is read from a temporary download: name it as the user gave it
         error = _TEMP_SCENE.sub(source.rstrip("/"), f"{type(e).__name__}: {e}")
-        return SceneResult(name or _label(source), error=error, attempt=attempt, worker=worker, source=source,
+        return SceneResult(name or scene_label(source), error=error, attempt=attempt, worker=worker, source=source,
                            seconds=round(time.perf_counter() - t0, 3))  # fmt: skip
     if isinstance(result, SceneResult):
         result.worker, result.attempt = worker, attempt
         if result.status == "skipped":
             result.seconds = round(time.perf_counter() - t0, 3)
     return result
-
-
-def _label(source: str) -> str:
-    try:
-        return scene_name(source)
-    except ValueError:  # an unnameable URI still gets its row
-        return source
 
 
 def reconstruct_scene(

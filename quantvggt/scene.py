@@ -116,6 +116,14 @@ def manifest_schema() -> Any:
     return pa.schema([(f.name, arrow_type(hints[f.name])) for f in dataclasses.fields(SceneResult)])
 
 
+def scene_label(uri_or_path: str | os.PathLike[str]) -> str:
+    """:func:`scene_name`, or the URI itself when it has no usable name (its row still says why it failed)."""
+    try:
+        return scene_name(uri_or_path)
+    except ValueError:
+        return os.fspath(uri_or_path)
+
+
 def scene_source_key(uri_or_path: str | os.PathLike[str]) -> str:
     """A normalised identity for a scene source: absolute local path, or the URI without trailing slashes."""
     s = os.fspath(uri_or_path)

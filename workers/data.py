@@ -44,9 +44,9 @@ import ray
 from quantvggt.lowbit.registry import kernel_env
 from quantvggt.options import ReconstructionOptions
 from quantvggt.reconstruct import SceneJob, ScenePlan
-from quantvggt.scene import SceneResult
+from quantvggt.scene import SceneResult, scene_label
 from quantvggt.storage import storage_env
-from workers.reconstruct import CAPACITY_TIMEOUT_S, _log_result, _log_to_stderr, _name
+from workers.reconstruct import CAPACITY_TIMEOUT_S, _log_result, _log_to_stderr
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ def run_scenes_data(
 
     def failed(i: int, attempt: int, error: str) -> SceneResult:
         scene = scene_uris[i]
-        return SceneResult(names.get(scene) or _name(scene), attempt=attempt, error=error, source=scene)
+        return SceneResult(names.get(scene) or scene_label(scene), attempt=attempt, error=error, source=scene)
 
     def finish(i: int, result: SceneResult) -> None:
         if i in results:  # Ray Data re-ran a block whose first output had arrived: a bug, never a second row

@@ -34,7 +34,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 from quantvggt.lowbit.registry import kernel_env
 from quantvggt.options import ReconstructionOptions
 from quantvggt.reconstruct import SceneJob, ScenePlan
-from quantvggt.scene import SceneResult, scene_name
+from quantvggt.scene import SceneResult, scene_label
 from quantvggt.storage import storage_env
 
 log = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ def run_scenes(
             unnamed[scene] = f"ValueError: {e}"
 
     def failed(scene: str, attempt: int, error: str) -> SceneResult:
-        return SceneResult(names.get(scene) or _name(scene), attempt=attempt, error=error, source=scene)
+        return SceneResult(names.get(scene) or scene_label(scene), attempt=attempt, error=error, source=scene)
 
     def on_error(item: tuple[str, str, int], attempt: int, error: str) -> Any:
         kind, scene, _ = item
@@ -502,10 +502,3 @@ def _first_line(e: BaseException) -> str:
         return f"{type(cause).__name__}: {cause}"
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return lines[0] if lines else type(e).__name__
-
-
-def _name(scene_uri: str) -> str:
-    try:
-        return scene_name(scene_uri)
-    except ValueError:  # an unnameable URI still gets its row (process_scene reports why it failed)
-        return scene_uri
