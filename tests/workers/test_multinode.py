@@ -9,26 +9,12 @@ from pathlib import Path
 import pytest
 
 ray = pytest.importorskip("ray")
-from ray.cluster_utils import Cluster  # noqa: E402
 
 from quantvggt import synth  # noqa: E402
 from quantvggt.options import ReconstructionOptions  # noqa: E402
 
 MODEL = "vggt-tiny-synthetic"
 OPTIONS = ReconstructionOptions(max_points=200, images="none", database=False, ply=False)
-
-
-@pytest.fixture
-def cluster():
-    if ray.is_initialized():
-        ray.shutdown()  # another test module's local Ray: this test needs its own cluster
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})  # the head runs no worker
-    nodes = [c.add_node(num_cpus=1) for _ in range(2)]
-    c.wait_for_nodes()
-    ray.init(address=c.address)
-    yield c, nodes
-    ray.shutdown()
-    c.shutdown()
 
 
 @pytest.fixture(scope="module")
