@@ -59,14 +59,14 @@ def upload(folder: Path, prefix: str) -> str:
     return f"s3://{BUCKET}/{prefix}/{folder.name}"
 
 
-def workloads(root: Path, scenes: int, frames: int, large: int) -> dict[str, list[str]]:
+def workloads(root: Path, scenes: int, frames: int, large: int, size: tuple[int, int]) -> dict[str, list[str]]:
     """Render the scenes once locally and upload them: workload name -> scene URIs."""
     from quantvggt import synth
 
-    small = synth.main(root / "small", scenes=scenes, frames=frames, seed=11, size=(112, 84))
-    big = root / "large" / f"orbit_{large}"
+    small = synth.main(root / f"small-{scenes}x{frames}-{size[0]}", scenes=scenes, frames=frames, seed=11, size=size)
+    big = root / "large" / f"orbit_{large}_{size[0]}"
     if not big.exists():
-        synth.make_scene(big, 12, large, 112, 84, "orbit")
+        synth.make_scene(big, 12, large, size[0], size[1], "orbit")
     return {
         "small": [upload(p, "small") for p in sorted(small.iterdir()) if p.is_dir()],
         "large": [upload(big, "large")],
@@ -89,14 +89,16 @@ def split(results: list[Any], out: str) -> dict[str, float]:
     return sums
 
 
-def run_one(engine: str, uris: list[str], workers: int, opts: Any, out: str) -> dict[str, Any]:
+def run_one(engine: str, uris: list[str], workers: int, opts: Any, out: str, in_flight: int) -> dict[str, Any]:
     """One batch on one engine; images/s and the split."""
     from workers.data import run_scenes_data
     from workers.reconstruct import run_scenes
 
-    fn = run_scenes if engine == "dispatcher" else run_scenes_data
     t0 = time.perf_counter()
-    results = fn(uris, MODEL, out, opts, num_workers=workers, force=True)
+    if engine == "dispatcher":
+        results = run_scenes(uris, MODEL, out, opts, num_workers=workers, force=True, in_flight=in_flight)
+    else:
+        results = run_scenes_data(uris, MODEL, out, opts, num_workers=workers, force=True)
     wall = time.perf_counter() - t0
     done = [r for r in results if r.status == "done"]
     images = sum(r.images for r in done)
@@ -129,6 +131,11 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=48, help="large workload: frames per forward pass (max_frames)")
     ap.add_argument("--workers", default="1,2,4", help="worker counts (1 CPU each)")
     ap.add_argument("--engines", default="dispatcher,data")
+    ap.add_argument("--in-flight", default="2", help="dispatcher: calls per worker (1: no overlap), e.g. 1,2")
+    ap.add_argument("--side", type=int, default=112, help="synthetic image width (height 3/4 of it)")
+    ap.add_argument(
+        "--image-size", type=int, default=None, help="model input width (ReconstructionOptions.image_size): more "
+        "tokens per image make the model dominate; default the model's own")  # fmt: skip
     ap.add_argument("--workloads", default="small,large")
     args = ap.parse_args()
 
@@ -141,40 +148,47 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     workers = [int(w) for w in args.workers.split(",")]
     server = start_s3()
-    uris = workloads(args.out, args.scenes, args.frames, args.large_frames)
+    uris = workloads(args.out, args.scenes, args.frames, args.large_frames, (args.side, args.side * 3 // 4))
+    common = {"max_points": 2000, "database": False, "image_size": args.image_size}
     opts = {
-        "small": ReconstructionOptions(max_points=2000, database=False),
-        "large": ReconstructionOptions(max_frames=args.chunk, overlap=4, max_points=2000, database=False),
+        "small": ReconstructionOptions(**common),
+        "large": ReconstructionOptions(max_frames=args.chunk, overlap=4, **common),
     }
+    depths = [int(d) for d in args.in_flight.split(",")]
     ray.init(address="local", num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
     rows: list[dict[str, Any]] = []
     try:
         for wl in args.workloads.split(","):
             for w in workers:
                 for engine in args.engines.split(","):
-                    r = run_one(engine, uris[wl], w, opts[wl], f"s3://{BUCKET}/out/{wl}-{engine}-{w}")
-                    rows.append({"workload": wl, "engine": engine, "workers": w, **r})
-                    print(f"  {wl} {engine} x{w}: {r['images']} images in {r['wall']:.1f} s = {r['ips']:.1f} img/s",
-                          file=sys.stderr, flush=True)  # fmt: skip
+                    for d in depths if engine == "dispatcher" else [1]:
+                        out = f"s3://{BUCKET}/out/{wl}-{engine}-{w}-{d}"
+                        r = run_one(engine, uris[wl], w, opts[wl], out, d)
+                        rows.append({"workload": wl, "engine": engine, "workers": w, "in_flight": d, **r})
+                        print(f"  {wl} {engine} x{w} in flight {d}: {r['images']} images in {r['wall']:.1f} s = "
+                              f"{r['ips']:.2f} img/s", file=sys.stderr, flush=True)  # fmt: skip
     finally:
         ray.shutdown()
         server.stop()
     print(f"CPU: {cpu()}; Ray num_cpus={max(workers)} (worker counts over {os.cpu_count()} are oversubscribed)\n")
-    print(f"small = {args.scenes} scenes x {args.frames} frames; large = 1 scene x {args.large_frames} frames, "
-          f"chunks of {args.chunk}\n")  # fmt: skip
     print(
-        "| workload | engine | workers | scenes done | images | wall s | images/s | vs 1 worker | stage split "
-        "(s summed over scenes) | busy = stage sum / (workers x wall) |"
+        f"small = {args.scenes} scenes x {args.frames} frames; large = 1 scene x {args.large_frames} frames, "
+        f"chunks of {args.chunk}; images {args.side} px wide, model input {args.image_size or 'default'}\n"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        "| workload | engine | in flight | workers | scenes done | images | wall s | images/s | vs 1 worker | stage "
+        "split (s summed over scenes) | busy = stage sum / (workers x wall) |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base = next(b for b in rows if b["workload"] == r["workload"] and b["engine"] == r["engine"])
+        key = (r["workload"], r["engine"], r["in_flight"])
+        base = next(b for b in rows if (b["workload"], b["engine"], b["in_flight"]) == key)
         stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["split"].items(), key=lambda kv: -kv[1]))
         busy = sum(r["split"].values()) / (r["workers"] * r["wall"])
         over = " (oversubscribed)" if r["workers"] > (os.cpu_count() or 1) else ""
         ratio = r["ips"] / base["ips"]
-        print(f"| {r['workload']} | {r['engine']} | {r['workers']}{over} | {r['done']}/{r['n']} | {r['images']} | "
-              f"{r['wall']:.1f} | {r['ips']:.2f} | {ratio:.2f}x | {stages} | {busy:.2f} |")  # fmt: skip
+        print(f"| {r['workload']} | {r['engine']} | {r['in_flight']} | {r['workers']}{over} | {r['done']}/{r['n']} | "
+              f"{r['images']} | {r['wall']:.1f} | {r['ips']:.2f} | {ratio:.2f}x | {stages} | {busy:.2f} |")  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
 
 

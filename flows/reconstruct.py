@@ -137,6 +137,7 @@ def run_batch(
             options,
             num_workers=batch.num_workers,
             cpus_per_worker=batch.cpus_per_worker,
+            in_flight=batch.in_flight,
             force=batch.force,
             max_attempts=batch.max_attempts,
             capacity_timeout_s=batch.capacity_timeout_s,

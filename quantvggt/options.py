@@ -188,6 +188,9 @@ class BatchOptions:
 
     num_workers: int = opt(2, "Ray workers (each loads the model once)", flag="--workers")
     cpus_per_worker: int = opt(1, "Ray CPUs (and torch threads) per worker")
+    in_flight: int = opt(
+        2, "scenes or chunks a worker holds at once: one on the model, the others downloading, decoding or uploading"
+    )
     ray_address: str | None = opt(None, "Ray cluster to use (default: RAY_ADDRESS, else a local Ray)", cli=False)
     on_collision: Literal["error", "suffix"] = opt(
         "error", "two scene folders with the same name: fail them, or write <name>-<hash of the parent>"
@@ -206,7 +209,7 @@ class BatchOptions:
     )
 
     def __post_init__(self) -> None:
-        _whole(self, "num_workers", "cpus_per_worker", "allowed_failures", "max_attempts")
+        _whole(self, "num_workers", "cpus_per_worker", "in_flight", "allowed_failures", "max_attempts")
         _finite(self, "capacity_timeout_s", "scene_timeout_s")
         if self.kernels is not None:  # checked here (one line), applied in each worker
             from quantvggt.lowbit.registry import KernelOptions
@@ -219,6 +222,8 @@ class BatchOptions:
             raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
         if self.cpus_per_worker < 1:
             raise ValueError(f"cpus_per_worker must be a whole number >= 1, got {self.cpus_per_worker}")
+        if self.in_flight < 1:
+            raise ValueError(f"in_flight must be a whole number >= 1, got {self.in_flight}")
         if self.allowed_failures < 0:
             raise ValueError(f"allowed_failures must be >= 0, got {self.allowed_failures}")
         if self.max_attempts < 1:

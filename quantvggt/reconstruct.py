@@ -394,8 +394,11 @@ def reconstruct(model: torch.nn.Module, job: SceneJob) -> SceneResult:
     skipped = check_output(job)
     if skipped is not None:
         return skipped
+    t0 = time.perf_counter()
     with scene_folder(job.source) as folder:
+        fetched = time.perf_counter() - t0  # a remote scene's whole download; ~0 for a local folder
         plan = plan_scene(model, job, folder)
+        plan.timings_s["download"] = fetched
         merged = merge(plan, predict_chunks(model, plan, folder), model)
         return export_and_commit(plan, merged, folder)
 

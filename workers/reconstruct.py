@@ -14,6 +14,11 @@ A scene of more than ``max_frames`` images is reconstructed by map/reduce over t
 (:mod:`workers.chunks`): one actor plans it, its chunks are predicted wherever an actor is free (each reading only its
 own images), and one actor aligns, merges and writes the COLMAP model. Smaller scenes run whole, one per actor.
 
+Each actor holds ``in_flight`` calls at once (threaded actor, ``max_concurrency``), its model one forward pass at a
+time (:class:`OneForwardAtATime`): while one scene is on the model, the other downloads and decodes its images or
+exports and uploads its result, so I/O waits hide behind compute instead of adding to the wall time (Ray Data's
+``max_tasks_in_flight_per_actor`` does the same for its actor pools).
+
 Actors get the driver's storage configuration and kernel selections as a ``runtime_env``
 (:func:`quantvggt.storage.storage_env`, :func:`quantvggt.lowbit.registry.kernel_env`), so a Ray head started before
 ``AWS_*`` or ``QUANTVGGT_CPU_MODE`` was exported still uses them. Their log lines reach the driver's output.
@@ -24,11 +29,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import ray
+import torch
 from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from quantvggt.lowbit.registry import kernel_env
@@ -62,6 +69,29 @@ def _log_to_stderr() -> None:
         lib.setLevel(logging.INFO)
 
 
+class OneForwardAtATime(torch.nn.Module):
+    """A model whose forward passes run one at a time: the calls in flight on one worker share its CPUs and memory.
+
+    Everything else (``image_size``, ``aggregator``...) reads through to the wrapped model.
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+        self._forward_lock = threading.Lock()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, under the lock."""
+        with self._forward_lock:
+            return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
 @ray.remote
 class ReconstructionWorker:
     """Holds one loaded model and runs the steps of :mod:`workers.chunks` on :class:`SceneJob` s; never raises for a
@@ -78,13 +108,11 @@ class ReconstructionWorker:
         self.model_uri = model_uri
         self.setup_error = ""
         try:
-            import torch
-
             from quantvggt.quant.load import load_model
 
             # as many threads as the CPUs Ray gave this actor (num_cpus): more would oversubscribe the node's cores
             torch.set_num_threads(max(1, cpus) if not torch.cuda.is_available() else torch.get_num_threads())
-            self.model = load_model(model_uri, kernels=kernels)  # the driver's KernelOptions, as a dict
+            self.model = OneForwardAtATime(load_model(model_uri, kernels=kernels))  # the driver's KernelOptions
         except Exception as e:
             self.setup_error = f"{type(e).__name__}: {e}"
             log.error("worker %s cannot load %s: %s", self.name, model_uri, self.setup_error)
@@ -173,7 +201,9 @@ class ActorDispatcher:
     - a call running longer than ``item_timeout_s`` (None: no limit) is treated the same way;
     - when values wait and no actor is alive or placeable for ``capacity_timeout_s``, they fail with the reason;
     - a value that cannot be done becomes a result through ``on_error(value, attempt, error_text)``, so every value
-      yields exactly once.
+      yields exactly once;
+    - each actor holds up to ``slots`` calls (a threaded actor's ``max_concurrency``); a new call goes to the actor
+      with the fewest, and an actor lost re-queues all of its calls.
 
     Actors must have ``ready() -> str`` ('' once set up, else why not) and ``node() -> str`` (their Ray node id).
     """
@@ -187,15 +217,18 @@ class ActorDispatcher:
         capacity_timeout_s: float = CAPACITY_TIMEOUT_S,
         item_timeout_s: float | None = None,
         poll_s: float = POLL_S,
+        slots: int = 1,
     ) -> None:
         self.make_actor = make_actor
+        self.slots = max(1, slots)
+        self.dead: set[str] = set()  # ids of actors killed as lost: their other calls end with them
         self.size = max(1, size)
         self.max_attempts = max_attempts
         self.ready_timeout_s = ready_timeout_s
         self.capacity_timeout_s = capacity_timeout_s
         self.item_timeout_s = item_timeout_s
         self.poll_s = poll_s
-        self.idle: list[Any] = []
+        self.idle: list[Any] = []  # one entry per free slot
         self.node_of: dict[Any, str] = {}  # actor id -> Ray node id
         self.starting: dict[Any, Any] = {}  # ready() ref -> replacement actor not set up yet
         self.queue: list[tuple[Any, int]] = []
@@ -249,7 +282,7 @@ class ActorDispatcher:
         if error:
             ray.kill(actor)
             return error
-        self.idle.append(actor)
+        self.idle.extend([actor] * self.slots)
         return ""
 
     def _replace(self) -> None:
@@ -261,9 +294,25 @@ class ActorDispatcher:
         return len(self.idle) + len(self.starting)
 
     def _lost(self, actor: Any) -> None:
+        aid = _aid(actor)
+        if aid in self.dead:  # a second call of an actor already replaced
+            return
+        self.dead.add(aid)
         ray.kill(actor, no_restart=True)
-        self.node_of.pop(_aid(actor), None)
+        self.node_of.pop(aid, None)
+        self.idle = [a for a in self.idle if _aid(a) != aid]
         self._replace()
+
+    def _free(self, actor: Any) -> None:
+        if _aid(actor) not in self.dead:
+            self.idle.append(actor)
+
+    def _least_busy(self, inflight: dict[Any, tuple[Any, int, Any, float]]) -> Any:
+        busy: dict[str, int] = {}
+        for _, _, a, _ in inflight.values():
+            busy[_aid(a)] = busy.get(_aid(a), 0) + 1
+        i = min(range(len(self.idle)), key=lambda j: busy.get(_aid(self.idle[j]), 0))
+        return self.idle.pop(i)
 
     def map_unordered(
         self,
@@ -286,7 +335,7 @@ class ActorDispatcher:
         while queue or inflight:
             while queue and self.idle:
                 value, attempt = queue.pop(0)
-                actor = self.idle.pop()
+                actor = self._least_busy(inflight)
                 inflight[fn(actor, value, attempt)] = (value, attempt, actor, time.monotonic())
             if queue and not self.idle and not inflight:  # nothing runs and nothing can start yet
                 starved_since = starved_since or time.monotonic()
@@ -319,14 +368,14 @@ class ActorDispatcher:
             try:
                 result = ray.get(ref)
             except RayTaskError as e:  # the call raised: a bug or bad input, which a retry would repeat
-                self.idle.append(actor)
+                self._free(actor)
                 yield value, on_error(value, attempt, _first_line(e))
                 continue
             except (RayActorError, RayError) as e:  # the process is gone (Ray's own restarts used up): retry
                 self._lost(actor)
                 yield from retry_or_fail(value, attempt, _first_line(e))
                 continue
-            self.idle.append(actor)
+            self._free(actor)
             yield value, result
 
     def _check(
@@ -352,7 +401,7 @@ class ActorDispatcher:
 
     def shutdown(self) -> None:
         """Kill the idle and still-starting actors (busy ones are not left: map_unordered returns when all is done)."""
-        for actor in [*self.idle, *self.starting.values()]:
+        for actor in {_aid(a): a for a in [*self.idle, *self.starting.values()]}.values():
             ray.kill(actor)
         self.idle, self.starting = [], {}
 
@@ -378,6 +427,7 @@ def run_scenes(
     capacity_timeout_s: float = CAPACITY_TIMEOUT_S,
     item_timeout_s: float | None = None,
     kernels: dict[str, Any] | None = None,
+    in_flight: int = 2,
 ) -> list[SceneResult]:
     """Reconstruct scenes on ``num_workers`` actors; one :class:`SceneResult` per scene, in input order, always.
 
@@ -386,11 +436,14 @@ def run_scenes(
     the worker (completion record), so a scene's result is never written twice. A scene over ``options.max_frames``
     images is split: its chunks are map tasks on any free actor, its merge and write one reduce task
     (:mod:`workers.chunks`); ``on_plan`` sees each such plan before its chunks are queued. Each actor takes
-    ``cpus_per_worker`` CPUs (and as many torch threads), one GPU when the cluster has GPUs. A failure to set up
-    workers fails every scene with that error, without retries.
+    ``cpus_per_worker`` CPUs (and as many torch threads), one GPU when the cluster has GPUs, and holds ``in_flight``
+    calls (one on the model, the others' I/O and export overlapping it). A failure to set up workers fails every
+    scene with that error, without retries.
     """
     if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
         raise ValueError(f"cpus_per_worker must be a whole number >= 1, got {cpus_per_worker!r}")
+    if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
+        raise ValueError(f"in_flight must be a whole number >= 1, got {in_flight!r}")
     names = names or {}
     opts = options or ReconstructionOptions()
     checkpoint = model_uri
@@ -400,6 +453,7 @@ def run_scenes(
         num_gpus=1 if gpus >= 1 else 0,
         max_restarts=ACTOR_MAX_RESTARTS,
         max_task_retries=ACTOR_MAX_RESTARTS,
+        max_concurrency=in_flight,
         runtime_env={"env_vars": {**storage_env(), **kernel_env()}},  # e.g. QUANTVGGT_CPU_MODE=memory reaches them
     )
     plans: dict[str, ScenePlan] = {}
@@ -459,6 +513,7 @@ def run_scenes(
             ready_timeout_s,
             capacity_timeout_s,
             item_timeout_s,
+            slots=in_flight,
         )
         try:
             with pool:

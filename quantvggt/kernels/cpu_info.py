@@ -37,6 +37,11 @@ def has_int8_dot() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def has_amx_int8() -> bool:
+    """AMX-INT8 tiles: oneDNN's int8 GEMM takes signed (s8) activations natively here."""
+    return "amx_int8" in cpu_flags()
+
+
 def has_fast_bf16() -> bool:
     """Native bf16 arithmetic (AMX-BF16 or AVX512-BF16): bf16 float ops beat fp32 here."""
     return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})

@@ -36,11 +36,13 @@ def _ql(K: int, N: int, bits: tuple[int, int] = (4, 4), seed: int = 0, bias: boo
     ).to_quant_linear()
 
 
-@pytest.fixture
-def onednn(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The oneDNN backend in speed mode, whatever this CPU would choose."""
+@pytest.fixture(params=["s8", "u8"])
+def onednn(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oneDNN backend in speed mode, whatever this CPU would choose, with signed activations (AMX) or shifted to
+    unsigned with zero point 128 (VNNI without AMX: signed runs a reference loop there, 4000x slower)."""
     monkeypatch.setattr(cpu, "gemm", "onednn")
     monkeypatch.setattr(cpu, "mode", "speed")
+    monkeypatch.setattr(cpu, "_signed_source", lambda: request.param == "s8")
 
 
 @pytest.fixture(autouse=True)
@@ -109,9 +111,9 @@ def test_native_passes_take_and_give_bf16() -> None:
 def test_gemm_choice_per_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cpu, "gemm", None)
     monkeypatch.setattr(cpu, "mode", "speed")
-    monkeypatch.setattr(cpu_info, "has_int8_dot", lambda: False)
-    assert cpu.gemm_backend() == "int_mm"  # no VNNI/AMX: the portable path
-    monkeypatch.setattr(cpu_info, "has_int8_dot", lambda: True)
+    monkeypatch.setattr(cpu_info, "has_amx_int8", lambda: False)
+    assert cpu.gemm_backend() == "int_mm"  # no AMX (VNNI or not): the portable path, as fast as oneDNN there
+    monkeypatch.setattr(cpu_info, "has_amx_int8", lambda: True)
     assert cpu.gemm_backend() == ("onednn" if cpu.onednn_available() else "int_mm")
     set_kernel_options(KernelOptions(cpu_gemm="int_mm"))
     assert cpu.gemm_backend() == "int_mm"
