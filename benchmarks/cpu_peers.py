@@ -197,7 +197,8 @@ MODEL_CONTENDERS = {
     "w8a8": "W8A8 aggregator scope, speed mode, portable GEMM, fp32",
     "shipped_legacy": "shipped 4-bit model, pre-issue-25 path (_int_mm/fbgemm, fp32 float ops)",
     "shipped_fp32": "shipped 4-bit model, oneDNN prepacked GEMM, fp32 float ops",
-    "shipped": "shipped 4-bit model, default KernelOptions (auto: oneDNN on VNNI/AMX, bf16 on AMX/AVX512-BF16)",
+    "shipped": "shipped 4-bit model, default KernelOptions (auto: oneDNN GEMM on AMX, _int_mm elsewhere; "
+    "bf16 float ops on AMX/AVX512-BF16)",
     "shipped_compile": "shipped 4-bit model, default KernelOptions + compile",
 }
 

@@ -9,7 +9,7 @@ compiler the same math runs as torch ops (slower; same levels up to float summat
 
 Two GEMM backends (``KernelOptions.cpu_gemm``; "auto" picks per CPU, see :func:`gemm_backend`):
 
-* ``onednn`` (CPUs with VNNI or AMX-INT8): oneDNN's int8 GEMM on weights prepacked once per layer
+* ``onednn`` (auto on CPUs with AMX-INT8): oneDNN's int8 GEMM on weights prepacked once per layer
   (``torch.ops.onednn.qlinear_prepack`` at load, ``qlinear_pointwise`` per call) at unit scales, so its fp32 output
   is the exact integer sum; the quantize and epilogue passes are split over the threads like the GEMM. 2.5x
   ``_int_mm`` at 1044 x 1024 -> 3072 on an AMX Xeon (``_int_mm`` reorders the weights on every call).
@@ -87,8 +87,8 @@ def onednn_available() -> bool:
 def gemm_backend() -> str:
     """The integer GEMM of this process: :data:`gemm` if set, else ``KernelOptions.cpu_gemm``, "auto" resolved.
 
-    "auto" is "onednn" on CPUs with an int8 dot-product instruction (VNNI, AMX-INT8) where oneDNN's ops exist,
-    else "int_mm". Memory mode always runs "int_mm" (it has no prepacked weights to hand to oneDNN).
+    "auto" is "onednn" on CPUs with AMX-INT8 where oneDNN's ops exist, else "int_mm" (as fast on VNNI without AMX).
+    Memory mode always runs "int_mm" (it has no prepacked weights to hand to oneDNN).
     """
     g = gemm or kernel_options().cpu_gemm
     if g == "auto":

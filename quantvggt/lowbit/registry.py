@@ -67,7 +67,7 @@ class KernelOptions:
     """Which kernels run a model, carried by loaders and workers (JSON-safe via :meth:`to_dict`/:meth:`from_dict`).
 
     * ``qlinear_backend``: "auto" (the device's kernel), or the torch reference paths "int" (exact levels) / "fake";
-    * ``cpu_gemm``: "auto" picks per CPU when a model is prepared: "onednn" (prepacked int8 GEMM, VNNI/AMX CPUs),
+    * ``cpu_gemm``: "auto" picks per CPU when a model is prepared: "onednn" (prepacked int8 GEMM, AMX CPUs),
       else "int_mm" (``torch._int_mm`` / fbgemm, the portable path);
     * ``cpu_mode``: "speed" (weights held in the GEMM's format, 1 byte/weight) or "memory" (int4 unpacked per call);
     * ``float_dtype``: dtype of everything that is not a quantized GEMM on CPU: "auto" = bf16 where the CPU has
