@@ -205,7 +205,9 @@ class BatchOptions:
         300.0, "scenes waiting while no Ray worker is alive or placeable (a lost node) fail after this many seconds"
     )
     scene_timeout_s: float | None = opt(
-        None, "a scene (or chunk) running longer on one worker is retried elsewhere; default no limit"
+        None,
+        "a scene (or chunk) running longer on one worker is retried elsewhere (counted from dispatch, so it includes "
+        "waiting behind the worker's other in-flight scene); default no limit",
     )
 
     def __post_init__(self) -> None:
