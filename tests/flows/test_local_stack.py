@@ -156,7 +156,7 @@ def test_documented_stack_end_to_end(
     nightly = client.read_deployment_by_name("reconstruct-nightly/reconstruct-nightly")
     nested = {  # prefect.yaml: the options objects, nested (quantvggt.options)
         "options": {"max_frames": 32, "chunking": "sequential", "memory_budget_mb": None},
-        "batch": {"num_workers": 2, "cpus_per_worker": 1, "allowed_failures": 0},
+        "batch": {"num_workers": 2, "cpus_per_worker": 1, "in_flight": 2, "allowed_failures": 0},
     }
     expected = {"inbox": f"{store}/inbox", "checkpoint": f"{store}/quantized/latest", "out": OUT, **nested}
     assert nightly.parameters == expected
