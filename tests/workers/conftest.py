@@ -8,6 +8,17 @@ import pytest
 
 
 @pytest.fixture
+def ray_local() -> Any:
+    """A private local Ray of 2 CPUs (any Ray this process had is shut down first)."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
 def cluster() -> Any:
     """A Ray cluster of 2 nodes of 1 CPU on this machine (the head runs no worker): ``(cluster, [node, node])``."""
     ray = pytest.importorskip("ray")

@@ -27,15 +27,6 @@ def scenes(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return [str(p) for p in sorted((root / "small").iterdir()) if p.is_dir()] + [str(root / "big")]
 
 
-@pytest.fixture
-def ray_local():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def _rows(results) -> list[tuple]:
     return [(r.scene, r.status, r.images, r.points, r.error) for r in results]
 

@@ -14,15 +14,6 @@ ray = pytest.importorskip("ray")
 from workers.reconstruct import ActorDispatcher  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @ray.remote(num_cpus=1, max_concurrency=2)
 class Sleeper:
     def ready(self) -> str:
