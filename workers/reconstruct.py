@@ -440,10 +440,9 @@ def run_scenes(
     calls (one on the model, the others' I/O and export overlapping it). A failure to set up workers fails every
     scene with that error, without retries.
     """
-    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
-        raise ValueError(f"cpus_per_worker must be a whole number >= 1, got {cpus_per_worker!r}")
-    if isinstance(in_flight, bool) or not isinstance(in_flight, int) or in_flight < 1:
-        raise ValueError(f"in_flight must be a whole number >= 1, got {in_flight!r}")
+    for what, v in (("cpus_per_worker", cpus_per_worker), ("in_flight", in_flight)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{what} must be a whole number >= 1, got {v!r}")
     names = names or {}
     opts = options or ReconstructionOptions()
     checkpoint = model_uri
