@@ -12,19 +12,24 @@ Data (``workers.data.run_scenes_data``). Workloads (synthetic 112x84 scenes, the
 
 Each run writes to its own prefix with ``force``; images/s counts the images of done scenes over the driver's wall
 time (actors started and the model loaded included). The split sums each scene's report.json ``timings_s`` (decode =
-``load``, ``model``, ``scan``; chunked: ``fetch``, ``align``, ``merge``) and export+upload (the result's seconds minus
-the report's ``total``, which is stamped before the export), and sets the sum over workers against the wall time:
-``busy`` near 1 means stage time is hidden behind other workers' compute, not added to the wall.
+``load``, ``model``, ``scan``, ``download``; ``wait``: behind the worker's other call's forward pass, with
+``--in-flight`` 2; chunked: ``fetch``, ``align``, ``merge``) and export+upload (the result's seconds minus the
+report's ``total``, which is stamped before the export), and sets the sum over workers (``wait`` left out) against the
+wall time: ``busy`` near 1 means every worker worked all the time. Where the machine's cores went is measured, not
+inferred: CPU seconds of the model workers, of this driver (which also serves the moto S3 server) and of everything
+else (Ray's processes, worker start-up), sampled from /proc; and the S3 requests per scene (moto's access log).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,8 @@ def start_s3() -> Any:
     """A moto S3 server on 127.0.0.1 and the environment pointing at it (the workers inherit it)."""
     from moto.server import ThreadedMotoServer
 
+    global REQUESTS
+    REQUESTS = RequestCounter()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
@@ -46,6 +53,24 @@ def start_s3() -> Any:
 
     boto3.client("s3", endpoint_url=os.environ["QUANTVGGT_S3_ENDPOINT"]).create_bucket(Bucket=BUCKET)
     return server
+
+
+class RequestCounter(logging.Handler):
+    """Counts the moto server's requests (its werkzeug access log, which this keeps off the console)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        log = logging.getLogger("werkzeug")
+        log.setLevel(logging.INFO)
+        log.addHandler(self)
+        log.propagate = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+
+
+REQUESTS: RequestCounter | None = None
 
 
 def upload(folder: Path, prefix: str) -> str:
@@ -59,18 +84,24 @@ def upload(folder: Path, prefix: str) -> str:
     return f"s3://{BUCKET}/{prefix}/{folder.name}"
 
 
-def workloads(root: Path, scenes: int, frames: int, large: int, size: tuple[int, int]) -> dict[str, list[str]]:
-    """Render the scenes once locally and upload them: workload name -> scene URIs."""
+def workloads(
+    root: Path, names: list[str], scenes: int, frames: int, large: int, size: tuple[int, int]
+) -> dict[str, list[str]]:
+    """Render the named workloads' scenes once locally and upload them: workload name -> scene URIs."""
     from quantvggt import synth
 
-    small = synth.main(root / f"small-{scenes}x{frames}-{size[0]}", scenes=scenes, frames=frames, seed=11, size=size)
-    big = root / "large" / f"orbit_{large}_{size[0]}"
-    if not big.exists():
-        synth.make_scene(big, 12, large, size[0], size[1], "orbit")
-    return {
-        "small": [upload(p, "small") for p in sorted(small.iterdir()) if p.is_dir()],
-        "large": [upload(big, "large")],
-    }
+    out: dict[str, list[str]] = {}
+    if "small" in names:
+        small = synth.main(
+            root / f"small-{scenes}x{frames}-{size[0]}", scenes=scenes, frames=frames, seed=11, size=size
+        )
+        out["small"] = [upload(p, "small") for p in sorted(small.iterdir()) if p.is_dir()]
+    if "large" in names:
+        big = root / "large" / f"orbit_{large}_{size[0]}"
+        if not big.exists():
+            synth.make_scene(big, 12, large, size[0], size[1], "orbit")
+        out["large"] = [upload(big, "large")]
+    return out
 
 
 def split(results: list[Any], out: str) -> dict[str, float]:
@@ -89,24 +120,85 @@ def split(results: list[Any], out: str) -> dict[str, float]:
     return sums
 
 
+class CpuMeter:
+    """CPU seconds of every process on the machine while a batch runs, by role: the model workers (``ray::`` processes
+    of our actor classes), this driver (the dispatcher and the moto server's threads) and the rest (raylet, GCS, Ray's
+    agents, idle workers, anything else): where the cores went that the workers did not get.
+
+    Sampled every ``period`` s (a process that exits loses at most its last period).
+    """
+
+    WORKERS = ("ReconstructionWorker", "_SceneStage", "_ChunkStage", "_ReduceStage", "MapWorker", "MapBatches")
+
+    def __init__(self, period: float = 0.25) -> None:
+        import psutil
+
+        self.psutil, self.period, self.me = psutil, period, os.getpid()
+        self.seen: dict[int, float] = {}
+        self.others: dict[str, float] = {}  # "other" CPU seconds by program, for the results file
+        self.sums = {"workers": 0.0, "driver+S3": 0.0, "other": 0.0}
+        self._stop = threading.Event()
+        self._sample()  # a process's CPU before the batch is not the batch's
+        self.sums, self.others = dict.fromkeys(self.sums, 0.0), {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _role(self, proc: Any) -> str:
+        if proc.pid == self.me:
+            return "driver+S3"
+        title = " ".join(proc.info.get("cmdline") or [])
+        return "workers" if title.startswith("ray::") and any(w in title for w in self.WORKERS) else "other"
+
+    def _sample(self) -> None:
+        for proc in self.psutil.process_iter(["cmdline", "cpu_times"]):
+            t = proc.info.get("cpu_times")
+            if t is None:
+                continue
+            total, role = t.user + t.system, self._role(proc)
+            delta = total - self.seen.get(proc.pid, 0.0)
+            self.sums[role] += delta
+            self.seen[proc.pid] = total
+            if role == "other" and delta > 0:
+                argv = [a.rsplit("/", 1)[-1] for a in proc.info.get("cmdline") or ["?"]]
+                name = " ".join(argv[:2] if argv[0].startswith("python") else argv[:1])[:50] or "?"
+                self.others[name] = self.others.get(name, 0.0) + delta
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def stop(self) -> dict[str, float]:
+        """CPU seconds by role since the start."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        top = sorted(self.others.items(), key=lambda kv: -kv[1])[:6]
+        return {**self.sums, "other_top": {k: round(v, 1) for k, v in top}}
+
+
 def run_one(engine: str, uris: list[str], workers: int, opts: Any, out: str, in_flight: int) -> dict[str, Any]:
     """One batch on one engine; images/s and the split."""
     from workers.data import run_scenes_data
     from workers.reconstruct import run_scenes
 
+    meter, requests0 = CpuMeter(), REQUESTS.count if REQUESTS else 0
     t0 = time.perf_counter()
     if engine == "dispatcher":
         results = run_scenes(uris, MODEL, out, opts, num_workers=workers, force=True, in_flight=in_flight)
     else:
-        results = run_scenes_data(uris, MODEL, out, opts, num_workers=workers, force=True)
+        results = run_scenes_data(uris, MODEL, out, opts, num_workers=workers, force=True, in_flight=in_flight)
     wall = time.perf_counter() - t0
+    cpu_s = meter.stop()
+    other_top = cpu_s.pop("other_top")
+    requests = (REQUESTS.count if REQUESTS else 0) - requests0
     done = [r for r in results if r.status == "done"]
     images = sum(r.images for r in done)
     failed = [r.error for r in results if r.status != "done"]
     if failed:
         print(f"  {engine} x{workers}: {len(failed)} failed, e.g. {failed[0]}", file=sys.stderr)
     return {"wall": wall, "images": images, "ips": images / wall, "done": len(done), "n": len(results),
-            "split": split(results, out)}  # fmt: skip
+            "split": split(results, out), "cpu": cpu_s, "other_cpu_top": other_top,
+            "s3_requests_per_scene": requests / max(1, len(results))}  # fmt: skip
 
 
 def cpu() -> str:
@@ -131,15 +223,13 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=48, help="large workload: frames per forward pass (max_frames)")
     ap.add_argument("--workers", default="1,2,4", help="worker counts (1 CPU each)")
     ap.add_argument("--engines", default="dispatcher,data")
-    ap.add_argument("--in-flight", default="2", help="dispatcher: calls per worker (1: no overlap), e.g. 1,2")
+    ap.add_argument("--in-flight", default="2", help="calls per worker (1: no overlap), e.g. 1,2")
     ap.add_argument("--side", type=int, default=112, help="synthetic image width (height 3/4 of it)")
     ap.add_argument(
         "--image-size", type=int, default=None, help="model input width (ReconstructionOptions.image_size): more "
         "tokens per image make the model dominate; default the model's own")  # fmt: skip
     ap.add_argument("--workloads", default="small,large")
     args = ap.parse_args()
-
-    import logging
 
     import ray
 
@@ -148,7 +238,14 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     workers = [int(w) for w in args.workers.split(",")]
     server = start_s3()
-    uris = workloads(args.out, args.scenes, args.frames, args.large_frames, (args.side, args.side * 3 // 4))
+    uris = workloads(
+        args.out,
+        args.workloads.split(","),
+        args.scenes,
+        args.frames,
+        args.large_frames,
+        (args.side, args.side * 3 // 4),
+    )
     common = {"max_points": 2000, "database": False, "image_size": args.image_size}
     opts = {
         "small": ReconstructionOptions(**common),
@@ -161,12 +258,13 @@ def main() -> None:
         for wl in args.workloads.split(","):
             for w in workers:
                 for engine in args.engines.split(","):
-                    for d in depths if engine == "dispatcher" else [1]:
+                    for d in depths:
                         out = f"s3://{BUCKET}/out/{wl}-{engine}-{w}-{d}"
                         r = run_one(engine, uris[wl], w, opts[wl], out, d)
                         rows.append({"workload": wl, "engine": engine, "workers": w, "in_flight": d, **r})
                         print(f"  {wl} {engine} x{w} in flight {d}: {r['images']} images in {r['wall']:.1f} s = "
-                              f"{r['ips']:.2f} img/s", file=sys.stderr, flush=True)  # fmt: skip
+                              f"{r['ips']:.2f} img/s; CPU s {r['cpu']}, other: {r['other_cpu_top']}",
+                              file=sys.stderr, flush=True)  # fmt: skip
     finally:
         ray.shutdown()
         server.stop()
@@ -177,18 +275,22 @@ def main() -> None:
     )
     print(
         "| workload | engine | in flight | workers | scenes done | images | wall s | images/s | vs 1 worker | stage "
-        "split (s summed over scenes) | busy = stage sum / (workers x wall) |"
+        "split (s summed over scenes) | busy = stage sum (no wait) / (workers x wall) | CPU s: workers / driver+S3 / "
+        "other (cores used) | S3 requests per scene |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         key = (r["workload"], r["engine"], r["in_flight"])
         base = next(b for b in rows if (b["workload"], b["engine"], b["in_flight"]) == key)
         stages = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["split"].items(), key=lambda kv: -kv[1]))
-        busy = sum(r["split"].values()) / (r["workers"] * r["wall"])
+        busy = sum(v for k, v in r["split"].items() if k != "wait") / (r["workers"] * r["wall"])
         over = " (oversubscribed)" if r["workers"] > (os.cpu_count() or 1) else ""
         ratio = r["ips"] / base["ips"]
+        c = r["cpu"]
+        cores = f"{c['workers']:.0f} / {c['driver+S3']:.0f} / {c['other']:.0f} ({sum(c.values()) / r['wall']:.2f})"
         print(f"| {r['workload']} | {r['engine']} | {r['in_flight']} | {r['workers']}{over} | {r['done']}/{r['n']} | "
-              f"{r['images']} | {r['wall']:.1f} | {r['ips']:.2f} | {ratio:.2f}x | {stages} | {busy:.2f} |")  # fmt: skip
+              f"{r['images']} | {r['wall']:.1f} | {r['ips']:.2f} | {ratio:.2f}x | {stages} | {busy:.2f} | {cores} | "
+              f"{r['s3_requests_per_scene']:.0f} |")  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -6,6 +6,7 @@ The primitives of the one scene path (:mod:`quantvggt.reconstruct`): they read l
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,39 @@ def scan_scene(scene: str | Path) -> tuple[list[Path], list[dict]]:
     return paths, skipped
 
 
+class OneForwardAtATime(torch.nn.Module):
+    """A model shared by threads whose forward passes run one at a time: calls in flight on one worker share its
+    CPUs and memory, and overlap only their I/O.
+
+    Everything else (``image_size``, ``aggregator``...) reads through to the wrapped model. The time the calling
+    thread last waited for the other's pass is :attr:`waited_s` (predictions report it as ``wait``, not ``model``).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+        self._forward_lock = threading.Lock()
+        self._local = threading.local()
+
+    @property
+    def waited_s(self) -> float:
+        """Seconds this thread's last forward waited for the lock."""
+        return getattr(self._local, "waited_s", 0.0)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model's forward, under the lock."""
+        t0 = time.perf_counter()
+        with self._forward_lock:
+            self._local.waited_s = time.perf_counter() - t0
+            return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
 def predict_frames(
     model: torch.nn.Module, paths: list[Path], options: ReconstructionOptions, scene: str = ""
 ) -> ScenePrediction:
@@ -54,6 +88,7 @@ def predict_frames(
     with torch.no_grad():
         preds = model(batch.images.to(device))
     t2 = time.perf_counter()
+    waited = model.waited_s if isinstance(model, OneForwardAtATime) else 0.0
     H, W = batch.images.shape[-2:]
     extr, K = pose_encoding_to_extri_intri(preds["pose_enc"][0].double().cpu(), (H, W))
     np_ = lambda t: None if t is None else t[0].detach().float().cpu().numpy()
@@ -69,7 +104,10 @@ def predict_frames(
         world_points=np_(preds.get("world_points")),
         world_points_conf=np_(preds.get("world_points_conf")),
         images=batch.images.permute(0, 2, 3, 1).numpy(),
-        report={"model_input_hw": [int(H), int(W)], "timings_s": {"load": t1 - t0, "model": t2 - t1}},
+        report={
+            "model_input_hw": [int(H), int(W)],
+            "timings_s": {"load": t1 - t0, "model": t2 - t1 - waited, **({"wait": waited} if waited else {})},
+        },
     )
 
 

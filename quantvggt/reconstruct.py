@@ -250,8 +250,8 @@ def merge(plan: ScenePlan, outcomes: Iterable[ChunkOutcome], model: torch.nn.Mod
                 per_chunk.append(entry)
                 continue
             chunk_times = pred.report.get("timings_s", {})
-            for key in ("fetch", "load", "model"):
-                timings[key] += chunk_times.get(key, 0.0)
+            for key in ("fetch", "load", "model", "wait"):  # wait: behind another call's pass (OneForwardAtATime)
+                timings[key] = timings.get(key, 0.0) + chunk_times.get(key, 0.0)
             t = time.perf_counter()
             merger.add(pred)
             timings["align"] += time.perf_counter() - t

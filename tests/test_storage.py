@@ -85,3 +85,47 @@ def test_local_temporaries_are_never_listed(tmp_path: Path) -> None:
         assert store.list() == ["s/done.bin"] and store.list("s/") == ["s/done.bin"]  # ... is invisible
     assert store.list() == ["s/done.bin", "s/half.bin"]
     assert not [p for p in (tmp_path / "root").rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_s3_one_request_per_small_object(s3_endpoint: str, tmp_path: Path) -> None:
+    """A write is one PUT, a read or download one GET (checksum from its headers), a missing record one GET: S3 bills
+    per request, and each request is a round trip in a scene's wall time."""
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="counted")
+    st = open_storage("s3://counted/base")
+    sent: list[str] = []
+    st.client.meta.events.register("before-send.s3", lambda request, **kw: sent.append(request.method))
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x" * 1000)
+    st.write_bytes("a.txt", b"hello")
+    st.upload(f, "f.bin")
+    assert sent == ["PUT", "PUT"]
+    sent.clear()
+    st.download("f.bin", tmp_path / "back.bin")
+    assert (tmp_path / "back.bin").read_bytes() == f.read_bytes() and sent == ["GET"]
+    sent.clear()
+    assert st.completion_record("no-scene") is None and sent == ["GET"]
+
+
+def test_s3_broken_stream_is_downloaded_again(s3_endpoint: str, tmp_path: Path) -> None:
+    from botocore.exceptions import ResponseStreamingError
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="flaky")
+    st = open_storage("s3://flaky")
+    st.write_bytes("k.bin", b"payload" * 100)
+    real, calls = st.client.get_object, []
+
+    def get_object(**kw: object) -> dict:
+        resp = real(**kw)
+        calls.append(1)
+        if len(calls) == 1:  # the connection drops after the headers
+
+            class Broken:
+                def iter_chunks(self, size: int):
+                    yield b"pay"
+                    raise ResponseStreamingError(error="connection reset")
+
+            resp["Body"] = Broken()
+        return resp
+
+    st.client.get_object = get_object
+    assert st.download("k.bin", tmp_path / "k.bin").read_bytes() == b"payload" * 100 and len(calls) == 2

@@ -10,8 +10,10 @@
 3. **reduce**: one row per planned scene (its plan and chunk outcomes) -> ``map_batches(_ReduceStage)``: merge,
    export, commit, one result row per scene.
 
-Every stage is an actor pool of ``concurrency=num_workers`` actors with ``num_cpus=cpus_per_worker`` that loads the
-model once. Failures, sorted as in :mod:`workers.reconstruct`:
+Every stage is an actor pool of ``num_workers`` actors (``ActorPoolStrategy``) with ``num_cpus=cpus_per_worker`` that
+loads the model once; with ``in_flight`` > 1 each actor runs that many calls at once in threads
+(``max_concurrent_calls_per_actor``), its model one forward pass at a time, so one scene's I/O overlaps another's
+compute. Failures, sorted as in :mod:`workers.reconstruct`:
 
 - a setup failure (checkpoint missing) is kept by the actor, never raised, so Ray Data does not retry it: each row it
   gets comes back as a failed result with that error;
@@ -43,6 +45,7 @@ import ray
 
 from quantvggt.lowbit.registry import kernel_env
 from quantvggt.options import ReconstructionOptions
+from quantvggt.predict import OneForwardAtATime
 from quantvggt.reconstruct import SceneJob, ScenePlan
 from quantvggt.scene import SceneResult, scene_label
 from quantvggt.storage import storage_env
@@ -71,7 +74,8 @@ class _Stage:
 
             # as many threads as the CPUs Ray gave this actor (num_cpus): more would oversubscribe the node's cores
             torch.set_num_threads(max(1, cpus) if not torch.cuda.is_available() else torch.get_num_threads())
-            self.model = load_model(model_uri, kernels=kernels)
+            # calls in flight on this actor (max_concurrent_calls_per_actor) share one model, a pass at a time
+            self.model = OneForwardAtATime(load_model(model_uri, kernels=kernels))
         except Exception as e:
             self.setup_error = f"{type(e).__name__}: {e}"
             log.error("worker %s cannot load %s: %s", self.name, model_uri, self.setup_error)
@@ -159,11 +163,25 @@ class _ReduceStage(_Stage):
 
 
 def _map_args(
-    num_workers: int, cpus_per_worker: int, max_attempts: int, model_uri: str, kernels: dict[str, Any] | None
+    num_workers: int,
+    cpus_per_worker: int,
+    max_attempts: int,
+    model_uri: str,
+    kernels: dict[str, Any] | None,
+    in_flight: int = 1,
 ) -> dict[str, Any]:
+    from ray.data import ActorPoolStrategy
+
     gpus = ray.cluster_resources().get("GPU", 0)
+    threaded = (
+        {"max_concurrent_calls_per_actor": in_flight, "enable_true_multi_threading": True} if in_flight > 1 else {}
+    )
+    try:
+        compute = ActorPoolStrategy(size=num_workers, **threaded)
+    except TypeError as e:  # Ray Data before max_concurrent_calls_per_actor
+        raise ValueError(f"in_flight={in_flight} on Ray Data needs a newer Ray than {ray.__version__}: {e}") from e
     return {
-        "concurrency": num_workers,
+        "compute": compute,
         "num_cpus": cpus_per_worker,
         "num_gpus": 1 if gpus >= 1 else 0,
         "fn_constructor_kwargs": {"model_uri": model_uri, "cpus": cpus_per_worker, "kernels": kernels},
@@ -263,12 +281,18 @@ def run_scenes_data(
     on_plan: Callable[[ScenePlan], None] | None = None,
     capacity_timeout_s: float = CAPACITY_TIMEOUT_S,
     kernels: dict[str, Any] | None = None,
+    in_flight: int = 2,
 ) -> list[SceneResult]:
-    """:func:`workers.reconstruct.run_scenes` on Ray Data: one :class:`SceneResult` per scene, in input order."""
+    """:func:`workers.reconstruct.run_scenes` on Ray Data: one :class:`SceneResult` per scene, in input order.
+
+    ``in_flight`` calls run at once on each actor (threads; its model one forward pass at a time), as in
+    :func:`workers.reconstruct.run_scenes`.
+    """
     import ray.data
 
-    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
-        raise ValueError(f"cpus_per_worker must be a whole number >= 1, got {cpus_per_worker!r}")
+    for what, value in (("cpus_per_worker", cpus_per_worker), ("in_flight", in_flight)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
     names = names or {}
     opts = options or ReconstructionOptions()
     results: dict[int, SceneResult] = {}
@@ -291,7 +315,7 @@ def run_scenes_data(
             jobs[i] = SceneJob(scene, out_uri, names.get(scene) or "", opts, force, model_uri)
         except ValueError as e:  # an unnameable URI: its row says why, the others go on
             finish(i, failed(i, 0, f"ValueError: {e}"))
-    args = _map_args(num_workers, cpus_per_worker, max_attempts, model_uri, kernels)
+    args = _map_args(num_workers, cpus_per_worker, max_attempts, model_uri, kernels, in_flight)
     from ray.data import DataContext
 
     old = DataContext.get_current()

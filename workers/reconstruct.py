@@ -15,9 +15,9 @@ A scene of more than ``max_frames`` images is reconstructed by map/reduce over t
 own images), and one actor aligns, merges and writes the COLMAP model. Smaller scenes run whole, one per actor.
 
 Each actor holds ``in_flight`` calls at once (threaded actor, ``max_concurrency``), its model one forward pass at a
-time (:class:`OneForwardAtATime`): while one scene is on the model, the other downloads and decodes its images or
-exports and uploads its result, so I/O waits hide behind compute instead of adding to the wall time (Ray Data's
-``max_tasks_in_flight_per_actor`` does the same for its actor pools).
+time (:class:`quantvggt.predict.OneForwardAtATime`): while one scene is on the model, the other downloads and
+decodes its images or exports and uploads its result, so I/O waits hide behind compute instead of adding to the wall
+time (:func:`workers.data.run_scenes_data` does the same with Ray Data's ``max_concurrent_calls_per_actor``).
 
 Actors get the driver's storage configuration and kernel selections as a ``runtime_env``
 (:func:`quantvggt.storage.storage_env`, :func:`quantvggt.lowbit.registry.kernel_env`), so a Ray head started before
@@ -29,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
@@ -40,6 +39,7 @@ from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from quantvggt.lowbit.registry import kernel_env
 from quantvggt.options import ReconstructionOptions
+from quantvggt.predict import OneForwardAtATime
 from quantvggt.reconstruct import SceneJob, ScenePlan
 from quantvggt.scene import SceneResult, scene_label
 from quantvggt.storage import storage_env
@@ -67,29 +67,6 @@ def _log_to_stderr() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         lib.addHandler(handler)
         lib.setLevel(logging.INFO)
-
-
-class OneForwardAtATime(torch.nn.Module):
-    """A model whose forward passes run one at a time: the calls in flight on one worker share its CPUs and memory.
-
-    Everything else (``image_size``, ``aggregator``...) reads through to the wrapped model.
-    """
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.inner = model
-        self._forward_lock = threading.Lock()
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The wrapped model's forward, under the lock."""
-        with self._forward_lock:
-            return self.inner(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.inner, name)
 
 
 @ray.remote

@@ -135,10 +135,11 @@ class Storage:
 
     def completion_record(self, prefix: str) -> dict | None:
         """The completion record of ``prefix`` (files, checksums and what the writer added), or None if unfinished."""
-        key = f"{prefix.rstrip('/')}/{COMPLETE}"
-        if not self.exists(key):
+        try:  # one read, not exists() then read: on S3 a GET also tells a missing bucket from a missing key
+            data = self.read_bytes(f"{prefix.rstrip('/')}/{COMPLETE}")
+        except (FileNotFoundError, NotADirectoryError):  # ObjectNotFoundError is a FileNotFoundError
             return None
-        return json.loads(self.read_bytes(key))
+        return json.loads(data)
 
     def upload_dir(self, local: str | Path, prefix: str, extra: dict | None = None) -> dict:
         """Upload a folder, then write its completion record last; returns the record."""

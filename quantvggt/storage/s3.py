@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import uuid
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,6 +52,12 @@ def s3_endpoint() -> str | None:
     return os.environ.get("QUANTVGGT_S3_ENDPOINT") or None
 
 
+_CLIENT_LOCK = threading.Lock()  # boto3's default session is not safe to make clients from in two threads at once
+# objects at or under this size are read with one GET (its response carries the checksum metadata); larger ones with
+# s3transfer's parallel ranged GETs (s3transfer's own multipart threshold)
+SINGLE_GET_MAX_BYTES = 8 * 1024 * 1024
+
+
 def s3_client() -> Any:
     """A boto3 S3 client: endpoint from ``AWS_ENDPOINT_URL`` (or the alias), botocore's standard retry mode."""
     import boto3
@@ -62,7 +68,8 @@ def s3_client() -> Any:
         retries["mode"] = "standard"
     if not os.environ.get("AWS_MAX_ATTEMPTS"):
         retries["total_max_attempts"] = DEFAULT_MAX_ATTEMPTS
-    return boto3.client("s3", endpoint_url=s3_endpoint(), config=Config(retries=retries))
+    with _CLIENT_LOCK:  # a worker with two scenes in flight opens storages from two threads
+        return boto3.client("s3", endpoint_url=s3_endpoint(), config=Config(retries=retries))
 
 
 SECRET_NAMES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
@@ -195,7 +202,7 @@ class S3Storage(Storage):
         ):
             for obj in page.get("Contents", []):
                 k = obj["Key"][len(self.base) + 1 :] if self.base else obj["Key"]
-                if not k.startswith(".tmp/"):
+                if not k.startswith(".tmp/"):  # staging keys left by versions that wrote through .tmp/
                     out.append(k)
         return sorted(out)
 
@@ -222,59 +229,60 @@ class S3Storage(Storage):
             lambda: self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read(), f"get {self.uri(key)}"
         )
 
-    def _commit(self, tmp_key: str, key: str) -> None:
-        s3_call(
-            lambda: self.client.copy_object(
-                Bucket=self.bucket,
-                Key=self._k(key),
-                CopySource={"Bucket": self.bucket, "Key": tmp_key},
-                MetadataDirective="COPY",
-            ),
-            f"commit {self.uri(key)}",
-        )
-        s3_call(
-            lambda: self.client.delete_object(Bucket=self.bucket, Key=tmp_key), f"cleanup s3://{self.bucket}/{tmp_key}"
-        )
-
+    # One request per object written: an S3 PUT (and a multipart upload's completion) is atomic, so readers see the
+    # old object or the whole new one; a result folder counts only once its completion record, written last, exists.
     def write_bytes(self, key: str, data: bytes) -> None:
-        tmp_key = self._k(f".tmp/{uuid.uuid4().hex}")
         digest = hashlib.sha256(data).hexdigest()
         s3_call(
-            lambda: self.client.put_object(Bucket=self.bucket, Key=tmp_key, Body=data, Metadata={"sha256": digest}),
+            lambda: self.client.put_object(
+                Bucket=self.bucket, Key=self._k(key), Body=data, Metadata={"sha256": digest}
+            ),
             f"put {self.uri(key)}",
         )
-        self._commit(tmp_key, key)
 
     def download(self, key: str, dest: str | Path, attempts: int = 3) -> Path:
+        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
         dest = Path(dest)
-        for i in range(attempts):  # botocore retries the transfer; only our SHA-256 check is retried here
+        for i in range(attempts):  # botocore retries the request; a broken stream or a bad checksum is retried here
             try:
                 with atomic_file(dest) as tmp:  # a failed or mismatching download never reaches dest
-                    s3_call(  # streamed, multipart for large objects
-                        lambda tmp=tmp: self.client.download_file(self.bucket, self._k(key), str(tmp)),
-                        f"download {self.uri(key)}",
-                    )
-                    head = s3_call(
-                        lambda: self.client.head_object(Bucket=self.bucket, Key=self._k(key)), f"head {self.uri(key)}"
-                    )
-                    want = head.get("Metadata", {}).get("sha256")
-                    if want and sha256_file(tmp) != want:
+                    want, got = self._get(key, tmp)
+                    if want and got != want:
                         raise ChecksumMismatch(f"{self.uri(key)}: SHA-256 mismatch after download")
                 return dest
-            except ChecksumMismatch:
+            except (ChecksumMismatch, IncompleteReadError, ReadTimeoutError, ResponseStreamingError) as e:
                 if i == attempts - 1:
-                    raise
-                log.warning("%s: SHA-256 mismatch after download; downloading again", self.uri(key))
+                    if isinstance(e, ChecksumMismatch):
+                        raise
+                    raise StorageUnavailableError(f"download {self.uri(key)}: {_one_line(str(e))}") from e
+                log.warning("%s: %s; downloading again", self.uri(key), _one_line(str(e)))
         raise AssertionError("unreachable")
+
+    def _get(self, key: str, tmp: Path) -> tuple[str | None, str]:
+        """Write the object to ``tmp``: (its stored SHA-256 or None, the SHA-256 of the bytes written)."""
+        what = f"download {self.uri(key)}"
+        resp = s3_call(lambda: self.client.get_object(Bucket=self.bucket, Key=self._k(key)), what)
+        want = resp.get("Metadata", {}).get("sha256")
+        if resp.get("ContentLength", 0) > SINGLE_GET_MAX_BYTES:  # a checkpoint: parallel ranged GETs, then hash
+            resp["Body"].close()
+            s3_call(lambda: self.client.download_file(self.bucket, self._k(key), str(tmp)), what)
+            return want, sha256_file(tmp)
+        h = hashlib.sha256()
+        with open(tmp, "wb") as f:
+            for chunk in resp["Body"].iter_chunks(1 << 20):
+                f.write(chunk)
+                h.update(chunk)
+        return want, h.hexdigest()
 
     def upload(self, src: str | Path, key: str) -> str:
         digest = sha256_file(src)
-        tmp_key = self._k(f".tmp/{uuid.uuid4().hex}")
-        s3_call(
-            lambda: self.client.upload_file(str(src), self.bucket, tmp_key, ExtraArgs={"Metadata": {"sha256": digest}}),
+        s3_call(  # multipart above s3transfer's threshold; the object appears whole when the upload completes
+            lambda: self.client.upload_file(
+                str(src), self.bucket, self._k(key), ExtraArgs={"Metadata": {"sha256": digest}}
+            ),
             f"upload {self.uri(key)}",
         )
-        self._commit(tmp_key, key)
         return digest
 
     def delete_prefix(self, prefix: str) -> None:

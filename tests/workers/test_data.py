@@ -152,3 +152,40 @@ def test_no_capacity_left_fails_every_waiting_scene_with_the_reason(cluster, tmp
     assert failed and all("no Ray worker could be placed" in r.error or "worker lost" in r.error for r in failed)
     assert all(r.status in ("done", "failed") for r in results)
     assert took < 120, took
+
+
+class _Sleep:
+    """A callable-class UDF that sleeps; rows say when and where it ran."""
+
+    def __call__(self, batch: dict) -> dict:
+        import os
+
+        import numpy as np
+
+        t0 = time.time()
+        time.sleep(1.0)
+        return {
+            "i": batch["i"],
+            "start": np.array([t0]),
+            "end": np.array([time.time()]),
+            "pid": np.array([os.getpid()]),
+        }
+
+
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_in_flight_calls_share_one_ray_data_actor(ray_local, in_flight: int) -> None:
+    """The stages' actor pool (``_map_args``) runs ``in_flight`` calls at once on one actor: two 1 s calls overlap
+    with 2, and run one after the other with 1."""
+    import ray.data
+
+    from workers.data import _map_args
+
+    args = _map_args(1, 1, 1, MODEL, None, in_flight)
+    ds = ray.data.from_items([{"i": 0}, {"i": 1}], override_num_blocks=2)
+    rows = ds.map_batches(_Sleep, batch_size=1, compute=args["compute"], num_cpus=1).take_all()
+    (a, b) = sorted(rows, key=lambda r: r["start"])
+    assert a["pid"] == b["pid"]  # one actor
+    if in_flight == 2:
+        assert b["start"] < a["end"]  # ran at the same time
+    else:
+        assert b["start"] >= a["end"] - 0.05
