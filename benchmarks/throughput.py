@@ -176,6 +176,54 @@ class CpuMeter:
         return {**self.sums, "other_top": {k: round(v, 1) for k, v in top}}
 
 
+def _forward_loop(scene: str, image_size: int | None, seconds: float, start: Any, out: Any) -> None:
+    """One process, one torch thread (as a worker): forward passes over ``scene``'s frames until ``seconds`` pass."""
+    import torch
+
+    from quantvggt.images import load_and_preprocess
+    from quantvggt.quant.load import load_model
+
+    torch.set_num_threads(1)
+    model = load_model(MODEL)
+    paths = sorted(p for p in Path(scene).iterdir() if p.suffix == ".png")
+    images = load_and_preprocess(paths, target_size=image_size or model.image_size).images
+    with torch.no_grad():
+        model(images)  # warm
+        start.wait()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            model(images)
+            n += 1
+    out.put(n / (time.perf_counter() - t0))
+
+
+def model_ceiling(scene: str, image_size: int | None, procs: list[int], seconds: float) -> dict[int, float]:
+    """Forward passes/s of ``n`` worker-like processes at once, for each ``n``: the model alone, no I/O, no Ray, no
+    S3 server: what 1 -> 2 workers could give on this machine at best (shared caches, memory and clocks included)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    rates: dict[int, float] = {}
+    for n in procs:
+        start, out = ctx.Barrier(n), ctx.Queue()
+        ps = [ctx.Process(target=_forward_loop, args=(scene, image_size, seconds, start, out)) for _ in range(n)]
+        for p in ps:
+            p.start()
+        rates[n] = sum(out.get() for _ in ps)
+        for p in ps:
+            p.join()
+    return rates
+
+
+def ceiling_line(args: argparse.Namespace, ceiling: dict[int, float]) -> str:
+    """The model-alone result as one sentence."""
+    return (
+        f"The model alone ({args.frames} frames a pass at {args.image_size or 'its own'} px, 1 torch thread a process, "
+        f"no I/O, no Ray, no S3 server), {args.ceiling:.0f} s each: 1 process {ceiling[1]:.3f} passes/s, 2 at once "
+        f"{ceiling[2]:.3f} passes/s = **{ceiling[2] / ceiling[1]:.2f}x**: the most 1 -> 2 workers can give here"
+    )
+
+
 def run_one(engine: str, uris: list[str], workers: int, opts: Any, out: str, in_flight: int) -> dict[str, Any]:
     """One batch on one engine; images/s and the split."""
     from workers.data import run_scenes_data
@@ -229,6 +277,10 @@ def main() -> None:
         "--image-size", type=int, default=None, help="model input width (ReconstructionOptions.image_size): more "
         "tokens per image make the model dominate; default the model's own")  # fmt: skip
     ap.add_argument("--workloads", default="small,large")
+    ap.add_argument(
+        "--ceiling", type=float, default=60.0, help="seconds of the model-alone run (1 and 2 processes) before the "
+        "batches, on the small workload's first scene; 0: skip")  # fmt: skip
+    ap.add_argument("--ceiling-only", action="store_true", help="measure the model alone, then stop (no batches)")
     args = ap.parse_args()
 
     import ray
@@ -252,6 +304,16 @@ def main() -> None:
         "large": ReconstructionOptions(max_frames=args.chunk, overlap=4, **common),
     }
     depths = [int(d) for d in args.in_flight.split(",")]
+    ceiling: dict[int, float] = {}
+    if args.ceiling and "small" in uris:
+        rendered = args.out / f"small-{args.scenes}x{args.frames}-{args.side}"
+        first = next(p for p in sorted(rendered.iterdir()) if p.is_dir())
+        ceiling = model_ceiling(str(first), args.image_size, [1, 2], args.ceiling)
+        print(f"  model alone: {ceiling}", file=sys.stderr, flush=True)
+    if args.ceiling_only:
+        server.stop()
+        print(f"CPU: {cpu()}\n\n{ceiling_line(args, ceiling)}")
+        return
     ray.init(address="local", num_cpus=max(workers), include_dashboard=False, log_to_driver=False)
     rows: list[dict[str, Any]] = []
     try:
@@ -291,7 +353,9 @@ def main() -> None:
         print(f"| {r['workload']} | {r['engine']} | {r['in_flight']} | {r['workers']}{over} | {r['done']}/{r['n']} | "
               f"{r['images']} | {r['wall']:.1f} | {r['ips']:.2f} | {ratio:.2f}x | {stages} | {busy:.2f} | {cores} | "
               f"{r['s3_requests_per_scene']:.0f} |")  # fmt: skip
-    (args.out / "results.json").write_text(json.dumps(rows, indent=1))
+    if ceiling:
+        print(f"\n{ceiling_line(args, ceiling)}")
+    (args.out / "results.json").write_text(json.dumps({"rows": rows, "model_alone_passes_per_s": ceiling}, indent=1))
 
 
 if __name__ == "__main__":
