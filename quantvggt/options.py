@@ -189,7 +189,9 @@ class BatchOptions:
     num_workers: int = opt(2, "Ray workers (each loads the model once)", flag="--workers")
     cpus_per_worker: int = opt(1, "Ray CPUs (and torch threads) per worker")
     in_flight: int = opt(
-        2, "scenes or chunks a worker holds at once: one on the model, the others downloading, decoding or uploading"
+        2,
+        "scenes or chunks a worker holds at once: one on the model, the others downloading, decoding or uploading "
+        "(1 on CPU-only nodes whose every core runs a worker: nothing is left to overlap on)",
     )
     ray_address: str | None = opt(None, "Ray cluster to use (default: RAY_ADDRESS, else a local Ray)", cli=False)
     on_collision: Literal["error", "suffix"] = opt(
