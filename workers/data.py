@@ -49,7 +49,7 @@ from quantvggt.predict import OneForwardAtATime
 from quantvggt.reconstruct import SceneJob, ScenePlan
 from quantvggt.scene import SceneResult, scene_label
 from quantvggt.storage import storage_env
-from workers.reconstruct import CAPACITY_TIMEOUT_S, _log_result, _log_to_stderr
+from workers.reconstruct import CAPACITY_TIMEOUT_S, _log_result, _log_to_stderr, check_whole
 
 log = logging.getLogger(__name__)
 
@@ -290,9 +290,7 @@ def run_scenes_data(
     """
     import ray.data
 
-    for what, value in (("cpus_per_worker", cpus_per_worker), ("in_flight", in_flight)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{what} must be a whole number >= 1, got {value!r}")
+    check_whole(cpus_per_worker=cpus_per_worker, in_flight=in_flight)
     names = names or {}
     opts = options or ReconstructionOptions()
     results: dict[int, SceneResult] = {}

@@ -387,6 +387,13 @@ def _aid(actor: Any) -> str:
     return actor._actor_id.hex()
 
 
+def check_whole(**values: Any) -> None:
+    """Raise a one-line ValueError for a worker setting that is not a whole number >= 1 (booleans included)."""
+    for what, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{what} must be a whole number >= 1, got {v!r}")
+
+
 def run_scenes(
     scene_uris: list[str],
     model_uri: str,
@@ -417,9 +424,7 @@ def run_scenes(
     calls (one on the model, the others' I/O and export overlapping it). A failure to set up workers fails every
     scene with that error, without retries.
     """
-    for what, v in (("cpus_per_worker", cpus_per_worker), ("in_flight", in_flight)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{what} must be a whole number >= 1, got {v!r}")
+    check_whole(cpus_per_worker=cpus_per_worker, in_flight=in_flight)
     names = names or {}
     opts = options or ReconstructionOptions()
     checkpoint = model_uri
